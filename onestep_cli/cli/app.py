@@ -1,0 +1,46 @@
+"""The Typer application: `onestep distill | sample | eval | compare | presets | demo`."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from .. import __version__
+from .compare import compare_command
+from .demo import demo_command
+from .distill import distill_command
+from .eval import eval_command
+from .presets import presets_app
+from .sample import sample_command
+
+app = typer.Typer(
+    name="onestep",
+    help="Distil pretrained diffusion models into one-step generators, then sample, evaluate and compare them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("distill")(distill_command)
+app.command("sample")(sample_command)
+app.command("eval")(eval_command)
+app.command("compare")(compare_command)
+app.command("demo")(demo_command)
+app.add_typer(presets_app, name="presets")
+
+
+def _version(value: bool):
+    if value:
+        print(f"onestep {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
+    pass
+
+
+def main():
+    # Offline by design: never let a hub lookup stall a run on retries.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    app()

@@ -1,0 +1,417 @@
+"""The run configuration: pydantic models (unknown keys are errors), presets, --config files and --set overrides.
+
+Merge order: preset, then the --config file, then each --set key.path=value; the result is validated once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+DEFAULT_PRESET = "gmm-sim"
+DISCRIMINATORS = ("kind", "name")  # Keys that pick a variant of a config section (teacher.kind, objective.name).
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as a sentence a user can act on."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Teachers
+
+
+class GMMTeacherConfig(Strict):
+    """Analytic Gaussian mixture with isotropic components; its denoiser E[x0 | x] is exact."""
+
+    kind: Literal["gmm"] = "gmm"
+    means: list[list[float]]  # One point per component, all of the same dimension.
+    stds: list[float]  # Isotropic standard deviation per component.
+    weights: list[float] | None = None  # Mixture weights; uniform when omitted.
+
+    @model_validator(mode="after")
+    def _check_shapes(self):
+        if not self.means:
+            raise ValueError("teacher.means is empty: give at least one component mean, e.g. [[0.0, 0.0]]")
+        dims = {len(m) for m in self.means}
+        if len(dims) != 1:
+            raise ValueError(f"teacher.means mixes dimensions {sorted(dims)}: every mean needs the same length")
+        if len(self.stds) != len(self.means):
+            raise ValueError(f"teacher.stds has {len(self.stds)} entries but teacher.means has {len(self.means)}")
+        if any(s <= 0 for s in self.stds):
+            raise ValueError(f"teacher.stds must all be positive, got {self.stds}")
+        if self.weights is not None:
+            if len(self.weights) != len(self.means):
+                raise ValueError(f"teacher.weights has {len(self.weights)} entries, teacher.means {len(self.means)}")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError(f"teacher.weights must be non-negative with a positive sum, got {self.weights}")
+        return self
+
+
+class EDMTeacherConfig(Strict):
+    """An EDM network: an EDM/SiD `.pkl` snapshot or a converted folder (model.safetensors + config.json)."""
+
+    kind: Literal["edm"] = "edm"
+    path: Path
+    snapshot_key: str = "ema"  # Which network of the pickled dict to use.
+
+
+TeacherConfig = Annotated[Union[GMMTeacherConfig, EDMTeacherConfig], Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Networks trained by the run (generator and fake score) when the teacher is not itself a network to copy.
+
+
+class MLPConfig(Strict):
+    hidden_dim: int = Field(256, gt=0)  # Width of each hidden layer.
+    num_layers: int = Field(4, ge=1)  # Number of hidden layers.
+    noise_embedding_dim: int = Field(32, gt=0)  # Fourier features of log(sigma).
+    sigma_data: float = Field(0.5, gt=0)  # Data scale used by the EDM preconditioning.
+
+
+class GeneratorConfig(Strict):
+    sigma_init: float = Field(2.5, gt=0)  # G(z) = D(sigma_init * z, sigma_init).
+    mlp: MLPConfig = MLPConfig()
+
+
+class FakeScoreConfig(Strict):
+    mlp: MLPConfig = MLPConfig()
+    sigma_mean_log: float = -1.2  # Log-normal sigma distribution of the denoising score matching loss (EDM).
+    sigma_std_log: float = Field(1.2, gt=0)
+    sigma_data: float = Field(0.5, gt=0)  # EDM loss weight lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Objectives
+
+
+class KarrasSigmaConfig(Strict):
+    """Continuous position u ~ U(0, t_max) on the Karras grid from sigma_max (u=0) to sigma_min (u=1)."""
+
+    kind: Literal["karras"] = "karras"
+    sigma_min: float = Field(0.002, gt=0)
+    sigma_max: float = Field(80.0, gt=0)
+    rho: float = Field(7.0, gt=0)
+    t_max: float = Field(0.8, gt=0, le=1)  # SiD/SIM: u ~ U(0, t_max), so sigma >= grid(t_max).
+
+
+class KarrasIndexSigmaConfig(Strict):
+    """A uniform integer index into a discrete Karras grid, between min_fraction and max_fraction of it (DMD)."""
+
+    kind: Literal["karras_index"] = "karras_index"
+    sigma_min: float = Field(0.002, gt=0)
+    sigma_max: float = Field(80.0, gt=0)
+    rho: float = Field(7.0, gt=0)
+    num_levels: int = Field(1000, ge=2)
+    min_fraction: float = Field(0.02, ge=0, le=1)
+    max_fraction: float = Field(0.98, ge=0, le=1)
+
+
+class LogNormalSigmaConfig(Strict):
+    kind: Literal["lognormal"] = "lognormal"
+    mean_log: float = -1.2
+    std_log: float = Field(1.2, gt=0)
+
+
+SigmaConfig = Annotated[
+    Union[KarrasSigmaConfig, KarrasIndexSigmaConfig, LogNormalSigmaConfig], Field(discriminator="kind")
+]
+
+# How each sample's generator loss is scaled: by nothing, or by sg(mean |x_g - D_teacher|) as SiD and DMD do.
+Normalization = Literal["none", "mean_abs_error"]
+
+
+class SIMObjectiveConfig(Strict):
+    name: Literal["sim"] = "sim"
+    distance: Literal["l2", "pseudo_huber"] = "pseudo_huber"
+    huber_c: float = Field(1.0, gt=0)  # Pseudo-Huber scale c in d(y) = sqrt(|y|^2 + c^2) - c (score units).
+    weighting: Literal["unit", "sigma4"] = "sigma4"  # w(sigma): 1, or sigma^4 (denoiser units, as SiD).
+    normalization: Normalization = "mean_abs_error"
+    sigma: SigmaConfig = KarrasSigmaConfig()
+
+
+class SiDObjectiveConfig(Strict):
+    name: Literal["sid"] = "sid"
+    alpha: float = 1.2  # SiD's alpha; 0.5 is the full Fisher-divergence gradient, 1 its sampling-fixed part.
+    normalization: Normalization = "mean_abs_error"
+    sigma: SigmaConfig = KarrasSigmaConfig()
+
+
+class DMDObjectiveConfig(Strict):
+    name: Literal["dmd"] = "dmd"
+    normalization: Normalization = "mean_abs_error"
+    sigma: SigmaConfig = KarrasIndexSigmaConfig()
+
+
+class DIObjectiveConfig(Strict):
+    name: Literal["di"] = "di"
+    normalization: Normalization = "none"
+    sigma: SigmaConfig = KarrasIndexSigmaConfig()
+
+
+ObjectiveConfig = Annotated[
+    Union[SIMObjectiveConfig, SiDObjectiveConfig, DMDObjectiveConfig, DIObjectiveConfig], Field(discriminator="name")
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+class TrainConfig(Strict):
+    batch_size: int = Field(256, gt=0)  # Images (or points) per generator update.
+    lr: float = Field(1e-4, gt=0)  # Learning rate of both networks unless overridden below.
+    generator_lr: float | None = Field(None, gt=0)
+    fake_lr: float | None = Field(None, gt=0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)  # Max global grad norm per network; None disables clipping.
+    max_steps: int = Field(1000, gt=0)  # Generator updates.
+    fake_updates_per_step: int = Field(1, ge=1)
+    ema_halflife_kimg: float | None = Field(0.5, gt=0)  # None disables the EMA (the raw generator is used).
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = Field(500, gt=0)  # Steps between checkpoints (one is always written at the end).
+    keep_checkpoints: int = Field(2, ge=1)  # Newest complete checkpoints kept on disk.
+    tick_every: int = Field(50, gt=0)  # Steps between status lines and stats.jsonl records.
+    max_consecutive_nonfinite: int = Field(10, ge=1)  # Skipped non-finite steps in a row before the run stops.
+
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, betas):
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"train.betas must lie in [0, 1), got {list(betas)}")
+        return betas
+
+    @property
+    def generator_learning_rate(self) -> float:
+        return self.generator_lr if self.generator_lr is not None else self.lr
+
+    @property
+    def fake_learning_rate(self) -> float:
+        return self.fake_lr if self.fake_lr is not None else self.lr
+
+
+class EvalConfig(Strict):
+    """Metrics computed during training (metrics.jsonl), so `onestep compare` can plot them against kimg."""
+
+    metrics: list[str] = ["swd", "mode_coverage"]
+    every_steps: int | None = Field(None, gt=0)  # None: only at the end of the run.
+    num_samples: int = Field(2000, gt=0)
+    seed: int = 1_000_000  # First per-sample seed of the evaluation samples.
+
+
+class RunConfig(Strict):
+    teacher: TeacherConfig
+    generator: GeneratorConfig = GeneratorConfig()
+    fake: FakeScoreConfig = FakeScoreConfig()
+    objective: ObjectiveConfig = SIMObjectiveConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Presets and merging
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name -> its one-line description (the `description:` key of the YAML file)."""
+    out = {}
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        out[path.stem] = str(data.get("description", ""))
+    return out
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        names = list(list_presets())
+        hint = difflib.get_close_matches(name, names, n=1)
+        did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
+        raise ConfigError(f"Unknown preset '{name}'.{did_you_mean} Available: {', '.join(names)}.")
+    data = yaml.safe_load(path.read_text()) or {}
+    data.pop("description", None)
+    return data
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist; pass an existing YAML file to --config.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of keys (teacher:, train:, ...), not {type(data).__name__}.")
+    data.pop("description", None)
+    return data
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Merge `override` into a copy of `base`; nested mappings merge, everything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        switches_variant = isinstance(value, dict) and any(
+            d in value and value[d] != (out.get(key) or {}).get(d) for d in DISCRIMINATORS
+        )
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not switches_variant:
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_set(assignment: str) -> tuple[list[str], Any]:
+    """Parse `a.b.c=value`; the value is read as YAML, so numbers, lists and null keep their types."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set '{assignment}' needs the form key.path=value, e.g. --set train.lr=1e-5")
+    key, raw = assignment.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set '{assignment}' has an empty key part; write it as key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_set(data: dict, path: list[str], value: Any) -> dict:
+    out = dict(data)
+    node = out
+    for part in path[:-1]:
+        child = node.get(part)
+        child = dict(child) if isinstance(child, dict) else {}
+        node[part] = child
+        node = child
+    if path[-1] in DISCRIMINATORS and node.get(path[-1]) != value:
+        # Switching kind/name starts that section afresh: the old variant's keys would not be accepted.
+        node.clear()
+    node[path[-1]] = value
+    return out
+
+
+def resolve_config(
+    preset: str | None = None, config_file: Path | None = None, overrides: list[str] = ()
+) -> RunConfig:
+    """Build and validate a RunConfig from a preset, an optional YAML file and `key.path=value` overrides."""
+    data = read_preset(preset or DEFAULT_PRESET)
+    if config_file is not None:
+        data = deep_merge(data, read_config_file(config_file))
+    for assignment in overrides:
+        path, value = parse_set(assignment)
+        data = apply_set(data, path, value)
+    return validate_config(data)
+
+
+def validate_config(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, data)) from None
+
+
+def _lookup(data: Any, loc: tuple) -> Any:
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    """Field names accepted at the parent of `loc`, walking the pydantic models (discriminated unions merged)."""
+    models: list[type[BaseModel]] = [RunConfig]
+    for part in loc[:-1]:
+        next_models = []
+        for model in models:
+            field = model.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                continue
+            next_models.extend(_models_in(field.annotation))
+        if not next_models:
+            return []
+        models = next_models
+    keys = []
+    for model in models:
+        keys.extend(k for k in model.model_fields if k not in keys)
+    return keys
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found = []
+    for arg in typing.get_args(annotation):
+        found.extend(_models_in(arg))
+    return found
+
+
+def describe_validation_error(exc: ValidationError, data: dict) -> str:
+    """Turn pydantic's errors into sentences naming the key, the value given and what is accepted."""
+    lines = []
+    for err in exc.errors():
+        # Drop the discriminated-union tag pydantic inserts into the path (e.g. 'gmm', 'sim').
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _is_union_tag(p)))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        given = _lookup(data, loc)
+        if err["type"] == "extra_forbidden":
+            accepted = _known_keys(loc)
+            hint = difflib.get_close_matches(str(loc[-1]), accepted, n=1)
+            msg = f"Unknown key '{key}'."
+            if hint:
+                msg += f" Did you mean '{'.'.join(str(p) for p in loc[:-1] + (hint[0],))}'?"
+            if accepted:
+                msg += f" Accepted here: {', '.join(accepted)}."
+        elif err["type"] == "missing":
+            msg = f"Missing key '{key}': it is required."
+        elif err["type"] == "union_tag_invalid":
+            tag = err["ctx"]["discriminator"].strip("'")
+            given = _lookup(data, loc + (tag,))
+            msg = (f"Key '{key}.{tag}' has value {given!r}, which is not accepted; "
+                   f"expected one of {err['ctx']['expected_tags']}.")
+        elif err["type"] == "literal_error":
+            msg = f"Key '{key}' has value {given!r}, which is not accepted; expected one of {err['ctx']['expected']}."
+        else:
+            msg = f"Key '{key}' has value {given!r}: {err['msg']}."
+        lines.append(msg)
+    return "Invalid configuration: " + " ".join(lines)
+
+
+def _union_tags() -> set[str]:
+    import typing
+
+    tags = set()
+    for union in (TeacherConfig, ObjectiveConfig, SigmaConfig):
+        for model in _models_in(union):
+            for name in DISCRIMINATORS:
+                field = model.model_fields.get(name)
+                if field is not None:
+                    tags.update(typing.get_args(field.annotation))
+    return tags
+
+
+def _is_union_tag(part: str) -> bool:
+    return part in _union_tags()
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

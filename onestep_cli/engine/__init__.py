@@ -1,0 +1,1 @@
+"""The distillation engine: networks, the training loop, EMA, precision and checkpoints."""

@@ -1,0 +1,35 @@
+"""Noise-level distributions of the generator and fake-score steps, built from config."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import KarrasIndexSigmaConfig, KarrasSigmaConfig, LogNormalSigmaConfig
+
+
+def karras_sigma(u: torch.Tensor, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+    """Position u in [0, 1] on the Karras grid: sigma_max at u=0, sigma_min at u=1."""
+    inv_rho = 1.0 / rho
+    return (sigma_max**inv_rho + u * (sigma_min**inv_rho - sigma_max**inv_rho)) ** rho
+
+
+def karras_grid(num: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+    """`num` Karras levels from sigma_max down to sigma_min (float64)."""
+    return karras_sigma(torch.linspace(0, 1, num, dtype=torch.float64), sigma_min, sigma_max, rho)
+
+
+def sample_sigma(config, batch: int, generator: torch.Generator | None, device="cpu") -> torch.Tensor:
+    """Draw `batch` noise levels (float32, on `device`) from a sigma config."""
+    if isinstance(config, KarrasSigmaConfig):
+        u = torch.rand(batch, generator=generator, dtype=torch.float64) * config.t_max
+        sigma = karras_sigma(u, config.sigma_min, config.sigma_max, config.rho)
+    elif isinstance(config, KarrasIndexSigmaConfig):
+        grid = karras_grid(config.num_levels, config.sigma_min, config.sigma_max, config.rho)
+        low = int(config.min_fraction * config.num_levels)
+        high = max(low + 1, int(config.max_fraction * config.num_levels))
+        sigma = grid[torch.randint(low, high, (batch,), generator=generator)]
+    elif isinstance(config, LogNormalSigmaConfig):
+        sigma = (torch.randn(batch, generator=generator, dtype=torch.float64) * config.std_log + config.mean_log).exp()
+    else:  # pragma: no cover - config validation rules this out
+        raise TypeError(f"Unknown sigma distribution {config!r}")
+    return sigma.float().to(device)

@@ -1,0 +1,150 @@
+"""The command line end to end, through the installed `onestep` console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+ONESTEP = str(Path(sys.executable).parent / "onestep")
+FAST = ["--set", "train.max_steps=60", "--set", "train.tick_every=20", "--set", "eval.num_samples=400"]
+
+
+def onestep(*args, check=True, timeout=300) -> subprocess.CompletedProcess:
+    result = subprocess.run([ONESTEP, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "COLUMNS": "200"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"onestep {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def test_version_through_python_m():
+    result = subprocess.run([sys.executable, "-m", "onestep_cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("onestep ")
+
+
+def test_dry_run_merges_preset_then_config_then_set(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  lr: 0.003\n  batch_size: 64\n")
+    result = onestep("distill", "--preset", "gmm-sid", "--config", config, "--set", "train.lr=5e-4", "--dry-run")
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["objective"]["name"] == "sid"  # from the preset
+    assert resolved["train"]["batch_size"] == 64  # from --config
+    assert resolved["train"]["lr"] == 5e-4  # --set beats --config
+    as_json = json.loads(onestep("distill", "--preset", "gmm-sid", "--dry-run", "--json").stdout)
+    assert as_json["objective"]["alpha"] == pytest.approx(1.2)
+
+
+def test_switching_objective_with_set_starts_that_section_afresh():
+    resolved = yaml.safe_load(onestep("distill", "--preset", "gmm-sim", "--set", "objective.name=dmd", "--dry-run").stdout)
+    assert resolved["objective"]["name"] == "dmd" and "distance" not in resolved["objective"]
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--set", "train.bach_size=8"], ["train.bach_size", "Did you mean 'train.batch_size'"]),
+    (["--set", "train.batch_size=abc"], ["train.batch_size", "'abc'"]),
+    (["--set", "objective.name=sidd"], ["objective.name", "'sidd'", "sid"]),
+    (["--set", "objective.alpha=1.0"], ["objective.alpha", "Unknown key"]),  # alpha belongs to SiD, not SIM
+    (["--preset", "gmm-simm"], ["gmm-simm", "Did you mean 'gmm-sim'"]),
+    (["--set", "train.lr"], ["key.path=value"]),
+])
+def test_bad_config_exits_nonzero_naming_the_problem(args, needles):
+    result = onestep("distill", *args, "--dry-run", check=False)
+    assert result.returncode == 2, result.stderr
+    message = " ".join(result.stderr.split())
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_missing_teacher_file_is_named(tmp_path):
+    missing = tmp_path / "network-snapshot-200000.pkl"
+    result = onestep("distill", "--set", "teacher.kind=edm", "--set", f"teacher.path={missing}", "--out",
+                     tmp_path / "run", check=False)
+    assert result.returncode != 0
+    assert f"teacher.path {missing} does not exist" in result.stderr
+
+
+def test_distill_sample_eval_compare(tmp_path):
+    run = tmp_path / "run"
+    summary = json.loads(onestep("distill", "--preset", "gmm-sim", *FAST, "--out", run, "--json").stdout)
+    assert summary["step"] == 60 and set(summary["metrics"]) == {"swd", "mode_coverage"}
+    assert (run / "config.yaml").is_file() and (run / "export" / "generator.safetensors").is_file()
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [20, 40, 60]
+    assert all(k in stats[0] for k in ("loss_generator", "loss_fake", "grad_norm_generator", "kimg_per_s"))
+
+    # Per-sample seeds: a sub-range reproduces exactly the same points.
+    onestep("sample", run, "--num", 50, "--out", tmp_path / "all")
+    onestep("sample", run, "--seeds", "10-19", "--out", tmp_path / "part")
+    import numpy as np
+    full, part = np.load(tmp_path / "all" / "samples.npz"), np.load(tmp_path / "part" / "samples.npz")
+    np.testing.assert_array_equal(full["samples"][10:20], part["samples"])
+    np.testing.assert_array_equal(part["seeds"], np.arange(10, 20))
+
+    onestep("sample", run, "--teacher", "--steps", 18, "--num", 400, "--out", tmp_path / "teacher")
+    teacher_eval = json.loads(onestep("eval", tmp_path / "teacher", "--metrics", "swd,mode_coverage", "--json").stdout)
+    assert teacher_eval["metrics"]["mode_coverage"] == 1.0
+    assert teacher_eval["provenance"]["common"]["num_samples"] == 400
+    (tmp_path / "teacher.json").write_text(json.dumps(teacher_eval))
+
+    student_eval = json.loads(onestep("eval", run, "--metrics", "swd", "--num", 400, "--json").stdout)
+    assert set(student_eval["metrics"]) == {"swd"} and student_eval["provenance"]["swd"]["num_samples"] == 400
+
+    comparison = json.loads(onestep("compare", run, tmp_path / "teacher.json", "--out", tmp_path / "report", "--json").stdout)
+    assert len(comparison["sources"]) == 2
+    assert (tmp_path / "report" / "table.md").is_file()
+    assert any(p.suffix == ".png" for p in (tmp_path / "report").iterdir())
+
+
+def test_eval_rejects_unknown_metric(tmp_path):
+    result = onestep("eval", tmp_path, "--metrics", "swdd", check=False)
+    assert result.returncode == 2 and "Did you mean 'swd'" in result.stderr
+
+
+def test_presets_list_and_show():
+    listing = onestep("presets").stdout
+    for name in ("gmm-sim", "gmm-sid", "gmm-dmd", "gmm-di"):
+        assert name in listing
+    assert yaml.safe_load(onestep("presets", "show", "gmm-dmd").stdout)["objective"]["name"] == "dmd"
+
+
+def test_sigkill_then_same_command_resumes_to_identical_parameters(tmp_path):
+    args = ["distill", "--preset", "gmm-sid", "--set", "train.max_steps=240", "--set", "train.checkpoint_every=40",
+            "--set", "train.keep_checkpoints=10", "--set", "eval.every_steps=80", "--set", "eval.num_samples=200"]
+    reference = tmp_path / "reference"
+    onestep(*args, "--out", reference)
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([ONESTEP, *args, "--out", str(interrupted)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((interrupted / "checkpoints").glob("step-00000080")) and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "export").exists(), "the run finished before it could be killed"
+
+    resumed = onestep(*args, "--out", interrupted)
+    assert "Resuming" in resumed.stderr
+    for name in ("generator", "fake", "ema"):
+        ref = load_file(str(reference / "checkpoints" / "step-00000240" / f"{name}.safetensors"))
+        got = load_file(str(interrupted / "checkpoints" / "step-00000240" / f"{name}.safetensors"))
+        for key in ref:
+            assert (ref[key] == got[key]).all(), f"{name}.{key} differs after resume"
+    rows = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [80, 160, 240]
+
+
+def test_changed_config_in_existing_run_is_refused(tmp_path):
+    run = tmp_path / "run"
+    onestep("distill", *FAST, "--out", run)
+    result = onestep("distill", *FAST, "--set", "train.lr=0.5", "--out", run, check=False)
+    assert result.returncode == 2 and "train.lr" in result.stderr and "another --out" in " ".join(result.stderr.split())
