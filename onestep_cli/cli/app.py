@@ -8,6 +8,7 @@ import typer
 
 from .. import __version__
 from .compare import compare_command
+from .convert import convert_command
 from .demo import demo_command
 from .distill import distill_command
 from .eval import eval_command
@@ -26,6 +27,7 @@ app.command("sample")(sample_command)
 app.command("eval")(eval_command)
 app.command("compare")(compare_command)
 app.command("demo")(demo_command)
+app.command("convert")(convert_command)
 app.add_typer(presets_app, name="presets")
 
 

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from ..config import ConfigError
 from ..engine.checkpoint import CheckpointError
+from ..denoisers.edm import EDMLoadError
 from ..metrics import MetricError
 
 stdout = Console(soft_wrap=True)
@@ -17,7 +18,7 @@ stderr = Console(stderr=True, soft_wrap=True)
 
 # Errors a user can fix by changing the command line or the config: exit code 2. Anything else expected: 1.
 USAGE_ERRORS = (ConfigError, MetricError)
-RUN_ERRORS = (CheckpointError, FileNotFoundError, RuntimeError, ValueError)
+RUN_ERRORS = (CheckpointError, EDMLoadError, FileNotFoundError, RuntimeError, ValueError)
 
 
 def fail(message: str, code: int = 1):

@@ -55,7 +55,8 @@ def build_networks(config: RunConfig, teacher: Denoiser | None = None) -> Networ
     else:
         # Network teachers: generator and fake score both start as exact copies of the teacher.
         generator_denoiser, fake = copy.deepcopy(teacher), copy.deepcopy(teacher)
-        data_shape, label_dim = teacher.data_shape, teacher.label_dim
+        data_shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+        label_dim = teacher.label_dim
     generator_denoiser.requires_grad_(True).train()
     fake.requires_grad_(True).train()
     generator = OneStepGenerator(generator_denoiser, config.generator.sigma_init)

@@ -1,0 +1,243 @@
+"""Building blocks of the EDM U-Nets (DDPM++, NCSN++, ADM), written to match EDM's parameter layout and arithmetic.
+
+Attribute names, registration order and the order of floating-point operations follow EDM's `training/networks.py`
+so that an EDM state dict loads one-to-one and the forward pass gives bit-identical results on the same device.
+Weights are cast to the activation dtype inside each layer, so a float32 module runs float16 inputs unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.functional import silu
+
+
+def weight_init(shape: list[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
+    """A random tensor of `shape` drawn with one of EDM's init modes (xavier/kaiming, uniform/normal)."""
+    if mode == "xavier_uniform":
+        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+    if mode == "xavier_normal":
+        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
+    if mode == "kaiming_uniform":
+        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
+    if mode == "kaiming_normal":
+        return math.sqrt(1 / fan_in) * torch.randn(*shape)
+    raise ValueError(f"init_mode {mode!r} is not one of xavier_uniform, xavier_normal, kaiming_uniform, "
+                     f"kaiming_normal.")
+
+
+class Linear(nn.Module):
+    """Fully-connected layer `x @ W^T + b`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init_mode: str = "kaiming_normal",
+                 init_weight: float = 1, init_bias: float = 0):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
+        self.weight = nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
+        self.bias = nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # matmul then in-place add (not F.linear): the same rounding as EDM.
+        x = x @ self.weight.to(x.dtype).t()
+        if self.bias is not None:
+            x = x.add_(self.bias.to(x.dtype))
+        return x
+
+
+class Conv2d(nn.Module):
+    """Square convolution with optional 2x up- or downsampling by a separable FIR `resample_filter`.
+
+    `kernel=0` gives a pure resampling layer with no weights (used by NCSN++'s auxiliary paths).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, up: bool = False,
+                 down: bool = False, resample_filter: list[int] = (1, 1), fused_resample: bool = False,
+                 init_mode: str = "kaiming_normal", init_weight: float = 1, init_bias: float = 0):
+        if up and down:
+            raise ValueError("Conv2d takes up=True or down=True, not both.")
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.up = up
+        self.down = down
+        self.fused_resample = fused_resample
+        fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
+        shape = [out_channels, in_channels, kernel, kernel]
+        self.weight = nn.Parameter(weight_init(shape, **fans) * init_weight) if kernel else None
+        self.bias = nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
+        f = torch.as_tensor(resample_filter, dtype=torch.float32)
+        f = f.ger(f).unsqueeze(0).unsqueeze(1) / f.sum().square()
+        self.register_buffer("resample_filter", f if up or down else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        w_pad = w.shape[-1] // 2 if w is not None else 0
+        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+        conv, conv_t = torch.nn.functional.conv2d, torch.nn.functional.conv_transpose2d
+
+        if self.fused_resample and self.up and w is not None:
+            x = conv_t(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2,
+                       padding=max(f_pad - w_pad, 0))
+            x = conv(x, w, padding=max(w_pad - f_pad, 0))
+        elif self.fused_resample and self.down and w is not None:
+            x = conv(x, w, padding=w_pad + f_pad)
+            x = conv(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
+        else:
+            if self.up:
+                # The filter is scaled by 4 so that upsampling by zero insertion keeps the mean.
+                x = conv_t(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2,
+                           padding=f_pad)
+            if self.down:
+                x = conv(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+            if w is not None:
+                x = conv(x, w, padding=w_pad)
+        if b is not None:
+            x = x.add_(b.reshape(1, -1, 1, 1))
+        return x
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation with at most `num_groups` groups and at least `min_channels_per_group` channels each."""
+
+    def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4, eps: float = 1e-5):
+        super().__init__()
+        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
+                                              bias=self.bias.to(x.dtype), eps=self.eps)
+
+
+class _AttentionWeights(torch.autograd.Function):
+    """`softmax(q^T k / sqrt(c))` over keys, computed in float32 but stored in the input dtype.
+
+    A custom backward keeps only q, k and the weights (in the input dtype) alive, which halves the memory of
+    16-bit attention compared with letting autograd save the float32 intermediates.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        # Autocast would otherwise run the float32 einsum in 16 bits.
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            logits = torch.einsum("ncq,nck->nqk", q.to(torch.float32), (k / math.sqrt(k.shape[1])).to(torch.float32))
+            w = logits.softmax(dim=2).to(q.dtype)
+        ctx.save_for_backward(q, k, w)
+        return w
+
+    @staticmethod
+    def backward(ctx, dw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, w = ctx.saved_tensors
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            w32, dw32 = w.to(torch.float32), dw.to(torch.float32)
+            dlogits = w32 * (dw32 - (dw32 * w32).sum(dim=2, keepdim=True))
+            scale = 1 / math.sqrt(k.shape[1])
+            dq = torch.einsum("nck,nqk->ncq", k.to(torch.float32), dlogits).mul(scale).to(q.dtype)
+            dk = torch.einsum("ncq,nqk->nck", q.to(torch.float32), dlogits).mul(scale).to(k.dtype)
+        return dq, dk
+
+
+class UNetBlock(nn.Module):
+    """Residual block with timestep-embedding modulation, optional 2x resampling and optional self-attention.
+
+    The union of the DDPM++, NCSN++ and ADM blocks; `adaptive_scale` selects ADM's scale-and-shift modulation.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False, down: bool = False,
+                 attention: bool = False, num_heads: int | None = None, channels_per_head: int = 64,
+                 dropout: float = 0, skip_scale: float = 1, eps: float = 1e-5, resample_filter: list[int] = (1, 1),
+                 resample_proj: bool = False, adaptive_scale: bool = True, init: dict | None = None,
+                 init_zero: dict | None = None, init_attn: dict | None = None):
+        super().__init__()
+        init = init if init is not None else {}
+        init_zero = init_zero if init_zero is not None else dict(init_weight=0)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.emb_channels = emb_channels
+        if not attention:
+            self.num_heads = 0
+        else:
+            self.num_heads = num_heads if num_heads is not None else out_channels // channels_per_head
+        self.dropout = dropout
+        self.skip_scale = skip_scale
+        self.adaptive_scale = adaptive_scale
+
+        resample = dict(up=up, down=down, resample_filter=resample_filter)
+        self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=3, **resample, **init)
+        self.affine = Linear(in_features=emb_channels, out_features=out_channels * (2 if adaptive_scale else 1), **init)
+        self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
+        self.conv1 = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=3, **init_zero)
+
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            # A 1x1 projection when channels change (or when asked); otherwise resampling only.
+            kernel = 1 if resample_proj or out_channels != in_channels else 0
+            self.skip = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=kernel, **resample, **init)
+
+        if self.num_heads:
+            self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
+            self.qkv = Conv2d(in_channels=out_channels, out_channels=out_channels * 3, kernel=1,
+                              **(init_attn if init_attn is not None else init))
+            self.proj = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        orig = x
+        x = self.conv0(silu(self.norm0(x)))
+
+        params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(chunks=2, dim=1)
+            x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+        else:
+            x = silu(self.norm1(x.add_(params)))
+
+        x = self.conv1(torch.nn.functional.dropout(x, p=self.dropout, training=self.training))
+        x = x.add_(self.skip(orig) if self.skip is not None else orig)
+        x = x * self.skip_scale
+
+        if self.num_heads:
+            batch_heads, head_channels = x.shape[0] * self.num_heads, x.shape[1] // self.num_heads
+            q, k, v = self.qkv(self.norm2(x)).reshape(batch_heads, head_channels, 3, -1).unbind(2)
+            w = _AttentionWeights.apply(q, k)
+            a = torch.einsum("nqk,nck->ncq", w, v)
+            x = self.proj(a.reshape(*x.shape)).add_(x)
+            x = x * self.skip_scale
+        return x
+
+
+class PositionalEmbedding(nn.Module):
+    """Sinusoidal embedding `[cos(x f), sin(x f)]` with geometric frequencies (DDPM++, ADM)."""
+
+    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
+        super().__init__()
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+        self.endpoint = endpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        freqs = torch.arange(start=0, end=self.num_channels // 2, dtype=torch.float32, device=x.device)
+        freqs = freqs / (self.num_channels // 2 - (1 if self.endpoint else 0))
+        freqs = (1 / self.max_positions) ** freqs
+        x = torch.outer(x, freqs.to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features `[cos(2 pi x f), sin(2 pi x f)]` with fixed Gaussian frequencies (NCSN++)."""
+
+    def __init__(self, num_channels: int, scale: float = 16):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
