@@ -60,8 +60,23 @@ class EDMTeacherConfig(Strict):
     """An EDM network: an EDM/SiD `.pkl` snapshot or a converted folder (model.safetensors + config.json)."""
 
     kind: Literal["edm"] = "edm"
-    path: Path
+    path: Path  # A leading '@assets/' means the folder of teachers shipped inside the package.
     snapshot_key: str = "ema"  # Which network of the pickled dict to use.
+    hint: str | None = None  # Where the expected file is published; shown when `path` is missing.
+
+    @property
+    def resolved_path(self) -> Path:
+        return resolve_asset_path(self.path)
+
+
+ASSET_PREFIX = "@assets/"
+ASSET_DIR = Path(__file__).resolve().parent / "assets"
+
+
+def resolve_asset_path(path: Path | str) -> Path:
+    """Paths starting with '@assets/' point inside the package's shipped assets; others are used as given."""
+    text = str(path)
+    return ASSET_DIR / text[len(ASSET_PREFIX):] if text.startswith(ASSET_PREFIX) else Path(text)
 
 
 TeacherConfig = Annotated[Union[GMMTeacherConfig, EDMTeacherConfig], Field(discriminator="kind")]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -29,14 +28,15 @@ def build_teacher(config) -> Denoiser:
     if isinstance(config, GMMTeacherConfig):
         teacher = GaussianMixtureDenoiser(config.means, config.stds, config.weights)
     elif isinstance(config, EDMTeacherConfig):
-        if not Path(config.path).exists():
+        path = config.resolved_path
+        if not path.exists():
+            where = f" {config.hint}" if config.hint else ""
             raise FileNotFoundError(
                 f"teacher.path {config.path} does not exist. Point it at an EDM/SiD network-snapshot .pkl or at a "
-                "folder written by `onestep convert` (model.safetensors + config.json).")
-        from ..denoisers.edm import load_edm_teacher
+                f"folder written by `onestep convert` (model.safetensors + config.json).{where}")
+        from ..denoisers.edm import load_edm_snapshot, load_edm_weights
 
-
-        teacher = load_edm_teacher(config.path, config.snapshot_key)
+        teacher = load_edm_weights(path) if path.is_dir() else load_edm_snapshot(path, config.snapshot_key)
     else:  # pragma: no cover - config validation rules this out
         raise TypeError(f"Unknown teacher config {config!r}")
     teacher.requires_grad_(False)
