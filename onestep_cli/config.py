@@ -91,6 +91,8 @@ class MLPConfig(Strict):
     num_layers: int = Field(4, ge=1)  # Number of hidden layers.
     noise_embedding_dim: int = Field(32, gt=0)  # Fourier features of log(sigma).
     sigma_data: float = Field(0.5, gt=0)  # Data scale used by the EDM preconditioning.
+    input_fourier_dim: int = Field(0, ge=0)  # Random Fourier features of the input (0: none).
+    input_fourier_scale: float = Field(1.0, gt=0)  # Std of their frequencies, in cycles per unit of c_in * x.
 
 
 class GeneratorConfig(Strict):
@@ -326,6 +328,10 @@ def resolve_config(
     data = read_preset(preset or DEFAULT_PRESET)
     if config_file is not None:
         data = deep_merge(data, read_config_file(config_file))
+    if overrides:
+        # Overrides apply to the defaults-filled config, so `--set objective.sigma.t_max=0.5` works on a preset
+        # that never spelled out objective.sigma.
+        data = validate_config(data).model_dump(mode="json")
     for assignment in overrides:
         path, value = parse_set(assignment)
         data = apply_set(data, path, value)

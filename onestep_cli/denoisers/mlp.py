@@ -27,11 +27,17 @@ class MLPDenoiser(Denoiser):
     """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise), as EDM's preconditioning, with F an MLP."""
 
     def __init__(self, dim: int, hidden_dim: int = 256, num_layers: int = 4, noise_embedding_dim: int = 32,
-                 sigma_data: float = 0.5, label_dim: int = 0):
+                 sigma_data: float = 0.5, label_dim: int = 0, input_fourier_dim: int = 0,
+                 input_fourier_scale: float = 1.0):
         super().__init__()
         self.dim, self.sigma_data, self.label_dim = dim, sigma_data, label_dim
         self.noise_embedding = FourierNoiseEmbedding(noise_embedding_dim)
-        layers, width = [], dim + 2 * (noise_embedding_dim // 2) + label_dim
+        # Random Fourier features of the input counter an MLP's bias towards smooth maps (Tancik et al. 2020),
+        # so that a generator can tear a Gaussian into separate modes in few steps.
+        frequencies = torch.randn(dim, input_fourier_dim, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("input_frequencies", frequencies * input_fourier_scale)
+        layers = []
+        width = dim + 2 * input_fourier_dim + 2 * (noise_embedding_dim // 2) + label_dim
         for _ in range(num_layers):
             layers += [nn.Linear(width, hidden_dim), nn.SiLU()]
             width = hidden_dim
@@ -45,7 +51,8 @@ class MLPDenoiser(Denoiser):
         c_skip = sd2 / (sigma**2 + sd2)
         c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
         c_in = 1 / (sigma**2 + sd2).sqrt()
-        features = [c_in * flat, self.noise_embedding(sigma[:, 0].log() / 4)]
+        angles = 2 * math.pi * (c_in * flat) @ self.input_frequencies
+        features = [c_in * flat, angles.sin(), angles.cos(), self.noise_embedding(sigma[:, 0].log() / 4)]
         if self.label_dim:
             features.append(cond.to(flat.dtype))
         out = c_skip * flat + c_out * self.net(torch.cat(features, dim=1))

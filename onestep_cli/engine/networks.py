@@ -49,7 +49,8 @@ def build_networks(config: RunConfig, teacher: Denoiser | None = None) -> Networ
     torch.manual_seed(config.train.seed)
     if isinstance(teacher, GaussianMixtureDenoiser):
         # The analytic teacher is no network to copy: generator and fake score are small MLP denoisers.
-        mlp = lambda c: MLPDenoiser(teacher.dim, c.hidden_dim, c.num_layers, c.noise_embedding_dim, c.sigma_data)
+        mlp = lambda c: MLPDenoiser(teacher.dim, c.hidden_dim, c.num_layers, c.noise_embedding_dim, c.sigma_data,
+                                    input_fourier_dim=c.input_fourier_dim, input_fourier_scale=c.input_fourier_scale)
         generator_denoiser, fake = mlp(config.generator.mlp), mlp(config.fake.mlp)
         data_shape, label_dim = (teacher.dim,), 0
     else:
