@@ -185,7 +185,8 @@ ObjectiveConfig = Annotated[
 
 
 class TrainConfig(Strict):
-    batch_size: int = Field(256, gt=0)  # Images (or points) per generator update.
+    batch_size: int = Field(256, gt=0)  # Images (or points) per generator update, over all processes (global batch).
+    grad_accumulation: int = Field(1, ge=1)  # Micro-batches per update on each process (per-process batch divides by it).
     lr: float = Field(1e-4, gt=0)  # Learning rate of both networks unless overridden below.
     generator_lr: float | None = Field(None, gt=0)
     fake_lr: float | None = Field(None, gt=0)
@@ -199,6 +200,9 @@ class TrainConfig(Strict):
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    tf32: bool = True  # TF32 tensor cores for float32 matmuls and convolutions on CUDA; false for strict IEEE fp32.
+    parallelism: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: DDP, or FSDP2 when the networks would not fit one GPU.
+    gradient_checkpointing: bool = False  # Recompute block activations in backward: less memory, about 30% more time.
     checkpoint_every: int = Field(500, gt=0)  # Steps between checkpoints (one is always written at the end).
     keep_checkpoints: int = Field(2, ge=1)  # Newest complete checkpoints kept on disk.
     tick_every: int = Field(50, gt=0)  # Steps between status lines and stats.jsonl records.

@@ -33,6 +33,8 @@ def reports_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except typer.Exit:  # click's Exit is a RuntimeError: let deliberate exits through untouched.
+            raise
         except USAGE_ERRORS as exc:
             fail(_escape(str(exc)), 2)
         except RUN_ERRORS as exc:

@@ -1,24 +1,44 @@
-"""Checkpoints written atomically (temp folder, then rename) and found again on resume.
+"""Checkpoints written atomically by every rank together, and found again (verified) on resume.
 
-A checkpoint is a folder `checkpoints/step-XXXXXXXX/` with safetensors weights (one file per network), the
-optimizer tensors and RNG states in `optimizers.safetensors`, and `state.json` holding the step, the optimizers'
-non-tensor state and a SHA-256 of every file. A folder is complete only once renamed into place, and it is trusted
-only while every file matches its hash.
+A checkpoint is a folder `checkpoints/step-XXXXXXXX/` with `state.json` (step, kimg, optimizer hyper-parameters,
+scalers, the parallelism it was written under, and a SHA-256 of every other file) next to the tensors, in one of
+two formats:
+
+- full (single process and DDP, where every rank holds everything): rank 0 writes one safetensors file per network
+  and `optimizers.safetensors` with the optimizer tensors and every rank's RNG states;
+- sharded (FSDP2): each rank writes its shards through torch.distributed.checkpoint (`__RANK_0.distcp`, and rank 0
+  the `.metadata` index), which reshards on load, so a run can resume on a different number of GPUs; RNG states go
+  to `rng.safetensors`.
+
+Every rank writes into `.partial-step-XXXXXXXX/` and hashes what it wrote; once all have finished, rank 0 writes
+state.json, fsyncs and renames the folder into place. A folder is complete only once renamed, and trusted only while every file matches its
+hash, so a SIGKILL at any moment leaves at worst a partial folder (removed on resume) or a corrupt one (skipped).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import time
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .distributed import SINGLE, DistEnv, all_gather_object, barrier, broadcast_object
+
 PREFIX = "step-"
 PARTIAL_PREFIX = ".partial-"
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizers.safetensors"
+RNG_FILE = "rng.safetensors"
+SHARDED_INDEX = ".metadata"  # Written by torch.distributed.checkpoint: marks the sharded format.
+# Fault injection for tests: seconds to sleep after each file of a save, so a test can SIGKILL mid-save.
+PAUSE_ENV = "ONESTEP_DEBUG_SAVE_PAUSE_S"
 
 
 class CheckpointError(RuntimeError):
@@ -27,6 +47,11 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
+
+
+def partial_dir(root: Path, step: int) -> Path:
+    """The temporary folder every rank of a save writes into (the same name on every rank)."""
+    return root / f"{PARTIAL_PREFIX}{checkpoint_name(step)}"
 
 
 def _sha256(path: Path) -> str:
@@ -43,6 +68,27 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _debug_pause() -> None:
+    seconds = float(os.environ.get(PAUSE_ENV, "0") or 0)
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """Silence DCP's notice that it runs without a process group: one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def hash_files(folder: Path, names: list[str]) -> dict[str, str]:
+    return {name: _sha256(folder / name) for name in names}
+
+
+# -- writing -------------------------------------------------------------------------------------------------------
 
 
 def flatten_optimizer(prefix: str, state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -69,38 +115,83 @@ def unflatten_optimizer(prefix: str, tensors: dict[str, torch.Tensor], meta: dic
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(
-    root: Path, step: int, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-    rng_states: dict[str, torch.Tensor], extra: dict, keep: int,
-) -> Path:
-    """Write a checkpoint for `step` under `root` atomically; keep only the newest `keep` complete ones."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(step)
-    tmp = root / f"{PARTIAL_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def begin_save(root: Path, step: int, env: DistEnv) -> Path:
+    """Rank 0 creates an empty temporary folder for `step`; every rank gets its path once it exists."""
+    tmp = partial_dir(root, step)
+    if env.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier(env)
+    return tmp
+
+
+def write_full(folder: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+               rng_tensors: dict[str, torch.Tensor]) -> tuple[list[str], dict]:
+    """Full format (one writer): a safetensors file per network, optimizer tensors and RNG states together.
+
+    Returns (files written, JSON-able optimizer remainder for state.json)."""
+    written = []
     for name, module in modules.items():
         weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        save_file(weights, str(tmp / f"{name}.safetensors"))
-    opt_tensors, opt_meta = {}, {}
+        save_file(weights, str(folder / f"{name}.safetensors"))
+        written.append(f"{name}.safetensors")
+        _debug_pause()
+    tensors, meta = {}, {}
     for name, optimizer in optimizers.items():
-        tensors, meta = flatten_optimizer(name, optimizer.state_dict())
-        opt_tensors.update(tensors)
-        opt_meta[name] = meta
-    opt_tensors.update({f"rng.{k}": v.cpu().contiguous() for k, v in rng_states.items()})
-    save_file(opt_tensors, str(tmp / "optimizers.safetensors"))
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-    state = {"step": step, **extra, "optimizers": opt_meta, "files": files}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    for path in tmp.iterdir():
-        _fsync(path)
-    if final.exists():  # A re-run of the same step (e.g. after a crash right after the rename): replace it.
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(root)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        tensors_of_one, meta[name] = flatten_optimizer(name, optimizer.state_dict())
+        tensors.update(tensors_of_one)
+    tensors.update({f"rng.{k}": v.cpu().contiguous() for k, v in rng_tensors.items()})
+    save_file(tensors, str(folder / OPTIMIZER_FILE))
+    written.append(OPTIMIZER_FILE)
+    _debug_pause()
+    return written, meta
+
+
+def write_sharded(folder: Path, state: dict, env: DistEnv) -> list[str]:
+    """Sharded format: every rank writes its shards with torch.distributed.checkpoint; returns this rank's files."""
+    import torch.distributed.checkpoint as dcp
+
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=str(folder), no_dist=not env.is_distributed)
+    _debug_pause()
+    mine = [p.name for p in folder.iterdir() if p.name.startswith(f"__{env.rank}_")]
+    return sorted(mine + ([SHARDED_INDEX] if env.is_main else []))
+
+
+def write_rng(folder: Path, rng_tensors: dict[str, torch.Tensor]) -> list[str]:
+    save_file({f"rng.{k}": v.cpu().contiguous() for k, v in rng_tensors.items()}, str(folder / RNG_FILE))
+    return [RNG_FILE]
+
+
+def commit(root: Path, tmp: Path, step: int, state: dict, hashes: dict[str, str], keep: int, env: DistEnv) -> Path:
+    """Rank 0 records the hashes in state.json, fsyncs and renames `tmp` into place, then prunes to the newest
+    `keep`; every rank returns once the checkpoint is visible."""
+    final = root / checkpoint_name(step)
+    if env.is_main:
+        state = {"step": step, **state, "files": dict(sorted(hashes.items()))}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        for path in tmp.iterdir():
+            _fsync(path)
+        _debug_pause()
+        if final.exists():  # A re-run of the same step (e.g. after a crash right after the rename): replace it.
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(env)
     return final
+
+
+def gather_hashes(hashes: dict[str, str], env: DistEnv) -> dict[str, str]:
+    merged = {}
+    for part in all_gather_object(hashes, env):
+        merged.update(part)
+    return merged
+
+
+# -- finding and reading -------------------------------------------------------------------------------------------
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -118,26 +209,76 @@ def remove_partial_checkpoints(root: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def read_checkpoint(folder: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """Return (state, {module name: state dict}, optimizer-and-RNG tensors), verifying every file's hash."""
-    state_path = folder / "state.json"
+def read_state(folder: Path) -> dict:
     try:
-        state = json.loads(state_path.read_text())
+        return json.loads((folder / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"Checkpoint {folder} has no readable state.json ({exc}).") from None
-    for name, expected in state.get("files", {}).items():
-        path = folder / name
-        if not path.is_file() or _sha256(path) != expected:
-            raise CheckpointError(f"Checkpoint {folder}: file {name} is missing or does not match its recorded hash.")
-    modules = {p.stem: load_file(str(p)) for p in folder.glob("*.safetensors") if p.name != "optimizers.safetensors"}
-    return state, modules, load_file(str(folder / "optimizers.safetensors"))
+        raise CheckpointError(f"Checkpoint {folder} has no readable {STATE_FILE} ({exc}).") from None
 
 
-def find_latest_checkpoint(root: Path, warn=print):
-    """The newest checkpoint that reads back intact, as read_checkpoint's tuple plus its folder, or None."""
-    for folder in reversed(list_checkpoints(root)):
-        try:
-            return (*read_checkpoint(folder), folder)
-        except CheckpointError as exc:
-            warn(f"{exc} Falling back to the previous checkpoint.")
+def is_sharded(folder: Path) -> bool:
+    return (folder / SHARDED_INDEX).is_file()
+
+
+def verify_checkpoint(folder: Path, env: DistEnv = SINGLE) -> str | None:
+    """None when every file matches its recorded hash, else the reason; the ranks hash a share each and agree."""
+    try:
+        expected = read_state(folder).get("files", {})
+        names = sorted(expected)
+        problems = [f"file {name} is missing or does not match its recorded hash"
+                    for name in names[env.rank::env.world_size]
+                    if not (folder / name).is_file() or _sha256(folder / name) != expected[name]]
+        if not names:
+            problems.append(f"{STATE_FILE} lists no files")
+    except CheckpointError as exc:
+        problems = [str(exc)]
+    found = sorted({p for part in all_gather_object(problems, env) for p in part})
+    return None if not found else f"Checkpoint {folder}: {'; '.join(found)}."
+
+
+def read_checkpoint(folder: Path, verify: bool = True
+                    ) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A full-format checkpoint as (state, {module name: state dict}, optimizer-and-RNG tensors)."""
+    if verify and (problem := verify_checkpoint(folder)):
+        raise CheckpointError(problem)
+    state = read_state(folder)
+    if is_sharded(folder):
+        raise CheckpointError(f"Checkpoint {folder} is sharded (written under FSDP); read it with read_sharded.")
+    modules = {p.stem: load_file(str(p)) for p in folder.glob("*.safetensors") if p.name != OPTIMIZER_FILE}
+    return state, modules, load_file(str(folder / OPTIMIZER_FILE))
+
+
+def read_sharded(folder: Path, state: dict) -> None:
+    """Fill `state` (nested dicts of tensors, plain or DTensor) in place from a sharded checkpoint, resharding to
+    however many ranks load it (also a single process)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(folder), no_dist=not (dist.is_available() and dist.is_initialized()))
+    except CheckpointException as exc:  # One (error, traceback) per failing rank.
+        reasons = "; ".join(sorted({str(failure[0] if isinstance(failure, tuple) else failure)
+                                    for failure in exc.failures.values()}))
+        raise CheckpointError(f"Checkpoint {folder} does not fit this run's networks ({reasons}); it was written for "
+                              "another configuration or version of onestep.") from None
+
+
+def read_rng(folder: Path) -> dict[str, torch.Tensor]:
+    """The `rng.*` tensors of either format, keys without the prefix."""
+    path = folder / (RNG_FILE if is_sharded(folder) else OPTIMIZER_FILE)
+    return {k[len("rng."):]: v for k, v in load_file(str(path)).items() if k.startswith("rng.")}
+
+
+def find_latest_checkpoint(root: Path, warn=print, env: DistEnv = SINGLE) -> tuple[dict, Path] | None:
+    """The newest checkpoint whose files all match their hashes, as (state, folder), or None; every rank agrees.
+
+    A damaged newest checkpoint (truncated, corrupted, half-deleted) is reported through `warn` and skipped."""
+    for folder in reversed(broadcast_object(list_checkpoints(root), env)):
+        problem = verify_checkpoint(folder, env)
+        if problem is None:
+            return read_state(folder), folder
+        warn(f"Warning: {problem} Falling back to the previous checkpoint.")
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from safetensors.torch import load_file
 from ..config import ConfigError, RunConfig
 from ..denoisers.base import Denoiser
 from ..denoisers.generator import OneStepGenerator
-from .checkpoint import PREFIX, list_checkpoints, read_checkpoint
+from .checkpoint import (PREFIX, CheckpointError, find_latest_checkpoint, is_sharded, read_checkpoint, read_sharded,
+                         read_state, verify_checkpoint)
 from .networks import build_networks
 from .run_dir import RunDir
 
@@ -36,26 +38,41 @@ def is_generator_source(path: Path) -> bool:
     return RunDir(path).is_run() or is_checkpoint_dir(path)
 
 
+def read_generator_weights(folder: Path, template: torch.nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(state.json, EMA generator weights, or the raw generator's without EMA) of a verified checkpoint of either
+    format; `template` (a generator of the run's architecture) gives the names and shapes of a sharded one."""
+    problem = verify_checkpoint(folder)
+    if problem:
+        raise CheckpointError(problem)
+    state = read_state(folder)
+    name = "ema" if "ema" in state.get("modules", ["ema"]) else "generator"
+    if is_sharded(folder):
+        weights = {name: {k: v.clone() for k, v in template.state_dict().items()}}
+        read_sharded(folder, weights)
+        return state, weights[name]
+    _, modules, _ = read_checkpoint(folder, verify=False)
+    return state, modules.get("ema", modules["generator"])
+
+
 def load_generator_source(path: Path, device: str | torch.device = "cpu") -> GeneratorSource:
     """The EMA generator (raw generator when the run has no EMA) of a run directory or checkpoint folder.
 
-    A run directory gives its newest complete checkpoint; `export/` is used when no checkpoint remains.
+    A run directory gives its newest intact checkpoint; `export/` is used when no checkpoint remains.
     """
     path = Path(path)
     if is_checkpoint_dir(path):
         run, folder = RunDir(path.parent.parent), path
     elif RunDir(path).is_run():
         run = RunDir(path)
-        checkpoints = list_checkpoints(run.checkpoints)
-        folder = checkpoints[-1] if checkpoints else None
+        latest = find_latest_checkpoint(run.checkpoints, warn=lambda message: print(message, file=sys.stderr))
+        folder = latest[1] if latest else None
     else:
         raise ConfigError(f"{path} is neither a onestep run directory (with config.yaml) nor a checkpoint folder "
                           "(checkpoints/step-XXXXXXXX); pass one of those.")
     config = run.read_config()
     networks = build_networks(config)
     if folder is not None:
-        state, weights, _ = read_checkpoint(folder)
-        generator_weights = weights.get("ema", weights["generator"])
+        state, generator_weights = read_generator_weights(folder, networks.generator)
         step, kimg = state["step"], state["kimg"]
     elif (run.export / "generator.safetensors").is_file():
         generator_weights = load_file(str(run.export / "generator.safetensors"))

@@ -1,30 +1,33 @@
-"""The distillation loop: k fake-score updates, one generator update, EMA; ticks, evals and checkpoints."""
+"""The distillation loop on every rank: steps, ticks, evals and checkpoints; resume, preemption and export.
+
+Rank 0 alone prints and writes config.yaml, stats.jsonl, metrics.jsonl and run.json; every rank takes part in
+checkpoints (written together, visible only once all have finished).
+"""
 
 from __future__ import annotations
 
-import math
+import gc
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import LogNormalSigmaConfig, RunConfig
+from ..config import RunConfig
 from ..metrics import check_metric_names, compute_metrics
-from ..objectives import build_objective, fake_score_loss
-from ..objectives.sigmas import sample_sigma
 from ..sampling import generate
-from .checkpoint import find_latest_checkpoint, remove_partial_checkpoints, save_checkpoint, unflatten_optimizer
-from .ema import EMA, ema_beta
+from . import distributed
+from .checkpoint import checkpoint_name, find_latest_checkpoint, remove_partial_checkpoints
+from .distributed import DistEnv, barrier, broadcast_object, on_main, print0
 from .networks import Networks, build_networks
-from .precision import autocast, make_scaler, resolve_device, resolve_precision
+from .parallel import per_process_batch, resolve_parallelism, training_state_bytes
+from .precision import resolve_precision, set_tf32
 from .progress import Progress
 from .run_dir import RunDir
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with NaN or inf losses or gradients."""
+from .signals import StopRequest
+from .trainer import NonFiniteError, Trainer
 
 
 @dataclass
@@ -35,145 +38,9 @@ class RunSummary:
     wall_seconds: float
     resumed_from: int | None
     final_metrics: dict
-
-
-def make_optimizer(config: RunConfig, params, lr: float) -> torch.optim.Optimizer:
-    cls = torch.optim.AdamW if config.train.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, betas=tuple(config.train.betas), weight_decay=config.train.weight_decay)
-
-
-class Trainer:
-    """Holds the state of one run; `step()` performs one iteration (fake updates, generator update, EMA)."""
-
-    def __init__(self, config: RunConfig, networks: Networks, device: torch.device, precision: str):
-        self.config, self.device, self.precision = config, device, precision
-        self.teacher = networks.teacher.to(device)
-        self.generator = networks.generator.to(device)
-        self.fake = networks.fake.to(device)
-        self.data_shape, self.label_dim = networks.data_shape, networks.label_dim
-        self.objective = build_objective(config.objective)
-        self.fake_sigma = LogNormalSigmaConfig(mean_log=config.fake.sigma_mean_log, std_log=config.fake.sigma_std_log)
-        train = config.train
-        self.opt_generator = make_optimizer(config, self.generator.parameters(), train.generator_learning_rate)
-        self.opt_fake = make_optimizer(config, self.fake.parameters(), train.fake_learning_rate)
-        self.scaler_generator = make_scaler(precision, device)
-        self.scaler_fake = make_scaler(precision, device)
-        self.ema = EMA(self.generator, ema_beta(train.batch_size, train.ema_halflife_kimg)) if train.ema_halflife_kimg else None
-        # All training randomness comes from this one generator, so a checkpoint can restore it exactly.
-        self.rng = torch.Generator(device=device).manual_seed(train.seed)
-        self.sigma_rng = torch.Generator().manual_seed(train.seed + 1)  # Noise levels are drawn on the CPU.
-        self.step_count = 0
-        self.consecutive_nonfinite = 0
-        self.nonfinite_total = 0
-
-    @property
-    def kimg(self) -> float:
-        return self.step_count * self.config.train.batch_size / 1000
-
-    @property
-    def sampling_generator(self):
-        return self.ema.module if self.ema else self.generator
-
-    def _latents(self, batch: int):
-        z = torch.randn((batch, *self.data_shape), generator=self.rng, device=self.device)
-        cond = None
-        if self.label_dim:
-            labels = torch.randint(self.label_dim, (batch,), generator=self.rng, device=self.device)
-            cond = torch.nn.functional.one_hot(labels, self.label_dim).float()
-        return z, cond
-
-    def _sigma(self, config, batch: int) -> torch.Tensor:
-        return sample_sigma(config, batch, self.sigma_rng, self.device)
-
-    def _apply(self, loss, module, optimizer, scaler) -> tuple[float | torch.Tensor, bool]:
-        """Backward, clip, and step unless the loss or gradients are not finite; returns (grad norm, stepped)."""
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        max_norm = self.config.train.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
-        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        if finite:
-            scaler.step(optimizer)
-        else:
-            optimizer.zero_grad(set_to_none=True)
-        scaler.update()
-        return grad_norm.detach(), finite
-
-    def step(self) -> dict:
-        """One iteration; returns detached per-step statistics (tensors, to avoid a host sync per step)."""
-        cfg, batch = self.config, self.config.train.batch_size
-        finite = True
-        for _ in range(cfg.train.fake_updates_per_step):
-            z, cond = self._latents(batch)
-            with torch.no_grad(), autocast(self.precision, self.device):
-                x_g = self.generator(z, cond)
-            sigma = self._sigma(self.fake_sigma, batch)
-            noise = torch.randn(x_g.shape, generator=self.rng, device=self.device)
-            with autocast(self.precision, self.device):
-                loss_fake = fake_score_loss(self.fake, x_g.float(), sigma, noise, cond, cfg.fake.sigma_data).float().mean()
-            grad_fake, ok = self._apply(loss_fake, self.fake, self.opt_fake, self.scaler_fake)
-            finite &= ok
-
-        # Generator update: the fake score's parameters are frozen, its inputs still carry gradients.
-        self.fake.requires_grad_(False)
-        try:
-            z, cond = self._latents(batch)
-            sigma = self._sigma(cfg.objective.sigma, batch)
-            with autocast(self.precision, self.device):
-                x_g = self.generator(z, cond).float()
-                noise = torch.randn(x_g.shape, generator=self.rng, device=self.device)
-                loss_gen = self.objective.generator_loss(x_g, sigma, noise, self.teacher, self.fake, cond).float().mean()
-            grad_gen, ok = self._apply(loss_gen, self.generator, self.opt_generator, self.scaler_generator)
-            finite &= ok
-        finally:
-            self.fake.requires_grad_(True)
-
-        if finite:
-            self.consecutive_nonfinite = 0
-        else:
-            self.consecutive_nonfinite += 1
-            self.nonfinite_total += 1
-            if self.consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
-                raise NonFiniteError(
-                    f"{self.consecutive_nonfinite} consecutive steps had NaN/inf losses or gradients (step "
-                    f"{self.step_count}); the run stops here and its last checkpoint is intact. Lower train.lr, "
-                    "set train.grad_clip, or use train.precision=fp32.")
-        if self.ema:
-            self.ema.update(self.generator)
-        self.step_count += 1
-        return {"loss_generator": loss_gen.detach(), "loss_fake": loss_fake.detach(),
-                "grad_norm_generator": grad_gen, "grad_norm_fake": grad_fake}
-
-    # -- checkpoints ---------------------------------------------------------------------------------------------
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        mods = {"generator": self.generator, "fake": self.fake}
-        if self.ema:
-            mods["ema"] = self.ema.module
-        return mods
-
-    def save(self, run: RunDir) -> Path:
-        return save_checkpoint(
-            run.checkpoints, self.step_count, self.modules(),
-            {"generator": self.opt_generator, "fake": self.opt_fake},
-            {"train": self.rng.get_state(), "sigma": self.sigma_rng.get_state()},
-            {"kimg": self.kimg, "nonfinite_total": self.nonfinite_total,
-             "scalers": {"generator": self.scaler_generator.state_dict(), "fake": self.scaler_fake.state_dict()}},
-            self.config.train.keep_checkpoints,
-        )
-
-    def load(self, state: dict, weights: dict, tensors: dict) -> None:
-        for name, module in self.modules().items():
-            module.load_state_dict(weights[name])
-        for name, optimizer in (("generator", self.opt_generator), ("fake", self.opt_fake)):
-            optimizer.load_state_dict(unflatten_optimizer(name, tensors, state["optimizers"][name]))
-        self.scaler_generator.load_state_dict(state["scalers"]["generator"])
-        self.scaler_fake.load_state_dict(state["scalers"]["fake"])
-        self.rng.set_state(tensors["rng.train"])
-        self.sigma_rng.set_state(tensors["rng.sigma"])
-        self.step_count = state["step"]
-        self.nonfinite_total = state.get("nonfinite_total", 0)
+    stopped_by: str | None = None  # The signal that preempted the run (a checkpoint was written), None if it finished.
+    rank: int = 0  # This process's rank (only rank 0 reports).
+    world_size: int = 1
 
 
 def evaluate_generator(trainer: Trainer, config: RunConfig) -> dict:
@@ -186,74 +53,163 @@ def evaluate_generator(trainer: Trainer, config: RunConfig) -> dict:
 
 def distill(config: RunConfig, out_dir: Path, *, log=None, progress: bool | None = None,
             networks: Networks | None = None) -> RunSummary:
-    """Distil the configured teacher into a one-step generator in `out_dir`, resuming it if a run is there."""
+    """Distil the configured teacher into a one-step generator in `out_dir`, resuming it if a run is there.
+
+    Under torchrun or srun (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS set) every process calls this and they
+    train together; `train.batch_size` is the global batch. SIGTERM/SIGUSR1 end the run early with a checkpoint.
+    """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     check_metric_names(config.eval.metrics)
-    run = RunDir(out_dir)
-    continuing = run.prepare(config)
-    device = resolve_device(config.train.device)
-    precision = resolve_precision(config.train.precision, device)
-    trainer = Trainer(config, networks or build_networks(config), device, precision)
+    env, device, initialised = distributed.init(config.train.device)
+    try:
+        return _distill(config, Path(out_dir), env, device, print0(env, log), progress if env.is_main else False,
+                        networks)
+    except BaseException as exc:
+        if initialised:  # Free the DDP/FSDP modules the traceback holds while their process group still exists.
+            traceback.clear_frames(exc.__traceback__)
+            gc.collect()
+        raise
+    finally:
+        distributed.shutdown(initialised)
 
-    resumed_from = None
-    if continuing:
-        remove_partial_checkpoints(run.checkpoints)
-        latest = find_latest_checkpoint(run.checkpoints, warn=log)
-        if latest is not None:
-            state, weights, tensors, folder = latest
-            trainer.load(state, weights, tensors)
-            resumed_from = trainer.step_count
-            log(f"Resuming {out_dir} from {folder.name} (step {trainer.step_count}, {trainer.kimg:.1f} kimg).")
-        run.truncate_records_after(trainer.step_count)
 
+def _distill(config: RunConfig, out_dir: Path, env: DistEnv, device: torch.device, log, progress,
+             networks: Networks | None) -> RunSummary:
     train = config.train
+    micro = per_process_batch(train.batch_size, env.world_size, train.grad_accumulation)  # Fail before any work.
+    run = RunDir(out_dir)
+    trainer, resumed_from = _start(config, run, env, device, log, networks)
+    if env.is_distributed or train.grad_accumulation > 1:
+        log(f"Training on {env.world_size} process{'es' if env.is_distributed else ''} "
+            f"({trainer.parallelism.upper()}, {device.type}): global batch {train.batch_size} = {micro} per "
+            f"micro-batch x {train.grad_accumulation} accumulation rounds x {env.world_size} processes.")
+
     start_time, tick_start, tick_step = time.time(), time.time(), trainer.step_count
     sums: dict[str, torch.Tensor] = {}
-    run.write_status(status="running", step=trainer.step_count, kimg=trainer.kimg)
-    final_metrics = {}
-    with Progress(train.max_steps, trainer.step_count, enabled=progress, log=log) as bar:
+    if env.is_main:
+        run.write_status(status="running", step=trainer.step_count, kimg=trainer.kimg, processes=env.world_size)
+    final_metrics, saved_step = {}, None
+    with StopRequest() as stop, Progress(train.max_steps, trainer.step_count, enabled=progress, log=log) as bar:
         while trainer.step_count < train.max_steps:
-            stats = trainer.step()
+            try:
+                stats = trainer.step()
+            except NonFiniteError as exc:
+                if env.is_main:
+                    run.write_status(status="failed", step=trainer.step_count, kimg=trainer.kimg, error=str(exc),
+                                     processes=env.world_size)
+                raise
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0) + value.float()
             step = trainer.step_count
             if step % train.tick_every == 0 or step == train.max_steps:
-                seconds = time.time() - tick_start
-                steps = step - tick_step
-                record = {"step": step, "kimg": trainer.kimg, **{k: float(v) / steps for k, v in sums.items()},
-                          "nonfinite_total": trainer.nonfinite_total, "seconds_per_step": seconds / steps,
-                          "kimg_per_s": steps * train.batch_size / 1000 / max(seconds, 1e-9),
-                          "elapsed_seconds": time.time() - start_time}
-                if device.type == "cuda":
-                    record["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                run.append(run.stats_path, record)
+                record = _tick_record(trainer, sums, step - tick_step, time.time() - tick_start,
+                                      time.time() - start_time, device, env)
+                if env.is_main:
+                    run.append(run.stats_path, record)
                 bar.tick(step, record)
                 sums, tick_start, tick_step = {}, time.time(), step
             evaluate_now = step == train.max_steps or (config.eval.every_steps and step % config.eval.every_steps == 0)
-            if evaluate_now and config.eval.metrics:
-                result = evaluate_generator(trainer, config)
-                run.append(run.metrics_path, {"step": step, "kimg": trainer.kimg, **result})
+            if evaluate_now and config.eval.metrics and (env.is_main or trainer.sharded):
+                result = evaluate_generator(trainer, config)  # Sharded networks need every rank in each forward.
+                if env.is_main:
+                    run.append(run.metrics_path, {"step": step, "kimg": trainer.kimg, **result})
                 final_metrics = result["metrics"]
             if step % train.checkpoint_every == 0 or step == train.max_steps:
                 trainer.save(run)
-    if not final_metrics:
+                saved_step = step
+            if step < train.max_steps and distributed.any_rank(stop.requested, env, device):
+                return _stop(trainer, run, env, log, stop.signal_name, saved_step, start_time, resumed_from)
+    if not final_metrics and env.is_main:
         rows = run.read_records(run.metrics_path)
         final_metrics = rows[-1]["metrics"] if rows else {}
     export_generator(trainer, run)
     wall = time.time() - start_time
-    run.write_status(status="complete", step=trainer.step_count, kimg=trainer.kimg, wall_seconds=wall,
-                     metrics=final_metrics)
-    return RunSummary(Path(out_dir), trainer.step_count, trainer.kimg, wall, resumed_from, final_metrics)
+    if env.is_main:
+        run.write_status(status="complete", step=trainer.step_count, kimg=trainer.kimg, wall_seconds=wall,
+                         metrics=final_metrics, processes=env.world_size)
+    return RunSummary(out_dir, trainer.step_count, trainer.kimg, wall, resumed_from, final_metrics,
+                      rank=env.rank, world_size=env.world_size)
+
+
+def _start(config: RunConfig, run: RunDir, env: DistEnv, device: torch.device, log,
+           networks: Networks | None) -> tuple[Trainer, int | None]:
+    """Prepare the run directory (rank 0), build the trainer and restore the newest intact checkpoint if any."""
+    train = config.train
+    continuing = on_main(lambda: run.prepare(config), env)
+    precision = resolve_precision(train.precision, device)
+    if device.type == "cuda":
+        set_tf32(train.tf32)
+    latest = None
+    if continuing:
+        if env.is_main:
+            remove_partial_checkpoints(run.checkpoints)
+        barrier(env)
+        latest = find_latest_checkpoint(run.checkpoints, warn=log, env=env)
+    networks = networks or build_networks(config)
+    state_bytes = training_state_bytes(networks.teacher, networks.generator, networks.fake,
+                                       bool(train.ema_halflife_kimg))
+    resumed_parallelism = latest[0].get("parallelism", "ddp") if latest else None
+    parallelism = broadcast_object(  # Every rank must wrap the same way, whatever its GPU reports.
+        resolve_parallelism(train.parallelism, device, state_bytes, resumed_parallelism), env)
+    trainer = Trainer(config, networks, device, precision, env, parallelism)
+    resumed_from = None
+    if latest is not None:
+        state, folder = latest
+        trainer.load(state, folder)
+        resumed_from = trainer.step_count
+        log(f"Resuming {run.path} from {folder.name} (step {trainer.step_count}, {trainer.kimg:.1f} kimg) on "
+            f"{env.world_size} process{'es' if env.is_distributed else ''}.")
+    if continuing and env.is_main:
+        run.truncate_records_after(trainer.step_count)
+    return trainer, resumed_from
+
+
+def _tick_record(trainer: Trainer, sums: dict, steps: int, seconds: float, elapsed: float, device, env) -> dict:
+    """One stats.jsonl row: per-step means since the last tick (losses already averaged over ranks)."""
+    batch = trainer.config.train.batch_size
+    record = {"step": trainer.step_count, "kimg": trainer.kimg, **{k: float(v) / steps for k, v in sums.items()},
+              "nonfinite_total": trainer.nonfinite_total, "seconds_per_step": seconds / steps,
+              "kimg_per_s": steps * batch / 1000 / max(seconds, 1e-9), "elapsed_seconds": elapsed}
+    if device.type == "cuda":
+        peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+        record["peak_memory_gb"] = float(distributed.all_reduce(peak, env, torch.distributed.ReduceOp.MAX))
+    return record
+
+
+def _stop(trainer: Trainer, run: RunDir, env: DistEnv, log, signal_name, saved_step, start_time,
+          resumed_from) -> RunSummary:
+    """Preemption: checkpoint the finished step (unless just done), record it in run.json, and return."""
+    step = trainer.step_count
+    if saved_step != step:
+        trainer.save(run)
+    wall = time.time() - start_time
+    reason = signal_name or "a stop signal on another rank"
+    if env.is_main:
+        run.write_status(status="stopped", step=step, kimg=trainer.kimg, signal=reason, wall_seconds=wall,
+                         processes=env.world_size)
+    log(f"Received {reason}: stopped after step {step} with checkpoint {checkpoint_name(step)} written. Run the "
+        "same command again to continue from it.")
+    return RunSummary(run.path, step, trainer.kimg, wall, resumed_from, {}, stopped_by=reason, rank=env.rank,
+                      world_size=env.world_size)
 
 
 def export_generator(trainer: Trainer, run: RunDir) -> Path:
-    """Inference weights of the (EMA) generator: export/generator.safetensors + export/config.yaml."""
+    """Inference weights of the (EMA) generator: export/generator.safetensors + export/config.yaml (rank 0)."""
     from safetensors.torch import save_file
 
     from .run_dir import write_atomic
 
-    run.export.mkdir(exist_ok=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in trainer.sampling_generator.state_dict().items()}
-    save_file(weights, str(run.export / "generator.safetensors"))
-    write_atomic(run.export / "config.yaml", run.config_path.read_text())
+    module = trainer.sampling_generator
+    if trainer.sharded:  # Gather the shards (every rank takes part); rank 0 receives the full tensors.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = module.state_dict()
+    if trainer.env.is_main:
+        run.export.mkdir(exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(weights, str(run.export / "generator.safetensors"))
+        write_atomic(run.export / "config.yaml", run.config_path.read_text())
+    barrier(trainer.env)
     return run.export

@@ -60,5 +60,26 @@ def build_networks(config: RunConfig, teacher: Denoiser | None = None) -> Networ
         label_dim = teacher.label_dim
     generator_denoiser.requires_grad_(True).train()
     fake.requires_grad_(True).train()
+    for network in (generator_denoiser, fake):
+        freeze_unused(network)
     generator = OneStepGenerator(generator_denoiser, config.generator.sigma_init)
     return Networks(teacher, generator, fake, tuple(data_shape), label_dim)
+
+
+def freeze_unused(network: torch.nn.Module) -> None:
+    """Freeze weights distillation never uses, so DDP does not wait for their gradients.
+
+    EDM networks trained with augmentation carry a `map_augment` layer; distillation passes no augmentation labels.
+    """
+    for name, module in network.named_modules():
+        if name.endswith("map_augment"):
+            module.requires_grad_(False)
+
+
+def blocks(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated units that FSDP shards one by one and gradient checkpointing recomputes: U-Net blocks, or an
+    MLP denoiser's hidden stack."""
+    from ..denoisers.edm.layers import UNetBlock
+
+    found = [m for m in network.modules() if isinstance(m, UNetBlock)]
+    return found or [m.net for m in network.modules() if isinstance(m, MLPDenoiser)]

@@ -31,6 +31,24 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_scaler(precision: str, device: torch.device):
-    """One GradScaler per network under fp16; a disabled one otherwise."""
+def make_scaler(precision: str, device: torch.device, sharded: bool = False):
+    """One GradScaler per network under fp16; a disabled one otherwise.
+
+    Under FSDP each rank sees only its shard of the gradients, so the sharded scaler agrees on inf/NaN across ranks.
+    """
+    if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type, enabled=(precision == "fp16"))
     return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 tensor cores for float32 matmuls and cuDNN convolutions (Ampere and newer); off for strict fp32."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def param_dtype(precision: str) -> torch.dtype | None:
+    """The dtype FSDP2 gathers parameters in for the forward pass (None: keep float32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

@@ -10,8 +10,9 @@ import yaml
 
 from ..config import ConfigError, RunConfig, config_to_yaml, validate_config
 
-# Keys that may change between a run and its resumption (only the length of the run).
-RESUMABLE_CHANGES = {"train.max_steps"}
+# Keys that may change between a run and its resumption: the length of the run, and memory/speed knobs that leave
+# the training maths unchanged (up to floating-point rounding).
+RESUMABLE_CHANGES = {"train.max_steps", "train.grad_accumulation", "train.gradient_checkpointing", "train.tf32"}
 
 
 def flatten(data: dict, prefix: str = "") -> dict:

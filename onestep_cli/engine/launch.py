@@ -1,0 +1,105 @@
+"""`--gpus N` / `--nnodes`: re-run the same command under torch.distributed.run, one worker process per GPU.
+
+This process becomes torchrun's agent: it starts the workers (which join the group through distributed.init),
+forwards SIGTERM/SIGUSR1 to them and turns their outcome into one exit code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, RunConfig
+from .parallel import per_process_batch
+from .run_dir import RunDir
+
+# Seconds torch.distributed.run gives workers to checkpoint and exit after forwarding SIGTERM/SIGUSR1 to them.
+SHUTDOWN_TIMEOUT_S = 600
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How `--gpus/--nnodes/--node-rank/--master-addr/--master-port` become a torch.distributed.run command."""
+
+    nproc_per_node: int
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    def torchrun_args(self) -> list[str]:
+        if self.node_rank >= self.nnodes:
+            raise ConfigError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes} (nodes count "
+                              "from 0).")
+        args = [f"--nproc-per-node={self.nproc_per_node}", f"--nnodes={self.nnodes}",
+                "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                f"--shutdown-timeout={os.environ.get('TORCH_ELASTIC_SHUTDOWN_TIMEOUT', SHUTDOWN_TIMEOUT_S)}"]
+        if self.nnodes == 1 and self.master_addr is None:
+            return args + ["--standalone"]  # A free local port, so runs side by side do not collide.
+        if self.master_addr is None:
+            raise ConfigError(f"--nnodes {self.nnodes} needs --master-addr (the hostname of node 0, reachable from "
+                              "every node) and the same --master-port on every node.")
+        return args + [f"--node-rank={self.node_rank}", f"--master-addr={self.master_addr}",
+                       f"--master-port={self.master_port or 29500}"]
+
+
+def check_devices(plan: LaunchPlan, device_choice: str, warn) -> None:
+    """Refuse more processes than GPUs on this node; say so when the processes will run on CPU with gloo."""
+    if device_choice != "cpu" and torch.cuda.is_available():
+        if plan.nproc_per_node > torch.cuda.device_count():
+            raise RuntimeError(f"--gpus {plan.nproc_per_node} asks for more GPUs than the {torch.cuda.device_count()} "
+                               "visible on this node; lower --gpus or check CUDA_VISIBLE_DEVICES.")
+        return
+    if device_choice == "cuda":
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; use --set train.device=cpu or auto.")
+    reason = "train.device is cpu" if device_choice == "cpu" else "no CUDA device is visible"
+    warn(f"Warning: {reason}, so --gpus {plan.nproc_per_node} starts {plan.nproc_per_node} CPU processes "
+         "communicating over gloo (useful for testing, not for speed).")
+
+
+def run_torchrun(plan: LaunchPlan, command: list[str], log) -> tuple[int, str | None]:
+    """Run `python -m onestep_cli <command>` under torch.distributed.run in this process (it becomes the agent).
+
+    Returns (exit code, name of the signal that stopped the run or None). On a signal the agent forwards it to the
+    workers and waits for them (SHUTDOWN_TIMEOUT_S) before returning.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args([*plan.torchrun_args(), "--module", "onestep_cli", *command]))
+    except SignalException as exc:
+        return 128 + int(exc.sigval), exc.sigval.name
+    except ChildFailedError as exc:
+        ranks = ", ".join(f"rank {rank} (exit code {failure.exitcode})" for rank, failure in exc.failures.items())
+        log(f"Error: the distillation failed on {ranks}; the first error is printed above. Fix its cause and run "
+            "the same command again: it resumes from the newest complete checkpoint.")
+        return 1, None
+    return 0, None
+
+
+def launch(config: RunConfig, out: Path, plan: LaunchPlan, command: list[str], log) -> int:
+    """Validate the layout, run `command` on every GPU of the plan and return the command's exit code: 0 when the
+    workers finished, or stopped on SIGTERM/SIGUSR1 after writing a checkpoint."""
+    per_process_batch(config.train.batch_size, plan.world_size, config.train.grad_accumulation)
+    check_devices(plan, config.train.device, warn=log)
+    code, signal_name = run_torchrun(plan, command, log)
+    if signal_name is None:
+        return code
+    status = RunDir(out).read_status()
+    if signal_name in PREEMPTION_SIGNALS and status.get("status") == "stopped":
+        log(f"Stopped by {signal_name} after step {status.get('step')}, with a checkpoint: run the same command to "
+            "continue.")
+        return 0
+    log(f"Error: interrupted by {signal_name} before the workers could write a checkpoint; run the same command to "
+        "resume from the newest complete one.")
+    return code

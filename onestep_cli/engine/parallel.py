@@ -1,0 +1,130 @@
+"""Data parallelism for the three networks: DDP when they fit one GPU, FSDP2 (`fully_shard`) when they don't.
+
+DDP keeps a full replica per rank and all-reduces gradients; FSDP2 shards parameters, gradients and optimizer state
+over the ranks, block by block, gathering each block's parameters (in the mixed-precision dtype) only for its
+forward and backward. The frozen teacher is sharded too under FSDP. Gradient checkpointing recomputes each block's
+activations in backward instead of storing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from .distributed import DistEnv
+from .networks import blocks
+from .precision import param_dtype
+
+# `parallelism: auto` shards with FSDP when the estimated training state takes more than this share of one GPU,
+# leaving the rest for activations (SiD/SIM backpropagate through three networks).
+FSDP_MEMORY_FRACTION = 0.4
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def training_state_bytes(teacher: nn.Module, generator: nn.Module, fake: nn.Module, ema: bool) -> int:
+    """float32 weights, gradients and two Adam moments for generator and fake; the EMA copy; the teacher's weights."""
+    trainable = parameter_count(generator) + parameter_count(fake)
+    return 16 * trainable + 4 * parameter_count(generator) * ema + 4 * parameter_count(teacher)
+
+
+def resolve_parallelism(choice: str, device: torch.device, state_bytes: int, resumed: str | None) -> str:
+    """'ddp' or 'fsdp'. `auto` keeps what a resumed checkpoint used, else shards only what would not fit a GPU."""
+    if choice != "auto":
+        return choice
+    if resumed is not None:
+        return resumed
+    if device.type != "cuda":
+        return "ddp"
+    total = torch.cuda.get_device_properties(device).total_memory
+    return "fsdp" if state_bytes > FSDP_MEMORY_FRACTION * total else "ddp"
+
+
+def per_process_batch(batch_size: int, world_size: int, grad_accumulation: int) -> int:
+    """The micro-batch one process computes at a time: global batch / (processes x accumulation rounds)."""
+    rounds = world_size * grad_accumulation
+    if batch_size % rounds:
+        low, high = batch_size // rounds * rounds, (batch_size // rounds + 1) * rounds
+        raise ConfigError(
+            f"train.batch_size {batch_size} (the global batch) must be divisible by processes x "
+            f"train.grad_accumulation = {world_size} x {grad_accumulation} = {rounds}; use {high}"
+            + (f" or {low}" if low else "") + ", or change --gpus or train.grad_accumulation.")
+    return batch_size // rounds
+
+
+@dataclass
+class Wrapped:
+    """The modules the training step calls: `*_train` carry the gradient synchronisation (DDP or FSDP)."""
+
+    generator_train: nn.Module
+    fake_train: nn.Module
+    sharded: bool  # FSDP: every rank must take part in every forward (evaluation and export included).
+
+
+def enable_gradient_checkpointing(network: nn.Module) -> None:
+    """Recompute each block's activations during backward (composable API: parameter names are unchanged)."""
+    from torch.distributed._composable import checkpoint
+
+    for block in blocks(network):
+        checkpoint(block)
+
+
+def shard(network: nn.Module, precision: str) -> None:
+    """FSDP2 in place: each block its own unit, then the root; parameters gathered in the compute dtype,
+    gradients reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # Denoisers return reshaped views; the engine only uses them out of place, which is what the warning asks.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype(precision), reduce_dtype=torch.float32)
+    for block in blocks(network):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(network, mp_policy=policy)
+
+
+def wrap(teacher: nn.Module, generator: nn.Module, fake: nn.Module, ema: nn.Module | None, parallelism: str,
+         precision: str, device: torch.device, env: DistEnv, gradient_checkpointing: bool) -> Wrapped:
+    """Apply gradient checkpointing and DDP or FSDP2 to the networks (already on `device`)."""
+    if gradient_checkpointing:
+        for network in (teacher, generator, fake):
+            enable_gradient_checkpointing(network)
+    if not env.is_distributed:
+        return Wrapped(generator, fake, sharded=False)
+    if parallelism == "fsdp":
+        for network in (generator, fake, ema, teacher):
+            if network is not None and parameter_count(network):
+                shard(network, precision)
+        return Wrapped(generator, fake, sharded=True)
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Buffers (noise-embedding frequencies, resampling filters) are constants: no need to broadcast them each step.
+    ddp = lambda m: DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None,
+                                            forward_sync_buffers=False)
+    return Wrapped(ddp(generator), ddp(fake), sharded=False)
+
+
+def gradient_sync(module: nn.Module, enabled: bool):
+    """Context in which backward does (or skips) the gradient all-reduce: skipped for all but the last micro-batch."""
+    if enabled:
+        return contextlib.nullcontext()
+    if hasattr(module, "no_sync"):  # DDP
+        return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        return _fsdp_no_sync(module)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)

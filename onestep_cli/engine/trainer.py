@@ -1,0 +1,274 @@
+"""One training iteration on every rank: k fake-score updates, one generator update, EMA; and its full state.
+
+Every rank draws the whole global batch's latents, noise levels and noise from the same generators and computes
+its own contiguous share (split again into grad_accumulation micro-batches). The per-sample randomness therefore
+does not depend on how the batch is split: one process with batch B, or N processes with B/N each, train the same
+networks up to floating-point summation order, and any rank count can resume any checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ..config import LogNormalSigmaConfig, RunConfig
+from ..objectives import build_objective, fake_score_loss
+from ..objectives.sigmas import sample_sigma
+from .checkpoint import (CheckpointError, begin_save, commit, gather_hashes, hash_files, is_sharded, read_checkpoint,
+                         read_rng, read_sharded, unflatten_optimizer, write_full, write_rng, write_sharded)
+from .distributed import SINGLE, DistEnv, all_gather_object, all_reduce
+from .ema import EMA, ema_beta
+from .networks import Networks
+from .parallel import gradient_sync, per_process_batch, wrap
+from .precision import autocast, make_scaler
+from .run_dir import RunDir
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with NaN or inf losses or gradients."""
+
+
+def make_optimizer(config: RunConfig, params, lr: float) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if config.train.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=lr, betas=tuple(config.train.betas), weight_decay=config.train.weight_decay)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a replicated DTensor (FSDP's grad norm), unchanged otherwise."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+class Trainer:
+    """Holds the state of one run on one rank; `step()` performs one iteration on every rank together."""
+
+    def __init__(self, config: RunConfig, networks: Networks, device: torch.device, precision: str,
+                 env: DistEnv = SINGLE, parallelism: str = "ddp"):
+        self.config, self.device, self.precision, self.env = config, device, precision, env
+        self.parallelism = parallelism
+        train = config.train
+        micro = per_process_batch(train.batch_size, env.world_size, train.grad_accumulation)
+        share_start = env.rank * micro * train.grad_accumulation
+        # This rank's micro-batches, as slices of the global batch.
+        self.micro_batches = [slice(share_start + i * micro, share_start + (i + 1) * micro)
+                              for i in range(train.grad_accumulation)]
+        self.teacher = networks.teacher.to(device)
+        self.generator = networks.generator.to(device)
+        self.fake = networks.fake.to(device)
+        self.data_shape, self.label_dim = networks.data_shape, networks.label_dim
+        self.objective = build_objective(config.objective)
+        self.fake_sigma = LogNormalSigmaConfig(mean_log=config.fake.sigma_mean_log, std_log=config.fake.sigma_std_log)
+        self.ema = None
+        if train.ema_halflife_kimg:  # Copied before wrapping: under FSDP the EMA is sharded like the generator.
+            self.ema = EMA(self.generator, ema_beta(train.batch_size, train.ema_halflife_kimg))
+        wrapped = wrap(self.teacher, self.generator, self.fake, self.ema.module if self.ema else None, parallelism,
+                       precision, device, env, train.gradient_checkpointing)
+        self.generator_train, self.fake_train = wrapped.generator_train, wrapped.fake_train
+        self.sharded = wrapped.sharded
+        # Optimizers are built after sharding, so under FSDP they hold (and step) only this rank's shards.
+        self.opt_generator = make_optimizer(config, self.generator.parameters(), train.generator_learning_rate)
+        self.opt_fake = make_optimizer(config, self.fake.parameters(), train.fake_learning_rate)
+        self.scaler_generator = make_scaler(precision, device, self.sharded)
+        self.scaler_fake = make_scaler(precision, device, self.sharded)
+        # All training randomness comes from these generators, identical on every rank, restored by a checkpoint.
+        self.rng = torch.Generator(device=device).manual_seed(train.seed)
+        self.sigma_rng = torch.Generator().manual_seed(train.seed + 1)  # Noise levels are drawn on the CPU.
+        if env.rank:  # Dropout draws from the global RNG: other masks on each rank; rank 0 keeps 1-process streams.
+            torch.manual_seed(train.seed + env.rank)
+        self.step_count = 0
+        self.consecutive_nonfinite = 0
+        self.nonfinite_total = 0
+
+    @property
+    def kimg(self) -> float:
+        return self.step_count * self.config.train.batch_size / 1000
+
+    @property
+    def sampling_generator(self):
+        return self.ema.module if self.ema else self.generator
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        return self.parallelism == "fsdp"
+
+    # -- one iteration -------------------------------------------------------------------------------------------
+
+    def _draw(self, sigma_config):
+        """The global batch's latents, labels, noise levels and noise (same on every rank)."""
+        batch = self.config.train.batch_size
+        z = torch.randn((batch, *self.data_shape), generator=self.rng, device=self.device)
+        cond = None
+        if self.label_dim:
+            labels = torch.randint(self.label_dim, (batch,), generator=self.rng, device=self.device)
+            cond = torch.nn.functional.one_hot(labels, self.label_dim).float()
+        sigma = sample_sigma(sigma_config, batch, self.sigma_rng, self.device)
+        noise = torch.randn((batch, *self.data_shape), generator=self.rng, device=self.device)
+        return z, cond, sigma, noise
+
+    def _update(self, micro_loss, wrapped, module, optimizer, scaler) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Accumulate gradients over this rank's micro-batches, then clip and step unless the loss (averaged over
+        ranks) or the global grad norm is not finite. Returns (loss, grad norm, outcome), the same on every rank;
+        outcome is "ok", "nonfinite", or "overflow": an fp16 GradScaler still searching for its scale."""
+        optimizer.zero_grad(set_to_none=True)
+        rounds = len(self.micro_batches)
+        total = 0
+        for index, part in enumerate(self.micro_batches):
+            with gradient_sync(wrapped, enabled=index == rounds - 1):
+                loss = micro_loss(part)
+                scaler.scale(loss / rounds if rounds > 1 else loss).backward()
+            total = total + loss.detach()
+        loss = all_reduce(total / rounds if rounds > 1 else total, self.env)
+        if self.env.is_distributed:
+            loss = loss / self.env.world_size
+        scaler.unscale_(optimizer)
+        max_norm = self.config.train.grad_clip or math.inf
+        grad_norm = _local(torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm))
+        finite_loss, finite_grad = bool(torch.isfinite(loss)), bool(torch.isfinite(grad_norm))
+        outcome = "ok" if finite_loss and finite_grad else "nonfinite"
+        if finite_loss and not finite_grad and scaler.is_enabled() and scaler.get_scale() >= 1:
+            outcome = "overflow"  # The scaler halves its scale and retries: its normal search, not divergence.
+        if outcome == "ok":
+            scaler.step(optimizer)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+        scaler.update()
+        return loss, grad_norm.detach(), outcome
+
+    def step(self) -> dict:
+        """One iteration; returns detached per-step statistics (tensors, to avoid a host sync per step)."""
+        cfg = self.config
+        outcomes = []
+        for _ in range(cfg.train.fake_updates_per_step):
+            z, cond, sigma, noise = self._draw(self.fake_sigma)
+
+            def fake_loss(part):
+                c = cond[part] if cond is not None else None
+                with torch.no_grad(), autocast(self.precision, self.device):
+                    x_g = self.generator(z[part], c)
+                with autocast(self.precision, self.device):
+                    return fake_score_loss(self.fake_train, x_g.float(), sigma[part], noise[part], c,
+                                           cfg.fake.sigma_data).float().mean()
+
+            loss_fake, grad_fake, outcome = self._update(fake_loss, self.fake_train, self.fake, self.opt_fake,
+                                                         self.scaler_fake)
+            outcomes.append(outcome)
+
+        # Generator update: the fake score's parameters are frozen, its inputs still carry gradients.
+        self.fake.requires_grad_(False)
+        try:
+            z, cond, sigma, noise = self._draw(cfg.objective.sigma)
+
+            def generator_loss(part):
+                c = cond[part] if cond is not None else None
+                with autocast(self.precision, self.device):
+                    x_g = self.generator_train(z[part], c).float()
+                    return self.objective.generator_loss(x_g, sigma[part], noise[part], self.teacher, self.fake,
+                                                         c).float().mean()
+
+            loss_gen, grad_gen, outcome = self._update(generator_loss, self.generator_train, self.generator,
+                                                       self.opt_generator, self.scaler_generator)
+            outcomes.append(outcome)
+        finally:
+            self.fake.requires_grad_(True)
+
+        if all(outcome == "ok" for outcome in outcomes):
+            self.consecutive_nonfinite = 0
+        else:  # Every skipped step is counted; fp16 scale-search overflows alone do not bring the stop closer.
+            self.nonfinite_total += 1
+            self.consecutive_nonfinite += "nonfinite" in outcomes
+            if self.consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
+                last = self.step_count + 1
+                raise NonFiniteError(
+                    f"{self.consecutive_nonfinite} consecutive steps had NaN/inf losses or gradients (steps "
+                    f"{last - self.consecutive_nonfinite + 1}-{last}, train.max_consecutive_nonfinite="
+                    f"{cfg.train.max_consecutive_nonfinite}); the run stops here and its last checkpoint is intact. "
+                    "Lower train.lr, set train.grad_clip, or use train.precision=fp32.")
+        if self.ema:
+            self.ema.update(self.generator)
+        self.step_count += 1
+        return {"loss_generator": loss_gen, "loss_fake": loss_fake,
+                "grad_norm_generator": grad_gen, "grad_norm_fake": grad_fake}
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"generator": self.generator, "fake": self.fake}
+        if self.ema:
+            mods["ema"] = self.ema.module
+        return mods
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"generator": self.opt_generator, "fake": self.opt_fake}
+
+    def _rank_rng(self) -> dict[str, torch.Tensor]:
+        """This process's global RNG states (dropout draws from them)."""
+        states = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
+
+    def _sharded_state(self) -> dict:
+        """Networks and optimizers keyed by parameter name, as this rank's shards (plain tensors without FSDP)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        state = {name: get_model_state_dict(module) for name, module in self.modules().items()}
+        for name, optimizer in self.optimizers().items():
+            state[f"optimizer.{name}"] = get_optimizer_state_dict(self.modules()[name], optimizer)
+        return state
+
+    def save(self, run: RunDir) -> Path:
+        """Write the full state for the current step on every rank together; returns the checkpoint folder."""
+        env = self.env
+        tmp = begin_save(run.checkpoints, self.step_count, env)
+        rng = {"train": self.rng.get_state(), "sigma": self.sigma_rng.get_state()}
+        for rank, states in enumerate(all_gather_object(self._rank_rng(), env)):
+            rng.update({f"rank{rank}.{kind}": value for kind, value in states.items()})
+        state = {"kimg": self.kimg, "nonfinite_total": self.nonfinite_total, "parallelism": self.parallelism,
+                 "world_size": env.world_size, "modules": list(self.modules()),
+                 "scalers": {"generator": self.scaler_generator.state_dict(), "fake": self.scaler_fake.state_dict()}}
+        written = []
+        if self.sharded_checkpoints:
+            written = write_sharded(tmp, self._sharded_state(), env)
+            if env.is_main:
+                written += write_rng(tmp, rng)
+        elif env.is_main:  # Every rank holds identical full networks: rank 0 writes them.
+            written, state["optimizers"] = write_full(tmp, self.modules(), self.optimizers(), rng)
+        hashes = gather_hashes(hash_files(tmp, written), env)
+        return commit(run.checkpoints, tmp, self.step_count, state, hashes, self.config.train.keep_checkpoints, env)
+
+    def load(self, state: dict, folder: Path) -> None:
+        """Restore the state saved in `folder` (already verified), under any number of ranks."""
+        if is_sharded(folder):
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+            sharded = self._sharded_state()
+            read_sharded(folder, sharded)
+            for name, module in self.modules().items():
+                set_model_state_dict(module, sharded[name])
+            for name, optimizer in self.optimizers().items():
+                set_optimizer_state_dict(self.modules()[name], optimizer, sharded[f"optimizer.{name}"])
+        elif self.sharded:
+            raise CheckpointError(
+                f"Checkpoint {folder} holds full (DDP) weights but this run shards with FSDP; resume it with "
+                "train.parallelism=ddp (or auto), the setting it was written under.")
+        else:
+            _, weights, tensors = read_checkpoint(folder, verify=False)
+            for name, module in self.modules().items():
+                module.load_state_dict(weights[name])
+            for name, optimizer in self.optimizers().items():
+                optimizer.load_state_dict(unflatten_optimizer(name, tensors, state["optimizers"][name]))
+        rng = read_rng(folder)
+        self.rng.set_state(rng["train"])
+        self.sigma_rng.set_state(rng["sigma"])
+        # Per-rank streams map onto ranks only when the rank count is unchanged; otherwise each keeps its seed.
+        if state.get("world_size", 1) == self.env.world_size:
+            prefix = f"rank{self.env.rank}."
+            if prefix + "cpu" in rng:
+                torch.set_rng_state(rng[prefix + "cpu"])
+            if prefix + "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng[prefix + "cuda"], self.device)
+        self.scaler_generator.load_state_dict(state["scalers"]["generator"])
+        self.scaler_fake.load_state_dict(state["scalers"]["fake"])
+        self.step_count = state["step"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
