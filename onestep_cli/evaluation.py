@@ -1,4 +1,5 @@
-"""`evaluate`: metrics of a generator (run or checkpoint, generated in memory) or of stored samples, with provenance."""
+"""`evaluate`: metrics of a generator (run or checkpoint, generated in memory) or of stored samples (a folder of
+images, an .npz), with provenance."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import ConfigError, PRESET_DIR, read_config_file, resolve_config
+from .config import ConfigError, PRESET_DIR, resolve_config
 from .engine.loading import is_generator_source, load_generator_source
 from .engine.networks import build_teacher
 from .engine.run_dir import RunDir
-from .metrics import check_metric_names, compute_metrics
-from .sample_io import read_samples
+from .metrics import (DEFAULT_FID_MODE, FEATURE_SPACES, MetricContext, MetricError, check_metric_names,
+                      compute_metrics, get_metric, needs_explicit_reference)
+from .sample_io import (SAMPLES_NPZ, SourceError, folder_source, format_seeds, generator_source, is_image_shape,
+                        list_image_files, npz_image_source, read_prompts, read_samples)
 from .sampling import generate
 
-DEFAULT_NUM = 2000
+DEFAULT_NUM = 2000  # Samples generated for low-dimensional metrics when neither --num nor --seeds is given.
+DEFAULT_IMAGE_NUM = 50000  # Images generated for image metrics by default: the EDM protocol (seeds 0-49999).
+DEFAULT_BATCH = 64
 
 
 def teacher_from_reference(ref: str):
@@ -32,22 +37,60 @@ def teacher_from_reference(ref: str):
     raise ConfigError(f"--ref {ref} is neither a run directory, a YAML config file nor a preset name.")
 
 
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def evaluate(source: Path, metrics: list[str], num: int | None = None, seeds: list[int] | None = None,
-             ref: str | None = None) -> dict:
-    """Compute `metrics` on `source`; returns {"source", "metrics": {name: value}, "provenance": {...}}."""
+             ref: str | None = None, *, prompts: Path | None = None, fid_mode: str = DEFAULT_FID_MODE,
+             batch_size: int = DEFAULT_BATCH, device: str | torch.device = "auto", precision: str = "fp32",
+             weights: dict[str, str] | None = None, options: dict[str, str] | None = None,
+             save_stats: Path | None = None) -> dict:
+    """Compute `metrics` on `source`; returns {"source", "metrics": {name: value}, "provenance": {...}}.
+
+    Sources: a run directory or checkpoint (samples generated in memory from `seeds`, default 0..num-1), a folder
+    of images (sorted file names), an .npz of images or of low-dimensional samples, a folder with samples.npz.
+    Image metrics take `ref` (reference statistics .npz, or images), `prompts` (one line per image), `fid_mode`,
+    `weights` (weight-set key -> local path instead of the cache) and `options` ("metric.option" -> value);
+    `save_stats` writes the source's feature statistics as a reference file (EDM's mu/sigma format).
+    """
     check_metric_names(metrics)
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"Source {source} does not exist; pass a run directory, checkpoint, .npz or folder.")
-    common = {"onestep": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    image_names = [m for m in metrics if get_metric(m).kind == "image"]
+    if image_names or save_stats is not None:
+        lowdim = [m for m in metrics if m not in image_names]
+        if lowdim:
+            raise MetricError(f"Metrics {', '.join(map(repr, lowdim))} (low-dimensional) and "
+                              f"{', '.join(map(repr, image_names))} (image) cannot be computed on the same samples; "
+                              "evaluate them separately.")
+        return _evaluate_images(source, metrics, num, seeds, ref, prompts, fid_mode, batch_size,
+                                _resolve_device(device), precision, weights or {}, options or {}, save_stats)
+    if prompts is not None:
+        raise MetricError("--prompts pairs prompts with images; none of the requested metrics uses them.")
+    return _evaluate_lowdim(source, metrics, num, seeds, ref)
+
+
+def _common() -> dict:
+    return {"onestep": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _evaluate_lowdim(source: Path, metrics, num, seeds, ref) -> dict:
+    common = _common()
     if is_generator_source(source):
         loaded = load_generator_source(source)
         seeds = seeds if seeds is not None else list(range(num or DEFAULT_NUM))
         samples = generate(loaded.generator, seeds, loaded.data_shape, loaded.label_dim)
         teacher = teacher_from_reference(ref) if ref else loaded.teacher
-        common.update(source_kind="generator", step=loaded.step, kimg=loaded.kimg, seeds=f"{seeds[0]}-{seeds[-1]}",
+        common.update(source_kind="generator", step=loaded.step, kimg=loaded.kimg, seeds=format_seeds(seeds),
                       generation="in memory, one step")
     else:
+        if source.is_dir() and not (source / SAMPLES_NPZ).is_file() and list_image_files(source):
+            raise MetricError(f"{', '.join(metrics)} measure low-dimensional samples, but {source} holds images; "
+                              "ask for image metrics (--metrics fid,kid,aesthetic,...).")
         samples, meta = read_samples(source)
         if num is not None:
             if num > samples.shape[0]:
@@ -58,22 +101,105 @@ def evaluate(source: Path, metrics: list[str], num: int | None = None, seeds: li
         elif meta.get("source") and is_generator_source(Path(meta["source"])):
             teacher = load_generator_source(Path(meta["source"])).teacher
         else:
-            raise ConfigError(f"{source} does not say which teacher it belongs to; pass --ref RUN_DIR, a preset or a config.")
+            raise ConfigError(f"{source} does not say which teacher it belongs to; pass --ref RUN_DIR, a preset or a "
+                              "config.")
         common.update(source_kind="samples", samples_meta=meta)
     results = compute_metrics(metrics, samples, teacher)
+    return _result(source, results, {**common, "num_samples": int(samples.shape[0])})
+
+
+def open_image_source(path: Path):
+    """A folder of images, a folder holding samples.npz, or an .npz of images."""
+    path = Path(path)
+    if path.is_dir():
+        return npz_image_source(path / SAMPLES_NPZ) if (path / SAMPLES_NPZ).is_file() else folder_source(path)
+    if path.suffix == ".npz":
+        return npz_image_source(path)
+    raise SourceError(f"{path} is not a folder of images, an .npz, a run directory or a checkpoint.")
+
+
+def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, batch_size, device, precision,
+                     weights, options, save_stats) -> dict:
+    from .metrics.image_eval import compute_image_metrics
+    from .metrics.reference import open_reference, write_reference_stats
+
+    common = _common()
+    if is_generator_source(source):
+        loaded = load_generator_source(source, device=device)
+        if not is_image_shape(loaded.data_shape):
+            raise MetricError(f"Image metrics need images, but {source} generates samples of shape "
+                              f"{tuple(loaded.data_shape)}; use swd or mode_coverage.")
+        if prompts is not None:
+            raise MetricError(f"The generator of {source} takes no text prompts, so --prompts cannot be paired with "
+                              "its images; --prompts applies to text-to-image generators and to stored images.")
+        seeds = seeds if seeds is not None else list(range(num or DEFAULT_IMAGE_NUM))
+        if num is not None and num != len(seeds):
+            raise ValueError(f"--num {num} disagrees with --seeds ({len(seeds)} seeds); give one or make them match.")
+        images = generator_source(loaded.generator, seeds, loaded.data_shape, loaded.label_dim, batch_size, device,
+                                  precision, description=f"generator of {source} (step {loaded.step})")
+        common.update(source_kind="generator", step=loaded.step, kimg=loaded.kimg, generation="in memory, one step",
+                      precision=precision)
+    else:
+        if seeds is not None:
+            raise ValueError("--seeds chooses what a generator makes; for stored images use --num (the first N).")
+        images = open_image_source(source)
+        if num is not None:
+            images = images.head(num)
+        common.update(source_kind="images", samples_meta=images.meta)
+    common.update(images.provenance(), device=str(device), batch_size=batch_size)
+
+    reference = None
+    if ref is not None:
+        if RunDir(Path(ref)).is_run() or (PRESET_DIR / f"{ref}.yaml").is_file():
+            raise MetricError(f"--ref {ref} names a teacher; image metrics compare with reference statistics or images."
+                              f" Sample the teacher first (`onestep sample RUN --teacher --out DIR`) and pass DIR.")
+        reference = open_reference(ref)
+    prompt_list = read_prompts(prompts) if prompts is not None else None
+    ctx = MetricContext(reference=reference, prompts=prompt_list, prompts_path=str(prompts) if prompts else None,
+                        fid_mode=fid_mode, device=device, batch_size=batch_size, weights=weights, options=options)
+
+    extra_spaces: tuple[str, ...] = ()
+    to_compute = metrics  # Without --ref, metrics that need one raise a clear error in compute_image_metrics...
+    if save_stats is not None:
+        extra_spaces = tuple(save_stats_spaces(metrics))
+        if not extra_spaces:
+            raise MetricError("--save-stats writes statistics of distribution features; ask for a metric that uses "
+                              "them (fid, kid, fd_clip, fd_dinov2, ...).")
+        # ...unless the statistics are the point: then those metrics are skipped.
+        to_compute = [m for m in metrics if reference is not None or not needs_explicit_reference(get_metric(m))]
+    results, features, extractors = compute_image_metrics([get_metric(m) for m in to_compute], images, ctx,
+                                                          FEATURE_SPACES, extra_spaces)
+    for name, result in results.items():
+        result.provenance = {"metric": name, "onestep": __version__, **result.provenance}
+    out = _result(source, results, {**common, "num_samples": images.num})
+    if save_stats is not None:
+        out["stats"] = write_reference_stats(
+            save_stats, {s: features[s] for s in extra_spaces}, extractors, images.resolution, images.provenance(),
+            keep_features={"inception"} if "kid" in metrics else set())
+        out["skipped_without_reference"] = [m for m in metrics if m not in to_compute]
+    return out
+
+
+def save_stats_spaces(metrics: list[str]) -> list[str]:
+    """Distribution feature spaces read by `metrics` (what --save-stats writes)."""
+    spaces = [s for m in metrics for s in get_metric(m).spaces if FEATURE_SPACES[s].distribution]
+    return list(dict.fromkeys(spaces))
+
+
+def _result(source: Path, results: dict, common: dict) -> dict:
     return {
         "source": str(source),
         "metrics": {name: r.value for name, r in results.items()},
-        "provenance": {"common": {**common, "num_samples": int(samples.shape[0])},
-                       **{name: r.provenance for name, r in results.items()}},
+        "provenance": {"common": common, **{name: r.provenance for name, r in results.items()}},
     }
 
 
 def store_result(result: dict, source: Path) -> Path | None:
     """Keep a run's evaluation next to it (RUN/eval/*.json) so `onestep compare` finds it."""
     source = Path(source)
-    run = RunDir(source) if RunDir(source).is_run() else (RunDir(source.parent.parent) if source.name.startswith("step-") else None)
-    if run is None or not run.is_run():
+    run = RunDir(source) if RunDir(source).is_run() else (
+        RunDir(source.parent.parent) if source.name.startswith("step-") else None)
+    if run is None or not run.is_run() or not result["metrics"]:
         return None
     step = result["provenance"]["common"].get("step", 0)
     path = run.path / "eval" / f"{'-'.join(sorted(result['metrics']))}-step{step:08d}.json"

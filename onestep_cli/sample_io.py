@@ -1,15 +1,28 @@
-"""Writing and reading samples: PNG files for images, one .npz for non-image data, a JSON record of provenance."""
+"""Writing and reading samples: PNG files for images, one .npz for non-image data, a JSON record of provenance; and
+the image sources metrics read from (a folder, an array from an .npz or memory, a generator run in memory).
+
+Every image source yields the same thing, whatever it was made from: uint8 batches [B, H, W, 3] (grey replicated to
+three channels), so a folder, an .npz and a generator of the same images give the same numbers.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 SAMPLES_NPZ = "samples.npz"
 SAMPLES_META = "samples.json"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class SourceError(ValueError):
+    """Images that cannot be read as a set: named file or array, what is wrong, what to do."""
 
 
 def is_image_shape(shape) -> bool:
@@ -40,6 +53,22 @@ def write_samples(samples: torch.Tensor, seeds: list[int], out_dir: Path, meta: 
     return written
 
 
+def _load_npz(npz: Path):
+    try:
+        return np.load(npz, allow_pickle=False)
+    except Exception as exc:  # numpy raises several types for corrupt files
+        raise SourceError(f"{npz} could not be read as an .npz file ({exc}).") from None
+
+
+def _samples_array(npz: Path, data) -> np.ndarray:
+    if "samples" in data.files:
+        return data["samples"]
+    arrays = [name for name in data.files if name not in ("seeds", "prompts", "labels")]
+    if len(arrays) == 1:
+        return data[arrays[0]]
+    raise SourceError(f"{npz} holds arrays {data.files}; name the samples array 'samples'.")
+
+
 def read_samples(path: Path) -> tuple[torch.Tensor, dict]:
     """Samples from an .npz file (key 'samples', or its only array) or a folder holding samples.npz; with the
     folder's samples.json metadata when present."""
@@ -47,16 +76,263 @@ def read_samples(path: Path) -> tuple[torch.Tensor, dict]:
     npz = path / SAMPLES_NPZ if path.is_dir() else path
     if not npz.is_file():
         raise FileNotFoundError(f"{path} holds no samples: expected an .npz file or a folder with {SAMPLES_NPZ}.")
-    try:
-        data = np.load(npz)
-    except Exception as exc:  # numpy raises several types for corrupt files
-        raise ValueError(f"{npz} could not be read as an .npz file ({exc}).") from None
-    if "samples" in data.files:
-        array = data["samples"]
-    elif len(data.files) == 1:
-        array = data[data.files[0]]
+    array = _samples_array(npz, _load_npz(npz))
+    return torch.from_numpy(np.asarray(array, dtype=np.float32)), read_meta(npz.parent)
+
+
+def read_meta(folder: Path) -> dict:
+    """samples.json of a folder written by `onestep sample`, or {}."""
+    meta_path = Path(folder) / SAMPLES_META
+    return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+
+
+def format_seeds(seeds) -> str | None:
+    """Compact seed list: '0-49999' or '0-9,20,30-31'; None when there are none."""
+    seeds = [int(s) for s in seeds] if seeds is not None else []
+    if not seeds:
+        return None
+    parts, start, prev = [], seeds[0], seeds[0]
+    for seed in seeds[1:] + [None]:
+        if seed is not None and seed == prev + 1:
+            prev = seed
+            continue
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+        if seed is not None:
+            start = prev = seed
+    return ",".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image sources
+
+
+def as_uint8_nhwc(images, name: str = "images") -> np.ndarray:
+    """uint8 [N, H, W, 3] from uint8 NHWC/NCHW or [-1, 1] float NCHW (tensor or array); grey becomes three channels."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu()
+        images = images.numpy() if images.dtype == torch.uint8 else images
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8:
+        if images.ndim != 4:
+            raise SourceError(f"{name}: expected images [N, H, W, C] or [N, C, H, W], got shape {images.shape}.")
+        if images.shape[-1] not in (1, 3) and images.shape[1] in (1, 3):
+            images = images.transpose(0, 2, 3, 1)
     else:
-        raise ValueError(f"{npz} holds arrays {data.files}; name the samples array 'samples'.")
-    meta_path = npz.parent / SAMPLES_META
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return torch.from_numpy(np.asarray(array, dtype=np.float32)), meta
+        array = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+        if not array.is_floating_point() or array.ndim != 4 or array.shape[1] not in (1, 3):
+            raise SourceError(f"{name}: expected uint8 images or float images [N, C, H, W] in [-1, 1] with C = 1 or "
+                              f"3, got {array.dtype} of shape {tuple(array.shape)}.")
+        if not torch.isfinite(array).all():
+            bad = int((~torch.isfinite(array.reshape(array.shape[0], -1))).any(dim=1).sum())
+            raise SourceError(f"{name}: {bad} of {array.shape[0]} images contain NaN or inf; metrics would be "
+                              "meaningless.")
+        images = to_uint8_images(array.float())
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    if images.shape[-1] != 3:
+        raise SourceError(f"{name}: images have {images.shape[-1]} channels; expected 1 (grey) or 3 (RGB).")
+    return np.ascontiguousarray(images)
+
+
+@dataclass
+class ImageSource:
+    """A fixed, ordered set of images read batch by batch as uint8 [B, H, W, 3]."""
+
+    description: str
+    num: int
+    resolution: tuple[int, int]  # (height, width)
+    names: list[str] | None = None  # Per-image names (file names) for pairing with prompts; None: by index.
+    seeds: list[int] | None = None  # Per-image seeds when known.
+    meta: dict = field(default_factory=dict)
+    _read: Callable[[int, int], np.ndarray] | None = None  # (start, stop) -> uint8 [stop - start, H, W, 3].
+    _labels: Callable[[int, int], np.ndarray] | None = None  # (start, stop) -> class indices; None: unknown.
+
+    @property
+    def has_labels(self) -> bool:
+        return self._labels is not None
+
+    def labels(self, start: int, stop: int) -> np.ndarray:
+        """Class indices of images start..stop-1 (class-conditional generators, .npz files with 'labels')."""
+        if self._labels is None:
+            raise SourceError(f"{self.description} has no class labels: they come from a class-conditional "
+                              "generator or an .npz with a 'labels' array.")
+        return self._labels(start, stop)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(start index, uint8 [B, H, W, 3]) in order."""
+        for start in range(0, self.num, batch_size):
+            yield start, self._read(start, min(start + batch_size, self.num))
+
+    def head(self, num: int) -> "ImageSource":
+        """The first `num` images."""
+        if num > self.num:
+            raise SourceError(f"--num {num} asks for more images than {self.description} holds ({self.num}).")
+        return ImageSource(self.description, num, self.resolution, self.names[:num] if self.names else None,
+                           self.seeds[:num] if self.seeds else None, self.meta, self._read, self._labels)
+
+    def provenance(self) -> dict:
+        out = {"images": self.description, "num_images": self.num,
+               "image_size": f"{self.resolution[0]}x{self.resolution[1]}"}
+        out["seeds"] = format_seeds(self.seeds) if self.seeds else "not recorded"
+        return out
+
+
+def class_indices(labels, num: int, description: str) -> np.ndarray:
+    """Class indices [N] from indices or one-hot rows."""
+    labels = np.asarray(labels)
+    labels = labels.argmax(axis=1) if labels.ndim == 2 else labels
+    if labels.shape != (num,):
+        raise SourceError(f"{description}: {num} images but labels of shape {labels.shape}; give one class index "
+                          "(or one-hot row) per image.")
+    return labels.astype(np.int64)
+
+
+def array_source(images, description: str, seeds: list[int] | None = None, meta: dict | None = None,
+                 labels=None) -> ImageSource:
+    """Images held in memory (uint8 or [-1, 1] float, NCHW or NHWC), with optional class labels."""
+    array = as_uint8_nhwc(images, description)
+    if array.shape[0] == 0:
+        raise SourceError(f"{description} holds no images.")
+    indices = class_indices(labels, array.shape[0], description) if labels is not None else None
+    return ImageSource(description, array.shape[0], (array.shape[1], array.shape[2]), None,
+                       list(seeds) if seeds is not None else None, meta or {},
+                       lambda start, stop: array[start:stop],
+                       (lambda start, stop: indices[start:stop]) if indices is not None else None)
+
+
+def npz_image_source(path: Path) -> ImageSource:
+    """Images in an .npz: EDM-style 'samples' uint8 [N, H, W, C] or our [-1, 1] float [N, C, H, W]; optional 'seeds'."""
+    path = Path(path)
+    data = _load_npz(path)
+    array = _samples_array(path, data)
+    seeds = data["seeds"].tolist() if "seeds" in data.files else None
+    labels = data["labels"] if "labels" in data.files else None
+    looks_like_images = array.ndim == 4 and (array.shape[1] in (1, 3) or array.shape[-1] in (1, 3))
+    if not looks_like_images:
+        raise SourceError(f"{path} holds samples of shape {array.shape[1:]}, not images ([N, H, W, C] uint8 or "
+                          "[N, C, H, W] float).")
+    meta = read_meta(path.parent) if path.name == SAMPLES_NPZ else {}
+    return array_source(array, str(path), seeds, meta, labels)
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """Image files under `folder` (recursively), sorted by their path relative to it."""
+    folder = Path(folder)
+    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _open_image(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise SourceError(f"Image {path} is corrupt or unreadable ({exc}); remove or replace it.") from None
+
+
+def folder_source(folder: Path) -> ImageSource:
+    """Every image file under `folder`, in sorted file-name order; all must have the same size."""
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    files = list_image_files(folder)
+    if not files:
+        raise SourceError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); pass a folder of images, "
+                          "an .npz, a run directory or a checkpoint.")
+    sizes: dict[tuple[int, int], Path] = {}
+    for path in files:  # Headers only: cheap, and mixed sizes are caught before any network runs.
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise SourceError(f"Image {path} is corrupt or unreadable ({exc}); remove or replace it.") from None
+        sizes.setdefault((height, width), path)
+        if len(sizes) > 1:
+            (size_a, file_a), (size_b, file_b) = list(sizes.items())[:2]
+            raise SourceError(f"{folder} mixes image sizes: {file_a.name} is {size_a[1]}x{size_a[0]} but "
+                              f"{file_b.name} is {size_b[1]}x{size_b[0]} (width x height). Metrics compare sets of "
+                              "one resolution; resize them first or split the folder.")
+    resolution = next(iter(sizes))
+    meta = read_meta(folder)
+
+    def read(start: int, stop: int) -> np.ndarray:
+        return np.stack([_open_image(p) for p in files[start:stop]])
+
+    names = [p.relative_to(folder).as_posix() for p in files]
+    seeds = _seeds_from_names(names, meta)
+    return ImageSource(str(folder), len(files), resolution, names, seeds, meta, read)
+
+
+def _seeds_from_names(names: list[str], meta: dict) -> list[int] | None:
+    """Seeds of a folder written by `onestep sample` (files named by seed, NNNNNN.png)."""
+    if not meta:
+        return None
+    try:
+        return [int(Path(name).stem) for name in names]
+    except ValueError:
+        return None
+
+
+def generator_source(generator, seeds: list[int], shape, label_dim: int = 0, batch_size: int = 256,
+                     device="cpu", precision: str = "fp32", description: str = "generator") -> ImageSource:
+    """Images generated in memory, batch by batch, one seed per image (no PNG round trip); quantised to uint8
+    exactly as `write_samples` does, so the numbers match those of the written files."""
+    from .sampling import generate, seeded_latents
+
+    if not is_image_shape(shape):
+        raise SourceError(f"{description} makes samples of shape {tuple(shape)}, not images.")
+    device = torch.device(device)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+    def read(start: int, stop: int) -> np.ndarray:
+        chunk = seeds[start:stop]
+        if dtype is None:
+            images = generate(generator, chunk, shape, label_dim, batch_size=len(chunk), device=device)
+        else:
+            with torch.autocast(device_type=device.type, dtype=dtype):
+                images = generate(generator, chunk, shape, label_dim, batch_size=len(chunk), device=device)
+        return as_uint8_nhwc(images, description)
+
+    def labels(start: int, stop: int) -> np.ndarray:  # The classes `generate` drew for these seeds.
+        return seeded_latents(seeds[start:stop], shape, label_dim)[1].argmax(dim=1).numpy()
+
+    return ImageSource(description, len(seeds), (int(shape[1]), int(shape[2])), None, list(seeds),
+                       {"precision": precision}, read, labels if label_dim else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line of a text file (a final newline is not an extra prompt), or a JSON list of strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Prompts file {path} does not exist.")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        prompts = json.loads(text)
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise SourceError(f"{path} must hold a JSON list of strings, one prompt per image.")
+        return prompts
+    prompts = text.split("\n")
+    if prompts and prompts[-1] == "":
+        prompts.pop()
+    return [p.rstrip("\r") for p in prompts]
+
+
+def pair_prompts(source: ImageSource, prompts: list[str], prompts_path: str | None = None) -> dict:
+    """Check one prompt per image and describe the pairing (rule, count, first pair, hash of all pairs)."""
+    if len(prompts) != source.num:
+        raise SourceError(f"{prompts_path or 'The prompts'} holds {len(prompts)} prompts but {source.description} "
+                          f"has {source.num} images; give exactly one prompt per image "
+                          f"({'in sorted file-name order' if source.names else 'in generation order'}).")
+    keys = source.names if source.names else [str(s) for s in (source.seeds or range(source.num))]
+    digest = hashlib.sha256()
+    for key, prompt in zip(keys, prompts):
+        digest.update(f"{key}\t{prompt}\n".encode())
+    return {"prompts": prompts_path, "num_prompts": len(prompts),
+            "pairing": "line i <-> i-th image in sorted file-name order" if source.names
+            else "line i <-> i-th image (generation / array order)",
+            "first_pair": [keys[0], prompts[0]], "pairs_sha256": digest.hexdigest()}

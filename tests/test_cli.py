@@ -81,12 +81,15 @@ def test_distill_sample_eval_compare(tmp_path):
     assert [s["step"] for s in stats] == [20, 40, 60]
     assert all(k in stats[0] for k in ("loss_generator", "loss_fake", "grad_norm_generator", "kimg_per_s"))
 
-    # Per-sample seeds: a sub-range reproduces exactly the same points.
+    # Per-sample seeds: a sub-range reproduces the same points (up to the float rounding of batched matrix
+    # products, which BLAS may block differently for another batch size); the same command reproduces bitwise.
     onestep("sample", run, "--num", 50, "--out", tmp_path / "all")
     onestep("sample", run, "--seeds", "10-19", "--out", tmp_path / "part")
+    onestep("sample", run, "--seeds", "10-19", "--out", tmp_path / "again")
     import numpy as np
     full, part = np.load(tmp_path / "all" / "samples.npz"), np.load(tmp_path / "part" / "samples.npz")
-    np.testing.assert_array_equal(full["samples"][10:20], part["samples"])
+    np.testing.assert_allclose(full["samples"][10:20], part["samples"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(part["samples"], np.load(tmp_path / "again" / "samples.npz")["samples"])
     np.testing.assert_array_equal(part["seeds"], np.arange(10, 20))
 
     onestep("sample", run, "--teacher", "--steps", 18, "--num", 400, "--out", tmp_path / "teacher")

@@ -14,6 +14,7 @@ from .distill import distill_command
 from .eval import eval_command
 from .presets import presets_app
 from .sample import sample_command
+from .weights import weights_app
 
 app = typer.Typer(
     name="onestep",
@@ -29,6 +30,7 @@ app.command("compare")(compare_command)
 app.command("demo")(demo_command)
 app.command("convert")(convert_command)
 app.add_typer(presets_app, name="presets")
+app.add_typer(weights_app, name="weights")
 
 
 def _version(value: bool):

@@ -1,0 +1,91 @@
+"""Image metrics over one pass of a source: load every feature network first (so a missing weight file stops the run
+before any image is read), stream the images once through all of them, then finish each metric."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import FeatureExtractor, Metric, MetricContext, MetricError, MetricResult
+
+
+def extract_all(source, extractors: dict[str, FeatureExtractor], batch_size: int,
+                prompts: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Features of every image of `source` in each space: {space: [N, D] float32} (the networks' precision; statistics
+    are then taken in float64)."""
+    chunks: dict[str, list[np.ndarray]] = {space: [] for space in extractors}
+    for start, images in source.batches(batch_size):
+        batch_prompts = prompts[start:start + len(images)] if prompts is not None else None
+        for space, extractor in extractors.items():
+            extra = {"labels": source.labels(start, start + len(images))} if extractor.needs_labels else {}
+            features = np.asarray(extractor.extract(images, batch_prompts if extractor.needs_prompts else None,
+                                                    **extra))
+            if features.ndim != 2 or features.shape[0] != len(images):
+                raise MetricError(f"Feature space '{space}' returned shape {features.shape} for {len(images)} images.")
+            if not np.isfinite(features).all():
+                raise MetricError(f"Feature space '{space}' produced NaN or inf on images {start}-"
+                                  f"{start + len(images) - 1} of {source.description}.")
+            chunks[space].append(features.astype(np.float32))
+    return {space: np.concatenate(parts) for space, parts in chunks.items()}
+
+
+def compute_image_metrics(metrics: list[Metric], source, ctx: MetricContext, spaces_registry: dict,
+                          extra_spaces: tuple[str, ...] = ()) -> tuple[dict[str, MetricResult], dict, dict]:
+    """Results of image `metrics` on `source`, plus the features and extractors of every space read (including
+    `extra_spaces`, e.g. to save reference statistics). `spaces_registry` maps space names to FeatureSpace."""
+    needs_prompts = [m.name for m in metrics if m.needs_prompts]
+    if needs_prompts and ctx.prompts is None:
+        raise MetricError(f"Metric {', '.join(map(repr, needs_prompts))} scores each image against its prompt; pass "
+                          "--prompts FILE with one prompt per image (sorted file-name order for folders).")
+    pairing = None
+    if ctx.prompts is not None:
+        from ..sample_io import pair_prompts
+
+        pairing = pair_prompts(source, ctx.prompts, ctx.prompts_path)
+    if ctx.reference is not None:  # --ref serves every distribution metric...
+        if any(m.needs_reference for m in metrics):
+            ctx.reference.check_resolution(source.resolution, source.description)
+    else:  # ...without it, only those whose feature spaces bring a default reference can run.
+        lacking = [m.name for m in metrics if m.needs_reference and
+                   any(spaces_registry[s].default_reference is None for s in m.spaces)]
+        if lacking:
+            raise MetricError(f"Metric {', '.join(map(repr, lacking))} compares with a reference; pass --ref with "
+                              "reference statistics (an EDM-style .npz of mu/sigma), a folder of images or an .npz "
+                              "of images, at the samples' resolution.")
+
+    spaces = list(dict.fromkeys([s for m in metrics for s in m.spaces] + list(extra_spaces)))
+    extractors = {space: spaces_registry[space].build(ctx) for space in spaces}  # Every network before any work.
+    labelled = [s for s, e in extractors.items() if e.needs_labels]
+    if labelled and not source.has_labels:
+        raise MetricError(f"Feature space {', '.join(map(repr, labelled))} compares images with their class labels, "
+                          f"but {source.description} has none: use a class-conditional generator, or an .npz with a "
+                          "'labels' array.")
+    extract_reference = lambda src, ex: extract_all(src, {ex.space: ex}, ctx.batch_size)[ex.space]
+    wanted = [(metric, space) for metric in metrics if metric.needs_reference for space in metric.spaces]
+    if ctx.reference is not None and ctx.reference.kind == "stats":  # Read (and check) the file before any work.
+        for metric, space in wanted:
+            ctx.reference.stats(extractors[space], extract_reference, need_features=metric.name == "kid")
+    features = extract_all(source, extractors, ctx.batch_size, ctx.prompts)
+    reference = {}
+    for metric, space in wanted:
+        if ctx.reference is None:  # The space's own default (checked above that it has one).
+            reference[space] = spaces_registry[space].default_reference(extractors[space])
+        else:
+            stats = ctx.reference.stats(extractors[space], extract_reference, need_features=metric.name == "kid")
+            if stats.mu.shape[0] != features[space].shape[1]:
+                raise MetricError(f"Reference '{space}' statistics have dimension {stats.mu.shape[0]} but the "
+                                  f"features have {features[space].shape[1]}; the reference was made with another "
+                                  "network.")
+            reference[space] = stats
+
+    common = {**source.provenance(), "num_samples": source.num}
+    if pairing:
+        common["prompt_pairing"] = pairing
+    results = {}
+    for metric in metrics:
+        result = metric.finish(features, reference, ctx)
+        spaces_prov = {s: extractors[s].provenance for s in metric.spaces}
+        reference_prov = {k: v for s in metric.spaces if s in reference for k, v in reference[s].provenance.items()}
+        result.provenance = {**common, **(next(iter(spaces_prov.values())) if len(spaces_prov) == 1 else
+                                          {"spaces": spaces_prov}), **reference_prov, **result.provenance}
+        results[metric.name] = result
+    return results, features, extractors
