@@ -1,0 +1,187 @@
+"""Load a diffusers teacher from a local folder or the local Hugging Face cache, and wrap it as a denoiser.
+
+Nothing is ever downloaded: a hub id must already be in the cache (`HF_HOME` / `HF_HUB_CACHE`), so the call is
+fast and behaves the same with or without `HF_HUB_OFFLINE`. Weights load as safetensors where present (diffusers'
+`.bin` fallback uses `torch.load(weights_only=True)`); no remote code is trusted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapter import DiffusersDenoiser
+from .conditioning import Conditioning
+from .flow import FlowDenoiser
+from .guidance import GuidedDenoiser, null_condition
+from .pixart import PixArtDenoiser
+from .prompts import PromptCache, PromptEncoder, encode_prompts_cached, pipeline_network
+from .schedule import DDPMSigmaSchedule, FlowSigmaSchedule
+from .unet import UNetDenoiser
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class DiffusersLoadError(ValueError):
+    """A teacher that cannot be loaded; the message names the folder or hub id and what to do."""
+
+
+def resolve_pretrained(source: str | Path, revision: str | None = None) -> Path:
+    """The local folder of `source`: an existing diffusers folder, or the cached snapshot of a hub id.
+
+    Raises DiffusersLoadError when the folder is missing or not a diffusers pipeline, or the id is not cached.
+    """
+    text = os.path.expanduser(str(source))
+    path = Path(text)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise DiffusersLoadError(f"teacher folder {path} has no model_index.json, so it is not a diffusers "
+                                     "pipeline folder; point teacher.path at the folder that holds model_index.json "
+                                     "(as written by pipeline.save_pretrained).")
+        return path
+    if not HUB_ID.match(text) or path.is_absolute() or text.startswith("."):
+        raise DiffusersLoadError(f"teacher folder {path} does not exist; give teacher.path as a local diffusers "
+                                 "folder (with model_index.json) or a Hugging Face hub id such as "
+                                 "'stabilityai/stable-diffusion-xl-base-1.0' that is in the local cache.")
+    return _cached_snapshot(text, revision)
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception as error:  # LocalEntryNotFoundError, HFValidationError, a cache without this revision...
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        raise DiffusersLoadError(
+            f"teacher {repo_id!r} is neither a local folder nor in the local Hugging Face cache "
+            f"{constants.HF_HUB_CACHE}{offline}; onestep "
+            f"never downloads teachers. Download it once where there is network access (`hf download {repo_id}` "
+            "with the same HF_HOME), or set teacher.path to a local diffusers folder.") from error
+    if not (folder / "model_index.json").is_file():
+        raise DiffusersLoadError(f"the cached snapshot of {repo_id!r} at {folder} has no model_index.json; it is not "
+                                 f"a diffusers pipeline or its download is incomplete: run `hf download {repo_id}`.")
+    return folder
+
+
+def load_pipeline(source: str | Path, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  variant: str | None = None, revision: str | None = None):
+    """The diffusers pipeline of `source` (local folder or cached hub id), on `device` in `torch_dtype`."""
+    from diffusers import DiffusionPipeline
+
+    folder = resolve_pretrained(source, revision)
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, variant=variant,
+                                                     local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise DiffusersLoadError(f"the diffusers pipeline in {folder} (teacher {source}) cannot be loaded: {error}. "
+                                 "Check that every component's weights are there (re-download or re-save the "
+                                 "pipeline), and that variant= matches the weight files.") from error
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def build_denoiser(pipeline) -> DiffusersDenoiser:
+    """The sigma-unit adapter of a loaded pipeline's network (shares its modules; no copy)."""
+    network = pipeline_network(pipeline)
+    vae = pipeline.vae
+    latent_kwargs = dict(vae_scale_factor=int(getattr(pipeline, "vae_scale_factor", 8)),
+                         vae_scaling_factor=float(getattr(vae.config, "scaling_factor", 1.0)),
+                         vae_shift_factor=float(getattr(vae.config, "shift_factor", None) or 0.0))
+    scheduler = pipeline.scheduler
+    prediction_type = getattr(scheduler.config, "prediction_type", None)
+    name = type(network).__name__
+    if name in ("SD3Transformer2DModel", "SanaTransformer2DModel") or prediction_type == "flow_prediction":
+        return FlowDenoiser(network, FlowSigmaSchedule.from_scheduler(scheduler), **latent_kwargs)
+    if not hasattr(scheduler, "alphas_cumprod"):
+        raise DiffusersLoadError(f"{type(scheduler).__name__} is neither a DDPM-family nor a flow-matching scheduler; "
+                                 "onestep cannot map it to sigma units.")
+    schedule = DDPMSigmaSchedule.from_scheduler(scheduler)
+    if name == "UNet2DConditionModel":
+        return UNetDenoiser(network, schedule, prediction_type or "epsilon", **latent_kwargs)
+    if name == "PixArtTransformer2DModel":
+        return PixArtDenoiser(network, schedule, prediction_type or "epsilon", **latent_kwargs)
+    raise DiffusersLoadError(f"{name} is not a supported teacher network; supported: UNet2DConditionModel (SD 1.5/2.1, "
+                             "SDXL), PixArtTransformer2DModel, SD3Transformer2DModel, SanaTransformer2DModel.")
+
+
+def decode_latents(vae, latents: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0) -> torch.Tensor:
+    """Images in [-1, 1] (float32, `[batch, 3, H, W]`) from latents in the teacher's scaled latent space."""
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)  # SDXL's VAE overflows in float16; its pipeline upcasts the same way.
+    latents = latents / scaling_factor + shift_factor
+    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return images.to(torch.float32).clamp(-1, 1)
+
+
+@dataclass
+class DiffusersTeacher:
+    """A loaded teacher: the pipeline (text encoders, VAE), its denoiser adapter and its prompt encoder."""
+
+    source: str
+    folder: Path
+    pipeline: object
+    denoiser: DiffusersDenoiser
+    encoder: PromptEncoder
+    null_mode: str  # The resolved null condition: 'empty_prompt' or 'zeros'.
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.denoiser.latent_shape
+
+    @property
+    def sigma_min(self) -> float:
+        return self.denoiser.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.denoiser.sigma_max
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return self.denoiser.vae_scaling_factor
+
+    def null_from_empty(self, empty: Conditioning) -> Conditioning:
+        """The null condition of this teacher's recipe from an encoded empty prompt (e.g. a prompt cache's)."""
+        return null_condition(self.null_mode, empty)
+
+    def encode_prompts(self, prompts: list[str], cache_path: str | Path, dtype: torch.dtype | None = None
+                       ) -> PromptCache:
+        """Encoded `prompts`, cached in the safetensors file `cache_path` (reused when prompts and teacher match)."""
+        return encode_prompts_cached(self.encoder, prompts, cache_path, dtype=dtype)
+
+    def guided(self, guidance_scale: float, denoiser: DiffusersDenoiser | None = None,
+               batch_branches: bool = True) -> GuidedDenoiser:
+        """`denoiser` (default: the teacher's) with classifier-free guidance against its null condition."""
+        return GuidedDenoiser(self.denoiser if denoiser is None else denoiser, guidance_scale,
+                              batch_branches=batch_branches)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from latents."""
+        return decode_latents(self.pipeline.vae, latents.to(self.pipeline.vae.device), self.denoiser.vae_scaling_factor,
+                              self.denoiser.vae_shift_factor)
+
+
+def load_diffusers_teacher(
+    source: str | Path,                         # Local diffusers folder, or a hub id in the local cache.
+    torch_dtype: torch.dtype = torch.float32,   # Weights' dtype (bf16 halves memory; training keeps fp32 masters).
+    device: str | torch.device = "cpu",
+    null: str = "auto",                         # Null condition: 'auto', 'empty_prompt' or 'zeros' (guidance.py).
+    image_size: tuple[int, int] | None = None,  # Pixels (H, W) for SDXL time ids; None: the network's native size.
+    variant: str | None = None,                 # Weight-file variant, e.g. 'fp16'.
+    revision: str | None = None,                # Hub revision in the cache; None: the cached main.
+) -> DiffusersTeacher:
+    """Load a teacher and return it ready to denoise: the adapter's `cond=None` means the recipe's null condition."""
+    folder = resolve_pretrained(source, revision)
+    pipeline = load_pipeline(folder, torch_dtype=torch_dtype, device=device, variant=variant)
+    denoiser = build_denoiser(pipeline)
+    encoder = PromptEncoder(pipeline, image_size=image_size)
+    null_mode = encoder.default_null_mode if null == "auto" else null
+    denoiser.set_null_condition(null_condition(null_mode, encoder.encode([""])).to(device))
+    return DiffusersTeacher(source=str(source), folder=folder, pipeline=pipeline, denoiser=denoiser, encoder=encoder,
+                            null_mode=null_mode)
