@@ -70,6 +70,7 @@ def test_missing_teacher_file_is_named(tmp_path):
                      tmp_path / "run", check=False)
     assert result.returncode != 0
     assert f"teacher.path {missing} does not exist" in result.stderr
+    assert not (tmp_path / "run").exists(), "a failed start must leave no run directory that refuses the fix"
 
 
 def test_distill_sample_eval_compare(tmp_path):

@@ -135,6 +135,9 @@ def _start(config: RunConfig, run: RunDir, env: DistEnv, device: torch.device, l
            networks: Networks | None) -> tuple[Trainer, int | None]:
     """Prepare the run directory (rank 0), build the trainer and restore the newest intact checkpoint if any."""
     train = config.train
+    # Build (and so load the teacher) first: a missing teacher file must not leave a run directory behind that
+    # would refuse the corrected command as a different configuration.
+    networks = networks or build_networks(config)
     continuing = on_main(lambda: run.prepare(config), env)
     precision = resolve_precision(train.precision, device)
     if device.type == "cuda":
@@ -145,7 +148,6 @@ def _start(config: RunConfig, run: RunDir, env: DistEnv, device: torch.device, l
             remove_partial_checkpoints(run.checkpoints)
         barrier(env)
         latest = find_latest_checkpoint(run.checkpoints, warn=log, env=env)
-    networks = networks or build_networks(config)
     state_bytes = training_state_bytes(networks.teacher, networks.generator, networks.fake,
                                        bool(train.ema_halflife_kimg))
     resumed_parallelism = latest[0].get("parallelism", "ddp") if latest else None

@@ -227,3 +227,7 @@ def compute_metrics(names: list[str], samples, teacher=None, context: MetricCont
         result.provenance = {"metric": name, "onestep": __version__, "backend": f"onestep {__version__}",
                              **result.provenance}
     return {name: results[name] for name in names}
+
+
+# Domain metrics of the shipped digits teacher (fd_digits, class_accuracy); imported last, they use the registry above.
+from ..digits import registration as _digits_registration  # noqa: E402,F401
