@@ -79,7 +79,36 @@ def resolve_asset_path(path: Path | str) -> Path:
     return ASSET_DIR / text[len(ASSET_PREFIX):] if text.startswith(ASSET_PREFIX) else Path(text)
 
 
-TeacherConfig = Annotated[Union[GMMTeacherConfig, EDMTeacherConfig], Field(discriminator="kind")]
+class DiffusersTeacherConfig(Strict):
+    """A text-to-image diffusers pipeline (SD 1.5/2.1, SDXL, PixArt-α/Σ), distilled in its VAE's latent space."""
+
+    kind: Literal["diffusers"] = "diffusers"
+    path: str  # Local diffusers folder (with model_index.json), or a hub id already in the local HF cache.
+    revision: str | None = None  # Hub revision in the cache; None: the cached main.
+    variant: str | None = None  # Weight-file variant, e.g. 'fp16'.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # Frozen teacher's weights; trained copies stay fp32.
+    guidance_scale: float = Field(1.0, ge=0)  # Teacher's CFG scale in the generator loss (SiD-LSG kappa4); 1: none.
+    null_condition: Literal["auto", "empty_prompt", "zeros"] = "auto"  # Guidance null (auto: the pipeline's own).
+    image_size: tuple[int, int] | None = None  # (H, W) pixels of generated images; None: the network's native size.
+    hint: str | None = None  # Where the teacher is published; shown when it cannot be loaded.
+
+    @field_validator("image_size")
+    @classmethod
+    def _check_image_size(cls, size):
+        if size is not None and not all(side > 0 for side in size):
+            raise ValueError(f"teacher.image_size must be two positive pixel counts (H, W), got {list(size)}")
+        return size
+
+
+TeacherConfig = Annotated[Union[GMMTeacherConfig, EDMTeacherConfig, DiffusersTeacherConfig],
+                          Field(discriminator="kind")]
+
+
+class PromptsConfig(Strict):
+    """Training prompts of a text-to-image teacher, encoded once into `prompts.safetensors` in the run directory."""
+
+    path: Path | None = None  # .txt (one per line), .jsonl ('prompt' or 'caption' key) or COCO captions .json.
+    cache_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # Cached embeddings' dtype; None: encoder's.
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -98,10 +127,13 @@ class MLPConfig(Strict):
 class GeneratorConfig(Strict):
     sigma_init: float = Field(2.5, gt=0)  # G(z) = D(sigma_init * z, sigma_init).
     mlp: MLPConfig = MLPConfig()
+    lora_rank: int = Field(0, ge=0)  # Diffusers teachers: 0 trains every weight, r > 0 only rank-r LoRA adapters.
 
 
 class FakeScoreConfig(Strict):
     mlp: MLPConfig = MLPConfig()
+    lora_rank: int = Field(0, ge=0)  # Diffusers teachers: 0 trains every weight, r > 0 only rank-r LoRA adapters.
+    guidance_scale: float = Field(1.0, ge=0)  # CFG scale of the fake score in both steps (SiD-LSG kappa1-3); 1: none.
     sigma_mean_log: float = -1.2  # Log-normal sigma distribution of the denoising score matching loss (EDM).
     sigma_std_log: float = Field(1.2, gt=0)
     sigma_data: float = Field(0.5, gt=0)  # EDM loss weight lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
@@ -203,6 +235,9 @@ class TrainConfig(Strict):
     tf32: bool = True  # TF32 tensor cores for float32 matmuls and convolutions on CUDA; false for strict IEEE fp32.
     parallelism: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: DDP, or FSDP2 when the networks would not fit one GPU.
     gradient_checkpointing: bool = False  # Recompute block activations in backward: less memory, about 30% more time.
+    channels_last: bool = False  # CUDA: store convolution weights and activations NHWC (cuDNN's fast layout); CPU ignores it.
+    fused_optimizer: bool = False  # CUDA: one fused Adam/AdamW kernel per network instead of per-tensor loops; CPU ignores it.
+    compile: bool = False  # torch.compile each network block (compiled once per distinct block); eager where it cannot.
     checkpoint_every: int = Field(500, gt=0)  # Steps between checkpoints (one is always written at the end).
     keep_checkpoints: int = Field(2, ge=1)  # Newest complete checkpoints kept on disk.
     tick_every: int = Field(50, gt=0)  # Steps between status lines and stats.jsonl records.
@@ -235,6 +270,7 @@ class EvalConfig(Strict):
 
 class RunConfig(Strict):
     teacher: TeacherConfig
+    prompts: PromptsConfig = PromptsConfig()
     generator: GeneratorConfig = GeneratorConfig()
     fake: FakeScoreConfig = FakeScoreConfig()
     objective: ObjectiveConfig = SIMObjectiveConfig()

@@ -92,3 +92,74 @@ def generate_teacher(teacher: Denoiser, seeds: list[int], shape, label_dim=0, nu
         z, cond = seeded_latents(seeds[start:start + batch_size], shape, label_dim, device)
         out.append(heun_sample(teacher, z, num_steps, cond).float().cpu())
     return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text-to-image: one image per (prompt, seed), decoded by the teacher's VAE.
+
+
+@torch.no_grad()
+def generate_text_to_image(model, pipeline, prompts: list[str], seeds: list[int], shape, batch_size: int = 16,
+                           device="cpu") -> torch.Tensor:
+    """Images in [-1, 1] (float32, CPU), prompt-major: row `i * len(seeds) + j` is prompt i with seed j.
+
+    `model(z, cond) -> latents` is the generator (or a teacher sampler); `pipeline` the run's DiffusersTeacher. Seed
+    s gives the same noise for every prompt: `torch.randn(shape, generator=torch.Generator().manual_seed(s))`, which
+    is also the noise of a diffusers pipeline called with that generator.
+    """
+    conditions = pipeline.encoder.encode(list(prompts))
+    pairs = [(index, seed) for index in range(len(prompts)) for seed in seeds]
+    images = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        z, _ = seeded_latents([seed for _, seed in chunk], shape, device=device)
+        cond = conditions[torch.tensor([index for index, _ in chunk])].to(device)
+        images.append(pipeline.decode(model(z, cond).float()).cpu())
+    return torch.cat(images)
+
+
+def teacher_sampler(teacher: Denoiser, num_steps: int, sigma_min: float, sigma_max: float):
+    """`(z, cond) -> latents` of EDM's Heun sampler on a (guided) diffusers teacher within its own sigma range."""
+    return lambda z, cond: heun_sample(teacher, z, num_steps, cond, sigma_min=sigma_min, sigma_max=sigma_max)
+
+
+def image_grid(images: torch.Tensor, columns: int, padding: int = 2):
+    """uint8 [H', W', 3] array tiling `images` ([-1, 1], [N, 3, H, W]) row by row, `columns` per row."""
+    import numpy as np
+
+    from .sample_io import to_uint8_images
+
+    tiles = to_uint8_images(images)
+    count, height, width, channels = tiles.shape
+    rows = -(-count // columns)
+    grid = np.full((rows * (height + padding) + padding, columns * (width + padding) + padding, channels), 255,
+                   dtype=np.uint8)
+    for n, tile in enumerate(tiles):
+        top, left = padding + (n // columns) * (height + padding), padding + (n % columns) * (width + padding)
+        grid[top:top + height, left:left + width] = tile
+    return grid
+
+
+def write_prompt_samples(images: torch.Tensor, prompts: list[str], seeds: list[int], out_dir, meta: dict) -> list:
+    """PNG per (prompt, seed) as `p{prompt index:04d}-s{seed:06d}.png`, `grid.png` (a row per prompt, a column per
+    seed) and `samples.json` (with each file's prompt and seed)."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .sample_io import SAMPLES_META, to_uint8_images
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records, written = [], []
+    for n, image in enumerate(to_uint8_images(images)):
+        index, seed = divmod(n, len(seeds))
+        name = f"p{index:04d}-s{seeds[seed]:06d}.png"
+        Image.fromarray(image).save(out_dir / name)
+        records.append({"file": name, "prompt": prompts[index], "seed": seeds[seed]})
+        written.append(out_dir / name)
+    Image.fromarray(image_grid(images, columns=len(seeds))).save(out_dir / "grid.png")
+    (out_dir / SAMPLES_META).write_text(json.dumps({**meta, "num": len(records), "prompts": prompts,
+                                                    "images": records}, indent=1, default=str))
+    return written

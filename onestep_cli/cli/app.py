@@ -7,11 +7,13 @@ import os
 import typer
 
 from .. import __version__
+from .bench import bench_command
 from .compare import compare_command
 from .convert import convert_command
 from .demo import demo_command
 from .distill import distill_command
 from .eval import eval_command
+from .export import export_command
 from .presets import presets_app
 from .sample import sample_command
 from .weights import weights_app
@@ -29,6 +31,8 @@ app.command("eval")(eval_command)
 app.command("compare")(compare_command)
 app.command("demo")(demo_command)
 app.command("convert")(convert_command)
+app.command("export")(export_command)
+app.command("bench")(bench_command)
 app.add_typer(presets_app, name="presets")
 app.add_typer(weights_app, name="weights")
 

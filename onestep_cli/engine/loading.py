@@ -28,6 +28,7 @@ class GeneratorSource:
     label_dim: int
     step: int
     kimg: float
+    pipeline: object | None = None  # A text-to-image run's DiffusersTeacher: prompt encoders and VAE.
 
 
 def is_checkpoint_dir(path: Path) -> bool:
@@ -70,7 +71,7 @@ def load_generator_source(path: Path, device: str | torch.device = "cpu") -> Gen
         raise ConfigError(f"{path} is neither a onestep run directory (with config.yaml) nor a checkpoint folder "
                           "(checkpoints/step-XXXXXXXX); pass one of those.")
     config = run.read_config()
-    networks = build_networks(config)
+    networks = build_networks(config, prompts=False)  # Sampling takes its own prompts.
     if folder is not None:
         state, generator_weights = read_generator_weights(folder, networks.generator)
         step, kimg = state["step"], state["kimg"]
@@ -84,4 +85,4 @@ def load_generator_source(path: Path, device: str | torch.device = "cpu") -> Gen
     networks.generator.load_state_dict(generator_weights)
     generator = networks.generator.to(device).eval().requires_grad_(False)
     return GeneratorSource(path, config, generator, networks.teacher.to(device), networks.data_shape,
-                           networks.label_dim, step, kimg)
+                           networks.label_dim, step, kimg, networks.pipeline)

@@ -137,7 +137,7 @@ def _start(config: RunConfig, run: RunDir, env: DistEnv, device: torch.device, l
     train = config.train
     # Build (and so load the teacher) first: a missing teacher file must not leave a run directory behind that
     # would refuse the corrected command as a different configuration.
-    networks = networks or build_networks(config)
+    networks = networks or build_networks(config, run_dir=run.path)
     continuing = on_main(lambda: run.prepare(config), env)
     precision = resolve_precision(train.precision, device)
     if device.type == "cuda":

@@ -1,10 +1,13 @@
-"""Device and precision choices: bf16 autocast on CUDA by default, fp16 with a GradScaler per network, fp32."""
+"""Device, precision and execution choices: bf16 autocast on CUDA by default, fp16 with a GradScaler per network,
+fp32; channels-last memory layout and torch.compile of the networks' blocks where asked."""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
+from torch import nn
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -52,3 +55,48 @@ def set_tf32(enabled: bool) -> None:
 def param_dtype(precision: str) -> torch.dtype | None:
     """The dtype FSDP2 gathers parameters in for the forward pass (None: keep float32)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def use_channels_last(networks: list[nn.Module], device: torch.device) -> None:
+    """Store 4-D weights NHWC on CUDA, in place: cuDNN then runs its NHWC kernels without layout transposes and the
+    activations stay NHWC from the first convolution on. A no-op on CPU and for networks without 4-D weights."""
+    if device.type == "cuda":
+        for network in networks:
+            network.to(memory_format=torch.channels_last)
+
+
+def compile_failure(device: torch.device) -> str | None:
+    """Why torch.compile cannot run on `device` (no compiler, no Triton, ...), or None when a probe compiles."""
+    try:
+        probe = torch.compile(lambda x: torch.nn.functional.silu(x) * 2, dynamic=False)
+        probe(torch.randn(8, device=device))
+    except Exception as exc:  # noqa: BLE001 - any backend failure means: stay eager.
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return None
+
+
+def compile_blocks(networks: list[nn.Module], device: torch.device) -> bool:
+    """torch.compile every repeated block of `networks` in place (regional compilation), keeping parameter names.
+
+    Blocks of one shape share a compiled graph, so compile time grows with the number of distinct blocks, not with
+    depth. Returns False, with a warning, and leaves the networks eager when torch.compile does not work here.
+    """
+    from .networks import blocks
+
+    failure = compile_failure(device)
+    if failure is not None:
+        warnings.warn(f"train.compile is set but torch.compile does not work on {device.type} here ({failure}); "
+                      "training runs eager. Set train.compile=false to silence this.", stacklevel=2)
+        return False
+    import torch._dynamo
+
+    # A block that fails to compile runs eager (with dynamo's warning) instead of stopping the run.
+    torch._dynamo.config.suppress_errors = True
+    # One code object (the block's forward) is compiled for each block shape and training mode: allow them all.
+    for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 256))
+    for network in networks:
+        for block in blocks(network):
+            block.compile(dynamic=False)
+    return True

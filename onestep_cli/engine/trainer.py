@@ -22,7 +22,7 @@ from .distributed import SINGLE, DistEnv, all_gather_object, all_reduce
 from .ema import EMA, ema_beta
 from .networks import Networks
 from .parallel import gradient_sync, per_process_batch, wrap
-from .precision import autocast, make_scaler
+from .precision import autocast, compile_blocks, make_scaler, use_channels_last
 from .run_dir import RunDir
 
 
@@ -30,9 +30,11 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with NaN or inf losses or gradients."""
 
 
-def make_optimizer(config: RunConfig, params, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(config: RunConfig, params, lr: float, fused: bool = False) -> torch.optim.Optimizer:
+    """Adam or AdamW as configured; `fused`: one kernel for the whole parameter list (same update, CUDA)."""
     cls = torch.optim.AdamW if config.train.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, betas=tuple(config.train.betas), weight_decay=config.train.weight_decay)
+    return cls(params, lr=lr, betas=tuple(config.train.betas), weight_decay=config.train.weight_decay,
+               **({"fused": True} if fused else {}))
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -57,18 +59,23 @@ class Trainer:
         self.generator = networks.generator.to(device)
         self.fake = networks.fake.to(device)
         self.data_shape, self.label_dim = networks.data_shape, networks.label_dim
+        self.sample_condition = networks.sample_condition  # Per-sample text conditions; None: class labels.
+        if train.channels_last:  # Before the EMA copy, so that the average and its source share one layout.
+            use_channels_last([self.teacher, self.generator, self.fake], device)
         self.objective = build_objective(config.objective)
         self.fake_sigma = LogNormalSigmaConfig(mean_log=config.fake.sigma_mean_log, std_log=config.fake.sigma_std_log)
         self.ema = None
         if train.ema_halflife_kimg:  # Copied before wrapping: under FSDP the EMA is sharded like the generator.
             self.ema = EMA(self.generator, ema_beta(train.batch_size, train.ema_halflife_kimg))
+        self.compiled = train.compile and compile_blocks([self.teacher, self.generator, self.fake], device)
         wrapped = wrap(self.teacher, self.generator, self.fake, self.ema.module if self.ema else None, parallelism,
                        precision, device, env, train.gradient_checkpointing)
         self.generator_train, self.fake_train = wrapped.generator_train, wrapped.fake_train
         self.sharded = wrapped.sharded
         # Optimizers are built after sharding, so under FSDP they hold (and step) only this rank's shards.
-        self.opt_generator = make_optimizer(config, self.generator.parameters(), train.generator_learning_rate)
-        self.opt_fake = make_optimizer(config, self.fake.parameters(), train.fake_learning_rate)
+        fused = train.fused_optimizer and device.type == "cuda" and not self.sharded
+        self.opt_generator = make_optimizer(config, self.generator.parameters(), train.generator_learning_rate, fused)
+        self.opt_fake = make_optimizer(config, self.fake.parameters(), train.fake_learning_rate, fused)
         self.scaler_generator = make_scaler(precision, device, self.sharded)
         self.scaler_fake = make_scaler(precision, device, self.sharded)
         # All training randomness comes from these generators, identical on every rank, restored by a checkpoint.
@@ -99,7 +106,9 @@ class Trainer:
         batch = self.config.train.batch_size
         z = torch.randn((batch, *self.data_shape), generator=self.rng, device=self.device)
         cond = None
-        if self.label_dim:
+        if self.sample_condition is not None:
+            cond = self.sample_condition(batch, self.rng, self.device)
+        elif self.label_dim:
             labels = torch.randint(self.label_dim, (batch,), generator=self.rng, device=self.device)
             cond = torch.nn.functional.one_hot(labels, self.label_dim).float()
         sigma = sample_sigma(sigma_config, batch, self.sigma_rng, self.device)
@@ -155,6 +164,7 @@ class Trainer:
             outcomes.append(outcome)
 
         # Generator update: the fake score's parameters are frozen, its inputs still carry gradients.
+        trainable = [p for p in self.fake.parameters() if p.requires_grad]  # Restored as they were (LoRA, frozen).
         self.fake.requires_grad_(False)
         try:
             z, cond, sigma, noise = self._draw(cfg.objective.sigma)
@@ -170,7 +180,8 @@ class Trainer:
                                                        self.opt_generator, self.scaler_generator)
             outcomes.append(outcome)
         finally:
-            self.fake.requires_grad_(True)
+            for parameter in trainable:
+                parameter.requires_grad_(True)
 
         if all(outcome == "ok" for outcome in outcomes):
             self.consecutive_nonfinite = 0

@@ -32,4 +32,7 @@ def sample_sigma(config, batch: int, generator: torch.Generator | None, device="
         sigma = (torch.randn(batch, generator=generator, dtype=torch.float64) * config.std_log + config.mean_log).exp()
     else:  # pragma: no cover - config validation rules this out
         raise TypeError(f"Unknown sigma distribution {config!r}")
-    return sigma.float().to(device)
+    sigma = sigma.float()
+    if torch.device(device).type == "cuda":  # From pinned memory the copy is asynchronous: no host sync per draw.
+        return sigma.pin_memory().to(device, non_blocking=True)
+    return sigma.to(device)

@@ -7,6 +7,7 @@ Weights are cast to the activation dtype inside each layer, so a float32 module 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -103,7 +104,14 @@ class Conv2d(nn.Module):
 
 
 class GroupNorm(nn.Module):
-    """Group normalisation with at most `num_groups` groups and at least `min_channels_per_group` channels each."""
+    """Group normalisation with at most `num_groups` groups and at least `min_channels_per_group` channels each.
+
+    Under autocast it normalises in its input's dtype, as EDM's fp16 networks do, rather than in autocast's float32:
+    the kernel accumulates in float32 either way, and 16-bit outputs halve the bytes of every norm and of the SiLU and
+    dropout after it (docs/benchmarks.md). `autocast_float32 = True` restores autocast's choice.
+    """
+
+    autocast_float32 = False
 
     def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4, eps: float = 1e-5):
         super().__init__()
@@ -113,8 +121,10 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
-                                              bias=self.bias.to(x.dtype), eps=self.eps)
+        keep_dtype = torch.is_autocast_enabled(x.device.type) and not self.autocast_float32
+        with torch.autocast(x.device.type, enabled=False) if keep_dtype else contextlib.nullcontext():
+            return torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
+                                                  bias=self.bias.to(x.dtype), eps=self.eps)
 
 
 class _AttentionWeights(torch.autograd.Function):

@@ -1,0 +1,74 @@
+"""The benchmark rows of issue 7: which networks, which work (a training iteration or sampling), and the target.
+
+Networks are randomly initialised with the real configurations (EDM's DDPM++ CIFAR-10 and ADM ImageNet-64), so no
+download is needed and the timings are those of the real shapes; `tiny` gives small stand-ins for the CPU check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..denoisers.edm import EDMPrecond
+
+# EDM's train.py --arch=ddpmpp at CIFAR-10 (dropout 0.13, augmentation labels of size 9): 55.7M parameters.
+DDPMPP_CIFAR10 = dict(img_resolution=32, img_channels=3, label_dim=0, model_type="SongUNet",
+                      embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                      channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2],
+                      num_blocks=4, attn_resolutions=[16], dropout=0.13, augment_dim=9)
+# EDM's train.py --arch=adm at class-conditional ImageNet-64 (dropout 0.10): 296M parameters.
+ADM_IMAGENET64 = dict(img_resolution=64, img_channels=3, label_dim=1000, model_type="DhariwalUNet",
+                      model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[32, 16, 8],
+                      dropout=0.10)
+# Stand-ins with the same code paths (attention, resampling, skips, labels) at a small fraction of the work.
+TINY = {
+    "ddpmpp-cifar10": dict(DDPMPP_CIFAR10, img_resolution=8, model_channels=8, channel_mult=[1, 2], num_blocks=1,
+                           attn_resolutions=[4]),
+    "adm-imagenet64": dict(ADM_IMAGENET64, img_resolution=8, label_dim=10, model_channels=32, channel_mult=[1, 2],
+                           num_blocks=1, attn_resolutions=[4]),
+}
+NETWORKS = {"ddpmpp-cifar10": DDPMPP_CIFAR10, "adm-imagenet64": ADM_IMAGENET64}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the benchmark table."""
+
+    name: str
+    work: str  # "train": one Trainer step (fake update, generator update, EMA); "sample": one-step; "heun": teacher.
+    network: str  # Key of NETWORKS.
+    objective: str | None  # sid, sim, dmd, di for "train" rows.
+    batch: int  # Default batch (images per step, or per sampling call).
+    target: str  # The issue's target, as printed.
+    target_images_per_s: float | None = None  # Absolute target, when the issue gives one.
+    relative_to: str | None = None  # "at least 2x" that row's images/s measured in the same invocation.
+
+
+ROWS = {row.name: row for row in [
+    Row("sid-cifar10", "train", "ddpmpp-cifar10", "sid", 128, ">= 600 img/s (stretch 750)", 600),
+    Row("sim-cifar10", "train", "ddpmpp-cifar10", "sim", 128, ">= 600 img/s (stretch 750)", 600),
+    Row("dmd-cifar10", "train", "ddpmpp-cifar10", "dmd", 128, ">= 2x sid-cifar10", relative_to="sid-cifar10"),
+    Row("di-cifar10", "train", "ddpmpp-cifar10", "di", 128, ">= 2x sid-cifar10", relative_to="sid-cifar10"),
+    Row("sample-cifar10", "sample", "ddpmpp-cifar10", None, 1024, ">= 8000 img/s", 8000),
+    Row("heun-cifar10", "heun", "ddpmpp-cifar10", None, 1024, "report (reference 125 img/s)"),
+    Row("sid-imagenet64", "train", "adm-imagenet64", "sid", 32, "report img/s and FLOP utilisation"),
+]}
+DEFAULT_ROWS = list(ROWS)
+
+
+def parse_rows(text: str) -> list[Row]:
+    """Rows named in a comma-separated list, in the order given."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ROWS]
+    if unknown or not names:
+        raise ValueError(f"Unknown benchmark row(s) {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(ROWS)}.")
+    return [ROWS[name] for name in names]
+
+
+def build_network(network: str, tiny: bool = False, seed: int = 0) -> EDMPrecond:
+    """A randomly initialised EDM network of the named configuration (its tiny stand-in when `tiny`), frozen, eval."""
+    torch.manual_seed(seed)
+    kwargs = (TINY if tiny else NETWORKS)[network]
+    return EDMPrecond(**kwargs).requires_grad_(False).eval()

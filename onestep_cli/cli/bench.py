@@ -1,0 +1,83 @@
+"""`onestep bench`: time the engine's training step and samplers on this device, against issue 7's targets."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from ..config import ConfigError
+from .common import print_json, reports_errors, stderr, stdout
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@reports_errors
+def bench_command(
+    rows: str = typer.Option("sid-cifar10,sim-cifar10,dmd-cifar10,di-cifar10,sample-cifar10,heun-cifar10,"
+                             "sid-imagenet64", "--rows", help="Comma-separated rows to run."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Images per step for every row (default: "
+                                        "each row's: 128 for CIFAR-10 training, 1024 for sampling, 32 ImageNet-64)."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16, "
+                                  "as train.precision."),
+    tf32: bool = typer.Option(True, "--tf32/--no-tf32", help="TF32 matrix units for float32 work (CUDA)."),
+    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="As train.channels_last."),
+    fused_optimizer: bool = typer.Option(True, "--fused-optimizer/--no-fused-optimizer",
+                                         help="As train.fused_optimizer."),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="As train.compile (adds compile time to the "
+                                 "warm-up; first_iter_s in --json shows it)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", min=1, help="Untimed iterations (default 3, Heun 1)."),
+    iters: Optional[int] = typer.Option(None, "--iters", min=1, help="Timed iterations (default 10, sampling 20, "
+                                        "Heun 2); images/s comes from their median."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny networks, two iterations, on the CPU: checks that every "
+                               "row runs; the timings mean nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+):
+    """Run benchmark rows on random-init networks of the real sizes and print images/s, peak memory, FLOP
+    utilisation and each row's target (docs/benchmarks.md)."""
+    from ..bench import Options, parse_rows, run_benchmarks
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+    try:
+        chosen = parse_rows(rows)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    settings = dict(precision=precision, tf32=tf32, channels_last=channels_last, fused_optimizer=fused_optimizer,
+                    compile=compile, batch=batch, warmup=warmup, iters=iters)
+    options = Options.quick(**settings) if quick else Options(**settings)
+    log = (lambda message: None) if as_json else (lambda message: stderr.print(message, highlight=False))
+    results = run_benchmarks(chosen, options, log=log)
+    if as_json:
+        print_json(results)
+    else:
+        stdout.print(results_table(results, quick))
+
+
+def results_table(results: list[dict], quick: bool = False):
+    """One rich table: a line per row, and a caption that says what the columns are measured against."""
+    from rich.table import Table
+
+    from ..bench import PEAK_BANDWIDTH, PEAK_BF16_FLOPS
+
+    first = results[0]
+    table = Table(title=f"onestep bench on {first['device']}, torch {first['torch']}"
+                  + (" (--quick: tiny networks on the CPU, timings mean nothing)" if quick else ""),
+                  caption=f"FLOP utilisation: matrix-product FLOPs per image (torch.utils.flop_counter) x images/s "
+                          f"over {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s, the bf16 matrix-product peak measured on an "
+                          f"H100 80GB HBM3; floor: the larger of those FLOPs over that peak and the matrix operands' "
+                          f"bytes over {PEAK_BANDWIDTH / 1e12:.1f} TB/s.", caption_justify="left")
+    for name, justify in [("row", "left"), ("batch", "right"), ("precision", "left"), ("images/s", "right"),
+                          ("peak GB", "right"), ("GFLOP/img", "right"), ("FLOP util.", "right"),
+                          ("floor img/s", "right"), ("target", "left"), ("met", "left")]:
+        table.add_column(name, justify=justify)
+    for r in results:
+        if "error" in r:
+            table.add_row(r["row"], str(r["batch"]), r["precision"], r["error"], "", "", "", "", r["target"], "")
+            continue
+        peak = f"{r['peak_memory_gb']:.1f}" if "peak_memory_gb" in r else "-"
+        met = "-" if quick or "met" not in r else ("yes" if r["met"] else "no")
+        table.add_row(r["row"], str(r["batch"]), r["precision"] + (" compiled" if r.get("compiled") else ""),
+                      f"{r['images_per_s']:.1f}", peak, f"{r['flops_per_image'] / 1e9:.1f}",
+                      f"{100 * r['flop_utilisation']:.1f}%", f"{r['floor_images_per_s']:.0f}", r["target"], met)
+    return table

@@ -1,0 +1,254 @@
+"""Text-to-image distillation end to end on tiny random pipelines of the real classes: the four presets with every
+objective, which weights each step moves (full and LoRA), `onestep sample --prompts`, `onestep export` and its
+diffusers round trip, and the messages for a teacher or prompt file that is not there.
+
+No downloads: the pipelines are built from config by tests/test_diffusers_adapters.py's builders.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from onestep_cli.cli.app import app  # noqa: E402
+from onestep_cli.config import resolve_config, validate_config  # noqa: E402
+from onestep_cli.denoisers.generator import OneStepGenerator  # noqa: E402
+from onestep_cli.engine.loading import load_generator_source  # noqa: E402
+from onestep_cli.engine.loop import distill  # noqa: E402
+from onestep_cli.engine.networks import blocks, build_networks  # noqa: E402
+from onestep_cli.engine.trainer import Trainer  # noqa: E402
+from onestep_cli.sampling import generate_text_to_image  # noqa: E402
+
+from test_diffusers_adapters import build_pixart, build_sd, build_sdxl  # noqa: E402
+
+PRESET_TEACHERS = {"sd15-sid": "sd", "sdxl-sim": "sdxl", "sdxl-dmd2": "sdxl", "pixart-sim": "pixart"}
+OBJECTIVES = ("sim", "sid", "dmd", "di")
+PROMPTS = ["a red bicycle", "two cats on a sofa", "an astronaut riding a horse"]
+TINY = ["train.batch_size=2", "train.max_steps=2", "train.fake_updates_per_step=1", "teacher.dtype=float32",
+        "train.precision=fp32", "train.device=cpu", "train.gradient_checkpointing=false", "train.parallelism=auto",
+        "train.checkpoint_every=2", "train.tick_every=1"]
+CPU = torch.device("cpu")
+
+
+def _tiny_pixart():
+    """PixArt-α's real schedule (linear betas 1e-4..0.02, DPM-Solver) on the tiny transformer."""
+    pipeline = build_pixart()
+    pipeline.register_modules(scheduler=diffusers.DPMSolverMultistepScheduler(
+        beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000))
+    return pipeline
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks on a shared CPU run several times faster on one thread than on contended intra-op threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Folders of the tiny pipelines by name, and a prompt file."""
+    root = tmp_path_factory.mktemp("t2i")
+    folders = {}
+    for name, build in {"sd": build_sd, "sdxl": build_sdxl, "pixart": _tiny_pixart}.items():
+        build().save_pretrained(root / name)
+        folders[name] = root / name
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return {"root": root, "prompts": prompts, **folders}
+
+
+def tiny_config(tiny, preset, *extra):
+    return resolve_config(preset, overrides=[f"teacher.path={tiny[PRESET_TEACHERS[preset]]}",
+                                             f"prompts.path={tiny['prompts']}", *TINY, *extra])
+
+
+def with_objective(config, name):
+    """`config` with objective `name`, keeping the preset's sigma distribution (the teacher's sigma range)."""
+    data = config.model_dump(mode="json")
+    data["objective"] = {"name": name, "sigma": data["objective"]["sigma"]}
+    return validate_config(data)
+
+
+def snapshot(module):
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def changed(before, module):
+    return {name for name, p in module.named_parameters() if not torch.equal(before[name], p.detach())}
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training steps.
+
+@pytest.mark.parametrize("preset", list(PRESET_TEACHERS))
+def test_preset_runs_two_steps_of_every_objective(tiny, preset):
+    config = tiny_config(tiny, preset)
+    assert config.teacher.kind == "diffusers" and config.eval.metrics == []
+    networks = build_networks(config)
+    assert networks.data_shape == (4, 8, 8) and networks.label_dim == 0
+    for name in OBJECTIVES:
+        trainer = Trainer(with_objective(config, name), copy.deepcopy(networks), CPU, "fp32")
+        for _ in range(2):
+            stats = trainer.step()
+            assert all(torch.isfinite(value) for value in stats.values()), (preset, name, stats)
+
+
+def test_prompts_are_drawn_per_sample_and_cached_in_the_run(tiny, tmp_path):
+    config = tiny_config(tiny, "sd15-sid")
+    networks = build_networks(config, run_dir=tmp_path)
+    assert (tmp_path / "prompts.safetensors").is_file()
+    cond = networks.sample_condition(64, torch.Generator().manual_seed(0), CPU)
+    assert len(cond) == 64 and len(torch.unique(cond.embeds.flatten(1), dim=0)) == len(PROMPTS)  # Each drawn.
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_each_step_moves_only_its_own_network(tiny, lora_rank):
+    """With the other optimizer idle, a step moves exactly one network; the teacher never moves; LoRA runs move only
+    adapter weights, and the fake score's frozen base weights stay frozen after the generator step."""
+    config = tiny_config(tiny, "sd15-sid", f"generator.lora_rank={lora_rank}", f"fake.lora_rank={lora_rank}")
+    networks = build_networks(config)
+    for moving in ("generator", "fake"):
+        trainer = Trainer(config, copy.deepcopy(networks), CPU, "fp32")
+        idle = trainer.opt_fake if moving == "generator" else trainer.opt_generator
+        idle.step = lambda *args, **kwargs: None
+        modules = {"teacher": trainer.teacher, "generator": trainer.generator, "fake": trainer.fake}
+        before = {key: snapshot(module) for key, module in modules.items()}
+        stats = trainer.step()
+        assert all(torch.isfinite(value) for value in stats.values())
+        moved = {key: changed(before[key], module) for key, module in modules.items()}
+        assert moved[moving] and not moved["teacher"], moved
+        assert not moved["generator" if moving == "fake" else "fake"], moved
+        if lora_rank:
+            assert all("lora_" in name for name in moved[moving]), moved[moving]
+            trainable = [name for name, p in trainer.fake.named_parameters() if p.requires_grad]
+            assert trainable and all("lora_" in name for name in trainable)
+
+
+@pytest.mark.parametrize("preset", ["sd15-sid", "pixart-sim"])
+def test_gradient_checkpointing_on_diffusers_blocks(tiny, preset):
+    config = tiny_config(tiny, preset, "train.gradient_checkpointing=true")
+    networks = build_networks(config)
+    assert len(blocks(networks.generator)) == (5 if preset == "sd15-sid" else 2)  # 2 down, mid, 2 up; 2 layers.
+    trainer = Trainer(config, networks, CPU, "fp32")
+    assert all(torch.isfinite(value) for value in trainer.step().values())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The CLI: distill, sample, export; and the diffusers round trip.
+
+@pytest.fixture(scope="module")
+def sd_run(tiny):
+    run = tiny["root"] / "run-sd15"
+    result = invoke("distill", "--preset", "sd15-sid", "--set", f"teacher.path={tiny['sd']}", "--set",
+                    f"prompts.path={tiny['prompts']}", *[part for item in TINY for part in ("--set", item)],
+                    "--out", run, "--json")
+    assert result.exit_code == 0, result.output
+    assert (run / "prompts.safetensors").is_file() and (run / "export" / "generator.safetensors").is_file()
+    return run
+
+
+def test_sample_writes_an_image_per_prompt_and_seed_and_a_grid(tiny, sd_run, tmp_path):
+    out = tmp_path / "samples"
+    result = invoke("sample", sd_run, "--prompts", tiny["prompts"], "--seeds", "0-1", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    pngs = sorted(p.name for p in out.glob("p*.png"))
+    assert pngs == [f"p{i:04d}-s{s:06d}.png" for i in range(3) for s in (0, 1)]
+    from PIL import Image
+
+    assert Image.open(out / "p0000-s000000.png").size == (16, 16)
+    assert Image.open(out / "grid.png").size == (2 * 18 + 2, 3 * 18 + 2)
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["prompts"] == PROMPTS and meta["images"][3] == {"file": "p0001-s000001.png", "prompt": PROMPTS[1],
+                                                                "seed": 1}
+    reference = invoke("sample", sd_run, "--prompts", tiny["prompts"], "--seeds", "0", "--teacher", "--steps", "2",
+                       "--out", tmp_path / "teacher", "--json")
+    assert reference.exit_code == 0 and json.loads(reference.stdout)["model"] == "teacher", reference.output
+    missing = invoke("sample", sd_run, "--seeds", "0", "--out", tmp_path / "x")
+    assert missing.exit_code != 0 and "--prompts FILE" in missing.output
+
+
+def _pipeline_images(folder, prompt, seeds, **extra):
+    pipeline = diffusers.DiffusionPipeline.from_pretrained(folder)
+    pipeline.set_progress_bar_config(disable=True)
+    images = [pipeline(prompt, num_inference_steps=1, guidance_scale=1.0, output_type="pt",
+                       generator=torch.Generator().manual_seed(seed), **extra).images for seed in seeds]
+    return pipeline, torch.cat(images)
+
+
+def test_export_round_trip_matches_onestep_sample(tiny, sd_run, tmp_path):
+    out = tmp_path / "export"
+    result = invoke("export", sd_run, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert (out / "model_index.json").is_file() and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    samples = tmp_path / "samples"
+    assert invoke("sample", sd_run, "--prompts", tiny["prompts"], "--seeds", "3,7", "--out", samples).exit_code == 0
+    pipeline, images = _pipeline_images(out, PROMPTS[2], [3, 7])
+    assert type(pipeline).__name__ == "StableDiffusionPipeline"
+    assert type(pipeline.scheduler).__name__ == "EulerDiscreteScheduler"
+    from PIL import Image
+
+    ours = np.stack([np.asarray(Image.open(samples / f"p0002-s{seed:06d}.png")) for seed in (3, 7)])
+    theirs = (images.permute(0, 2, 3, 1).numpy() * 255).round()
+    assert np.abs(ours.astype(np.float64) - theirs).max() <= 1  # Same pixels up to uint8 rounding.
+
+    weights = tmp_path / "weights"
+    assert invoke("export", sd_run, "--out", weights, "--format", "safetensors").exit_code == 0
+    info = json.loads((weights / "generator.json").read_text())
+    assert info["network_class"] == "UNet2DConditionModel" and info["sigma_init"] == 2.5
+    again = invoke("export", sd_run, "--out", out)
+    assert again.exit_code != 0 and "not empty" in again.output
+
+
+@pytest.mark.parametrize("preset", ["sdxl-dmd2", "pixart-sim"])
+def test_export_round_trip_sdxl_and_pixart_with_lora(tiny, preset, tmp_path):
+    """LoRA runs export merged weights; SDXL's time ids and PixArt's learned-sigma output go through diffusers."""
+    config = tiny_config(tiny, preset, "train.max_steps=1", "generator.lora_rank=4", "fake.lora_rank=4",
+                         "train.generator_lr=1e-2", "train.ema_halflife_kimg=null")  # Export the raw generator.
+    run = tmp_path / "run"
+    distill(config, run, progress=False, log=lambda message: None)
+    source = load_generator_source(run)
+    extra = {"use_resolution_binning": False, "clean_caption": False} if preset == "pixart-sim" else {}
+    ours = (generate_text_to_image(source.generator, source.pipeline, [PROMPTS[0]], [5], source.data_shape) + 1) / 2
+    teacher_only = OneStepGenerator(source.pipeline.denoiser, source.generator.sigma_init)
+    untrained = (generate_text_to_image(teacher_only, source.pipeline, [PROMPTS[0]], [5], source.data_shape) + 1) / 2
+    assert (ours - untrained).abs().max() > 1e-3  # The LoRA step did change the generator.
+    out = tmp_path / "export"
+    assert invoke("export", run, "--out", out).exit_code == 0
+    _, images = _pipeline_images(out, PROMPTS[0], [5], **extra)
+    assert (images - ours).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Messages.
+
+def test_missing_teacher_and_prompts_give_the_promised_messages(tiny, tmp_path):
+    run = tmp_path / "run"
+    uncached = invoke("distill", "--preset", "sdxl-dmd2", "--set", f"prompts.path={tiny['prompts']}", "--out", run)
+    assert uncached.exit_code != 0
+    text = " ".join(uncached.output.split())
+    assert "'stabilityai/stable-diffusion-xl-base-1.0' is neither a local folder nor in the local Hugging Face" \
+           in text and "hf download stabilityai/stable-diffusion-xl-base-1.0" in text
+    assert not run.exists()  # A failed teacher load leaves no run directory behind.
+    missing = invoke("distill", "--preset", "sd15-sid", "--set", f"teacher.path={tmp_path / 'nowhere'}",
+                     "--set", f"prompts.path={tiny['prompts']}", "--out", run)
+    assert missing.exit_code != 0 and "does not exist" in missing.output
+    no_prompts = invoke("distill", "--preset", "sd15-sid", "--set", f"teacher.path={tiny['sd']}", "--out", run)
+    assert no_prompts.exit_code != 0 and "prompts.path" in " ".join(no_prompts.output.split())
+    gmm_lora = invoke("distill", "--preset", "gmm-sim", "--set", "generator.lora_rank=4", "--out", run)
+    assert gmm_lora.exit_code != 0 and "only apply to text-to-image teachers" in " ".join(gmm_lora.output.split())
