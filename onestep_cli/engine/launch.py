@@ -21,6 +21,13 @@ SHUTDOWN_TIMEOUT_S = 600
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
+def torchrun_accepts(option: str) -> bool:
+    """Whether this torch's torch.distributed.run knows `option`."""
+    from torch.distributed.run import get_args_parser
+
+    return any(option in action.option_strings for action in get_args_parser()._actions)
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     """How `--gpus/--nnodes/--node-rank/--master-addr/--master-port` become a torch.distributed.run command."""
@@ -39,9 +46,12 @@ class LaunchPlan:
         if self.node_rank >= self.nnodes:
             raise ConfigError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes} (nodes count "
                               "from 0).")
-        args = [f"--nproc-per-node={self.nproc_per_node}", f"--nnodes={self.nnodes}",
-                "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-                f"--shutdown-timeout={os.environ.get('TORCH_ELASTIC_SHUTDOWN_TIMEOUT', SHUTDOWN_TIMEOUT_S)}"]
+        args = [f"--nproc-per-node={self.nproc_per_node}", f"--nnodes={self.nnodes}"]
+        # Both options are newer than some torch releases still in use (2.11 lacks --shutdown-timeout).
+        if torchrun_accepts("--signals-to-handle"):
+            args.append("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+        if torchrun_accepts("--shutdown-timeout"):
+            args.append(f"--shutdown-timeout={os.environ.get('TORCH_ELASTIC_SHUTDOWN_TIMEOUT', SHUTDOWN_TIMEOUT_S)}")
         if self.nnodes == 1 and self.master_addr is None:
             return args + ["--standalone"]  # A free local port, so runs side by side do not collide.
         if self.master_addr is None:

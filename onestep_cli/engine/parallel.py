@@ -105,8 +105,9 @@ def wrap(teacher: nn.Module, generator: nn.Module, fake: nn.Module, ema: nn.Modu
     from torch.nn.parallel import DistributedDataParallel
 
     # Buffers (noise-embedding frequencies, resampling filters) are constants: no need to broadcast them each step.
+    # (`broadcast_buffers` is the older torch's name of the switch; 2.11 lacks `forward_sync_buffers`.)
     ddp = lambda m: DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None,
-                                            forward_sync_buffers=False)
+                                            broadcast_buffers=False)
     return Wrapped(ddp(generator), ddp(fake), sharded=False)
 
 
