@@ -235,7 +235,7 @@ class TrainConfig(Strict):
     tf32: bool = True  # TF32 tensor cores for float32 matmuls and convolutions on CUDA; false for strict IEEE fp32.
     parallelism: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: DDP, or FSDP2 when the networks would not fit one GPU.
     gradient_checkpointing: bool = False  # Recompute block activations in backward: less memory, about 30% more time.
-    channels_last: bool = False  # CUDA: store convolution weights and activations NHWC (cuDNN's fast layout); CPU ignores it.
+    channels_last: bool = False  # CUDA: NHWC weights and activations; slower for EDM U-Nets (docs/benchmarks.md). CPU ignores it.
     fused_optimizer: bool = False  # CUDA: one fused Adam/AdamW kernel per network instead of per-tensor loops; CPU ignores it.
     compile: bool = False  # torch.compile each network block (compiled once per distinct block); eager where it cannot.
     checkpoint_every: int = Field(500, gt=0)  # Steps between checkpoints (one is always written at the end).

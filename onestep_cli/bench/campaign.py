@@ -76,42 +76,50 @@ def profile_step(options: Options, out: Path, rows: int = 25) -> str:
     return table
 
 
-def numerics_check(batch: int = 64) -> list[dict]:
-    """Relative error of a DDPM++ forward, and of its gradient in the input, against strict fp32 (TF32 off), for
-    each bf16 variant: autocast with float32 GroupNorm (before), 16-bit GroupNorm (after), after + channels_last."""
+def numerics_check(batch: int = 64, device: str = "cuda") -> list[dict]:
+    """Relative error of the DDPM++ network's own output (D(x) - c_skip x = c_out F, the skip term left out: at random
+    init EDM's zero-initialised output layer makes it tiny next to c_skip x) and of its gradient in the input,
+    against strict fp32 (TF32 off), for each bf16 variant: autocast with float32 GroupNorm (before issue 7), 16-bit
+    GroupNorm (after), and after + channels_last (CUDA)."""
     from ..denoisers.edm.layers import GroupNorm
-    from ..engine.precision import autocast, set_tf32, use_channels_last
+    from ..engine.precision import set_tf32, use_channels_last
     from .rows import build_network
 
-    device = torch.device("cuda")
+    device = torch.device(device)
     network = build_network("ddpmpp-cifar10").to(device)
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, device=device, generator=generator)
     sigma = (torch.randn(batch, device=device, generator=generator) * 1.2 - 1.2).exp()
     probe = torch.randn(batch, 3, 32, 32, device=device, generator=generator)
+    c_skip = network.scalings(sigma)[0].reshape(-1, 1, 1, 1)
 
-    def run(precision):
+    def run(dtype):
         inputs = x.clone().requires_grad_(True)
-        with autocast(precision, device):
-            out = network(inputs, sigma)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = network(inputs, sigma) - c_skip * inputs
         (grad,) = torch.autograd.grad((out * probe).sum(), inputs)
         return out.detach().double(), grad.double()
 
-    set_tf32(False)
-    reference = run("fp32")
-    set_tf32(True)
+    if device.type == "cuda":
+        set_tf32(False)
+    reference = run(None)
+    variants = [("fp32+tf32", None, False), ("bf16, float32 GroupNorm", True, False),
+                ("bf16, 16-bit GroupNorm", False, False)]
+    if device.type == "cuda":
+        set_tf32(True)
+        variants.append(("bf16, 16-bit GroupNorm, channels_last", False, True))
     rows = []
-    for name, fp32_norm, channels_last in [("fp32+tf32", None, False), ("bf16, float32 GroupNorm", True, False),
-                                           ("bf16, 16-bit GroupNorm", False, False),
-                                           ("bf16, 16-bit GroupNorm, channels_last", False, True)]:
+    rel = lambda a, b: float((a - b).norm() / b.norm())
+    for name, fp32_norm, channels_last in variants:
         if channels_last:
             use_channels_last([network], device)
         GroupNorm.autocast_float32 = bool(fp32_norm)
-        out, grad = run("fp32" if fp32_norm is None else "bf16")
-        GroupNorm.autocast_float32 = False
-        rel = lambda a, b: float((a - b).norm() / b.norm())
-        rows.append({"check": "numerics", "variant": name, "forward_rel_error": rel(out, reference[0]),
-                     "input_grad_rel_error": rel(grad, reference[1])})
+        try:
+            out, grad = run(None if fp32_norm is None else torch.bfloat16)
+        finally:
+            GroupNorm.autocast_float32 = False
+        rows.append({"check": "numerics", "device": device.type, "variant": name,
+                     "output_rel_error": rel(out, reference[0]), "input_grad_rel_error": rel(grad, reference[1])})
     return rows
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from ..config import validate_config
+from ..config import TrainConfig, validate_config
 from ..denoisers.edm.layers import GroupNorm
 from ..denoisers.generator import OneStepGenerator
 from ..engine.networks import build_networks
@@ -39,9 +39,9 @@ class Options:
 
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16, as train.precision.
     tf32: bool = True  # TF32 matrix units for float32 work (CUDA).
-    channels_last: bool = True  # As train.channels_last.
-    fused_optimizer: bool = True  # As train.fused_optimizer.
-    compile: bool = False  # As train.compile.
+    channels_last: bool = TrainConfig.model_fields["channels_last"].default  # As train.channels_last.
+    fused_optimizer: bool = TrainConfig.model_fields["fused_optimizer"].default  # As train.fused_optimizer.
+    compile: bool = TrainConfig.model_fields["compile"].default  # As train.compile.
     fp32_group_norm: bool = False  # Autocast's float32 GroupNorm (the layout before issue 7), for before/after rows.
     cudnn_benchmark: bool = False  # Let cuDNN time its convolution algorithms for each shape (CUDA).
     batch: int | None = None  # Images per step; None: the row's default.

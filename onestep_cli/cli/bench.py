@@ -21,8 +21,9 @@ def bench_command(
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16, "
                                   "as train.precision."),
     tf32: bool = typer.Option(True, "--tf32/--no-tf32", help="TF32 matrix units for float32 work (CUDA)."),
-    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="As train.channels_last."),
-    fused_optimizer: bool = typer.Option(True, "--fused-optimizer/--no-fused-optimizer",
+    channels_last: bool = typer.Option(False, "--channels-last/--no-channels-last", help="As train.channels_last "
+                                       "(measured slower on an H100: docs/benchmarks.md)."),
+    fused_optimizer: bool = typer.Option(False, "--fused-optimizer/--no-fused-optimizer",
                                          help="As train.fused_optimizer."),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="As train.compile (adds compile time to the "
                                  "warm-up; first_iter_s in --json shows it)."),

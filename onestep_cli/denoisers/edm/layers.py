@@ -108,7 +108,7 @@ class GroupNorm(nn.Module):
 
     Under autocast it normalises in its input's dtype, as EDM's fp16 networks do, rather than in autocast's float32:
     the kernel accumulates in float32 either way, and 16-bit outputs halve the bytes of every norm and of the SiLU and
-    dropout after it (docs/benchmarks.md). `autocast_float32 = True` restores autocast's choice.
+    dropout after it (docs/benchmarks.md). `autocast_float32 = True` restores CUDA autocast's choice.
     """
 
     autocast_float32 = False
@@ -121,8 +121,10 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keep_dtype = torch.is_autocast_enabled(x.device.type) and not self.autocast_float32
-        with torch.autocast(x.device.type, enabled=False) if keep_dtype else contextlib.nullcontext():
+        autocasting = torch.is_autocast_enabled(x.device.type)
+        if autocasting and self.autocast_float32:
+            x = x.to(torch.float32)  # What CUDA autocast does to group_norm, spelled out so it holds on every device.
+        with torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext():
             return torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
                                                   bias=self.bias.to(x.dtype), eps=self.eps)
 
