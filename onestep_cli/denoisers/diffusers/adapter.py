@@ -75,6 +75,15 @@ class DiffusersDenoiser(Denoiser):
             raise TypeError(f"cond must be a Conditioning or None, got {type(cond).__name__}.")
         return cond.expand(batch).to(device, dtype)
 
+    # Subclasses set `self.schedule` (DDPM or flow); its range is the denoiser's.
+    @property
+    def sigma_min(self) -> float:
+        return self.schedule.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.schedule.sigma_max
+
     @property
     def model_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
@@ -112,14 +121,6 @@ class DDPMDenoiser(DiffusersDenoiser):
                              f"{', '.join(PREDICTION_TYPES)}.")
         self.schedule = schedule
         self.prediction_type = prediction_type
-
-    @property
-    def sigma_min(self) -> float:
-        return self.schedule.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.schedule.sigma_max
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The continuous timestep the network is given at noise level `sigma` (`[batch]` float32)."""

@@ -26,14 +26,6 @@ class FlowDenoiser(DiffusersDenoiser):
         super().__init__(model, **latent_kwargs)
         self.schedule = schedule
 
-    @property
-    def sigma_min(self) -> float:
-        return self.schedule.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.schedule.sigma_max
-
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The network's timestep input at noise level `sigma` (`[batch]` float32)."""
         return self.schedule.timestep(sigma) * float(getattr(self.model.config, "timestep_scale", 1.0))
