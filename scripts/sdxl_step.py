@@ -54,6 +54,7 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--lora-rank", type=int, default=0)
+    parser.add_argument("--build-only", action="store_true", help="Only write the pipeline and prompts (for --gpus runs).")
     args = parser.parse_args()
     from onestep_cli.config import resolve_config
     from onestep_cli.engine.networks import build_networks
@@ -66,6 +67,8 @@ def main():
     print(f"pipeline ready in {time.time() - start:.0f} s", flush=True)
     prompts = args.out / "prompts.txt"
     prompts.write_text("a photo of a cat\na red bicycle in the rain\nan astronaut riding a horse\na bowl of fruit\n")
+    if args.build_only:
+        return
     config = resolve_config("sdxl-sim", overrides=[
         f"teacher.path={pipeline}", f"prompts.path={prompts}", f"train.batch_size={args.batch}",
         "train.parallelism=ddp", f"generator.lora_rank={args.lora_rank}", f"fake.lora_rank={args.lora_rank}"])
