@@ -5,11 +5,11 @@ Usage: python scripts/pixart_step.py --out /tmp/pixart --batch 16 --steps 4
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+from t2i_step_timing import time_preset_steps
 
 
 def build_pixart(folder: Path) -> None:
@@ -44,35 +44,12 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
-    from onestep_cli.config import resolve_config
-    from onestep_cli.engine.networks import build_networks
-    from onestep_cli.engine.trainer import Trainer
-
     start = time.time()
     pipeline = args.out / "pipeline"
     if not (pipeline / "model_index.json").is_file():
         build_pixart(pipeline)
     print(f"pipeline ready in {time.time() - start:.0f} s", flush=True)
-    prompts = args.out / "prompts.txt"
-    prompts.write_text("a photo of a cat\na red bicycle in the rain\nan astronaut riding a horse\na bowl of fruit\n")
-    config = resolve_config("pixart-sim", overrides=[
-        f"teacher.path={pipeline}", f"prompts.path={prompts}", f"train.batch_size={args.batch}",
-        "train.parallelism=ddp"])
-    networks = build_networks(config, run_dir=args.out)
-    trainer = Trainer(config, networks, torch.device("cuda"), "bf16")
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        torch.cuda.synchronize()
-        tick = time.time()
-        stats = trainer.step()
-        torch.cuda.synchronize()
-        times.append(time.time() - tick)
-        print(f"step {len(times)}: {times[-1]:.2f} s, loss_gen {float(stats['loss_generator']):+.4e}", flush=True)
-    steady = sorted(times[1:])[len(times[1:]) // 2]
-    print(json.dumps({"batch": args.batch, "seconds_per_step": steady, "images_per_s": args.batch / steady,
-                      "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
-                      "device": torch.cuda.get_device_name(), "torch": torch.__version__}))
+    time_preset_steps("pixart-sim", pipeline, args.out, args.batch, args.steps)
 
 
 if __name__ == "__main__":
