@@ -266,6 +266,15 @@ class EvalConfig(Strict):
     every_steps: int | None = Field(None, gt=0)  # None: only at the end of the run.
     num_samples: int = Field(2000, gt=0)
     seed: int = 1_000_000  # First per-sample seed of the evaluation samples.
+    # Reference of distribution metrics (fid, kid, fd_*): statistics .npz, image .npz or folder, as `onestep eval
+    # --ref`; '@assets/...' points inside the package. None: each metric's default reference, if it has one.
+    ref: Path | None = None
+    fid_mode: Literal["edm", "clean", "legacy_tensorflow"] = "edm"
+    batch_size: int = Field(256, gt=0)  # Images per feature-network call.
+
+    @property
+    def resolved_ref(self) -> Path | None:
+        return resolve_asset_path(self.ref) if self.ref is not None else None
 
 
 class RunConfig(Strict):

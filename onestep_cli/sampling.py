@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 
 from .denoisers.base import Denoiser
@@ -42,11 +43,21 @@ def seeded_latents(seeds: list[int], shape: tuple[int, ...], label_dim: int = 0,
 @torch.no_grad()
 def generate(generator, seeds: list[int], shape, label_dim=0, batch_size=1024, device="cpu") -> torch.Tensor:
     """One-step samples for `seeds`, float32 on the CPU, in seed order."""
-    out = []
+    return generate_with_labels(generator, seeds, shape, label_dim, batch_size, device)[0]
+
+
+@torch.no_grad()
+def generate_with_labels(generator, seeds: list[int], shape, label_dim=0, batch_size=1024, device="cpu"
+                         ) -> tuple[torch.Tensor, np.ndarray | None]:
+    """One-step samples for `seeds` (float32 on the CPU, in seed order) and their class indices (None if
+    unconditional)."""
+    out, labels = [], []
     for start in range(0, len(seeds), batch_size):
         z, cond = seeded_latents(seeds[start:start + batch_size], shape, label_dim, device)
         out.append(generator(z, cond).float().cpu())
-    return torch.cat(out)
+        if cond is not None:
+            labels.append(cond.argmax(dim=1).cpu().numpy())
+    return torch.cat(out), (np.concatenate(labels) if labels else None)
 
 
 def edm_sigma_steps(num_steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> torch.Tensor:

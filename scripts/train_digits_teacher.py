@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--tick-seconds", type=float, default=20.0, help="Seconds between log lines.")
     p.add_argument("--seed", type=int, default=0, help="Seed of initialisation and training noise.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: autocast the network's forward and backward (fp32 weights, optimizer and EMA).")
     return p.parse_args(argv)
 
 
@@ -107,7 +109,8 @@ def main(argv=None) -> None:
         tick_time, tick_nimg = start, 0
         while True:
             idx = torch.randint(images.shape[0], (args.batch,), device=device, generator=gen)
-            loss = edm_loss(net, images[idx], onehot[idx], gen)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+                loss = edm_loss(net, images[idx], onehot[idx], gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for group in opt.param_groups:

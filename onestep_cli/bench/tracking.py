@@ -39,7 +39,7 @@ def train_once(preset: str, overrides: list[str], steps: int, seed: int, precisi
     """Distil `preset` for `steps` steps with the engine's Trainer (no run directory); returns the final swd, its
     resolution, mode coverage and the first steps' generator losses. `precision` is passed to the Trainer as is,
     so bf16 can be checked on a CPU too, where the command line refuses it for speed, not correctness."""
-    from ..engine.loop import evaluate_generator
+    from ..engine.loop import GeneratorEvaluator
     from ..engine.networks import build_networks
     from ..engine.precision import resolve_device, resolve_precision, set_tf32
     from ..engine.trainer import Trainer
@@ -56,7 +56,7 @@ def train_once(preset: str, overrides: list[str], steps: int, seed: int, precisi
         stats = trainer.step()
         if step < EARLY_STEPS:
             early.append(float(stats["loss_generator"]))
-    final = evaluate_generator(trainer, config)
+    final = GeneratorEvaluator(config, trainer)(trainer)
     return {"swd": final["metrics"]["swd"], "swd_resolution": final["provenance"]["swd"]["exact_vs_exact"],
             "mode_coverage": final["metrics"]["mode_coverage"], "early_loss_generator": early}
 

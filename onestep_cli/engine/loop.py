@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
-from ..metrics import check_metric_names, compute_metrics
-from ..sampling import generate
+from ..metrics import MetricContext, check_metric_names, compute_metrics
+from ..sample_io import is_image_shape
+from ..sampling import generate_with_labels
 from . import distributed
 from .checkpoint import checkpoint_name, find_latest_checkpoint, remove_partial_checkpoints
 from .distributed import DistEnv, barrier, broadcast_object, on_main, print0
@@ -43,12 +44,32 @@ class RunSummary:
     world_size: int = 1
 
 
-def evaluate_generator(trainer: Trainer, config: RunConfig) -> dict:
-    seeds = list(range(config.eval.seed, config.eval.seed + config.eval.num_samples))
-    samples = generate(trainer.sampling_generator, seeds, trainer.data_shape, trainer.label_dim, device=trainer.device)
-    results = compute_metrics(config.eval.metrics, samples, trainer.teacher)
-    return {"metrics": {k: r.value for k, r in results.items()},
-            "provenance": {k: {**r.provenance, "seeds": f"{seeds[0]}-{seeds[-1]}"} for k, r in results.items()}}
+class GeneratorEvaluator:
+    """The metrics of `eval:` on the training generator's samples (fixed per-sample seeds, so every evaluation of a
+    run sees the same noise and labels). Feature networks and reference statistics are loaded once per run."""
+
+    def __init__(self, config: RunConfig, trainer: Trainer):
+        self.config = config.eval
+        self.seeds = list(range(self.config.seed, self.config.seed + self.config.num_samples))
+        self.image_metrics = is_image_shape(trainer.data_shape)
+        self.context = None
+        if self.image_metrics:
+            from ..metrics.reference import open_reference
+
+            ref = self.config.resolved_ref
+            self.context = MetricContext(reference=open_reference(ref) if ref is not None else None,
+                                         fid_mode=self.config.fid_mode, device=trainer.device,
+                                         batch_size=self.config.batch_size)
+
+    def __call__(self, trainer: Trainer) -> dict:
+        samples, labels = generate_with_labels(trainer.sampling_generator, self.seeds, trainer.data_shape,
+                                               trainer.label_dim, device=trainer.device)
+        if self.context is not None:
+            self.context.labels = labels
+        results = compute_metrics(self.config.metrics, samples, trainer.teacher, self.context)
+        seeds = f"{self.seeds[0]}-{self.seeds[-1]}"
+        return {"metrics": {k: r.value for k, r in results.items()},
+                "provenance": {k: {**r.provenance, "seeds": seeds} for k, r in results.items()}}
 
 
 def distill(config: RunConfig, out_dir: Path, *, log=None, progress: bool | None = None,
@@ -88,7 +109,7 @@ def _distill(config: RunConfig, out_dir: Path, env: DistEnv, device: torch.devic
     sums: dict[str, torch.Tensor] = {}
     if env.is_main:
         run.write_status(status="running", step=trainer.step_count, kimg=trainer.kimg, processes=env.world_size)
-    final_metrics, saved_step = {}, None
+    final_metrics, saved_step, evaluator = {}, None, None
     with StopRequest() as stop, Progress(train.max_steps, trainer.step_count, enabled=progress, log=log) as bar:
         while trainer.step_count < train.max_steps:
             try:
@@ -110,7 +131,8 @@ def _distill(config: RunConfig, out_dir: Path, env: DistEnv, device: torch.devic
                 sums, tick_start, tick_step = {}, time.time(), step
             evaluate_now = step == train.max_steps or (config.eval.every_steps and step % config.eval.every_steps == 0)
             if evaluate_now and config.eval.metrics and (env.is_main or trainer.sharded):
-                result = evaluate_generator(trainer, config)  # Sharded networks need every rank in each forward.
+                evaluator = evaluator or GeneratorEvaluator(config, trainer)
+                result = evaluator(trainer)  # Sharded networks need every rank in each forward.
                 if env.is_main:
                     run.append(run.metrics_path, {"step": step, "kimg": trainer.kimg, **result})
                 final_metrics = result["metrics"]
