@@ -173,9 +173,10 @@ def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, 
         result.provenance = {"metric": name, "onestep": __version__, **result.provenance}
     out = _result(source, results, {**common, "num_samples": images.num})
     if save_stats is not None:
+        keep = {s for m in map(get_metric, metrics) if m.needs_reference_features for s in m.spaces}
         out["stats"] = write_reference_stats(
             save_stats, {s: features[s] for s in extra_spaces}, extractors, images.resolution, images.provenance(),
-            keep_features={"inception"} if "kid" in metrics else set())
+            keep_features=keep)
         out["skipped_without_reference"] = [m for m in metrics if m not in to_compute]
     return out
 

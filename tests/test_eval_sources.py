@@ -156,7 +156,7 @@ def test_saved_statistics_as_reference_give_the_same_numbers(tmp_path, image_run
     edm = evaluate(image_run, ["fid"], seeds=SEEDS, ref=str(tmp_path / "edm-ref.npz"), **common)
     assert edm["metrics"]["fid"] == pytest.approx(from_images["metrics"]["fid"], rel=1e-6)
     assert "assumed" in edm["provenance"]["fid"]["reference_protocol"]
-    with pytest.raises(MetricError, match="KID needs the reference's features"):
+    with pytest.raises(MetricError, match="Metric 'kid' needs the reference's features"):
         evaluate(image_run, ["kid"], seeds=SEEDS, ref=str(tmp_path / "edm-ref.npz"), **common)
     with pytest.raises(MetricError, match="FID mode 'edm'.*--fid-mode edm"):
         evaluate(image_run, ["fid"], seeds=SEEDS, ref=str(tmp_path / "ref.npz"), fid_mode="clean", **common)

@@ -1,4 +1,5 @@
-"""The benchmark rows of issue 7: which networks, which work (a training iteration or sampling), and the target.
+"""The benchmark rows: issue 7's (which networks, which work: a training iteration or sampling, and the target) and
+issue 5's evaluation rows (the whole FID-50k of a CIFAR-10 generator, the text-to-image scorers; bench/eval_rows.py).
 
 Networks are randomly initialised with the real configurations (EDM's DDPM++ CIFAR-10 and ADM ImageNet-64), so no
 download is needed and the timings are those of the real shapes; `tiny` gives small stand-ins for the CPU check.
@@ -36,16 +37,19 @@ class Row:
     """One line of the benchmark table."""
 
     name: str
-    work: str  # "train": one Trainer step (fake update, generator update, EMA); "sample": one-step; "heun": teacher.
-    network: str  # Key of NETWORKS.
+    work: str  # "train": one Trainer step (fake update, generator update, EMA); "sample": one-step; "heun": teacher;
+    # "fid": the whole FID of `batch`-sized calls; "score": one forward of a text-to-image scorer (EVAL_WORK).
+    network: str  # Key of NETWORKS; for "score" rows the scorer, imagereward or pickscore (eval_rows.build_scorer).
     objective: str | None  # sid, sim, dmd, di for "train" rows.
     batch: int  # Default batch (images per step, or per sampling call).
     target: str  # The issue's target, as printed.
     target_images_per_s: float | None = None  # Absolute target, when the issue gives one.
     relative_to: str | None = None  # "at least 2x" that row's images/s measured in the same invocation.
+    target_seconds: float | None = None  # Wall-time target of a one-shot row (fid).
 
 
-ROWS = {row.name: row for row in [
+EVAL_WORK = ("fid", "score")  # Rows timed by bench/eval_rows.py: evaluation as `onestep eval` runs it.
+ENGINE_ROWS = [
     Row("sid-cifar10", "train", "ddpmpp-cifar10", "sid", 128, ">= 600 img/s (stretch 750)", 600),
     Row("sim-cifar10", "train", "ddpmpp-cifar10", "sim", 128, ">= 600 img/s (stretch 750)", 600),
     Row("dmd-cifar10", "train", "ddpmpp-cifar10", "dmd", 128, ">= 2x sid-cifar10", relative_to="sid-cifar10"),
@@ -53,8 +57,14 @@ ROWS = {row.name: row for row in [
     Row("sample-cifar10", "sample", "ddpmpp-cifar10", None, 1024, ">= 8000 img/s", 8000),
     Row("heun-cifar10", "heun", "ddpmpp-cifar10", None, 1024, "report (reference 125 img/s)"),
     Row("sid-imagenet64", "train", "adm-imagenet64", "sid", 32, "report img/s and FLOP utilisation"),
-]}
-DEFAULT_ROWS = list(ROWS)
+]
+EVAL_ROWS = [
+    Row("fid50k-cifar10", "fid", "ddpmpp-cifar10", None, 500, "FID-50k in < 60 s", target_seconds=60),
+    Row("imagereward-b64", "score", "imagereward", None, 64, "report img/s"),
+    Row("pickscore-b64", "score", "pickscore", None, 64, "report img/s"),
+]
+ROWS = {row.name: row for row in ENGINE_ROWS + EVAL_ROWS}
+DEFAULT_ROWS = [row.name for row in ENGINE_ROWS]  # The evaluation rows need the Inception file: asked for by name.
 
 
 def parse_rows(text: str) -> list[Row]:

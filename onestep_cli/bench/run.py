@@ -23,7 +23,7 @@ from ..engine.precision import (autocast, compile_blocks, resolve_device, resolv
 from ..engine.trainer import Trainer
 from ..sampling import heun_sample
 from .count import Work, count_work
-from .rows import ROWS, Row, build_network
+from .rows import EVAL_WORK, ROWS, Row, build_network
 
 # The rates a row's floor and FLOP utilisation are measured against: one H100 80GB HBM3 of this workplace
 # (docs/benchmarks.md): an 8192^3 bf16 matrix product at 798 TFLOP/s, a device-to-device copy at 3.0 TB/s.
@@ -74,8 +74,13 @@ def run_benchmarks(rows: list[Row], options: Options, log=None) -> list[dict]:
 def measure_row(row: Row, options: Options, log=None) -> dict:
     """Time one row. The dict holds the setting (row, batch, device, versions, options) and the measurement:
     images_per_s (median iteration), seconds_per_iter (median, min, max), first_iter_s (compilation included),
-    peak_memory_gb (CUDA), flops_per_image, flop_utilisation (of PEAK_BF16_FLOPS), floor_images_per_s, target, met."""
+    peak_memory_gb (CUDA), flops_per_image, flop_utilisation (of PEAK_BF16_FLOPS), floor_images_per_s, target, met.
+    Evaluation rows (fid, score) are measured by `eval_rows.measure_eval_row`, which says what its dict holds."""
     log = log or (lambda message: None)
+    if row.work in EVAL_WORK:  # Evaluation as `onestep eval` runs it: its own measurement and columns.
+        from .eval_rows import measure_eval_row
+
+        return measure_eval_row(row, options, log)
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
     batch = options.batch or (QUICK_BATCH[row.work] if options.tiny else row.batch)
@@ -214,6 +219,9 @@ def count_row(row: Row, tiny: bool = False, device: torch.device | str = "cpu", 
 
     Heun and one-step sampling are counted as evaluations of one network forward (no gradient), so that the real
     networks can be counted on a CPU too."""
+    if row.work in EVAL_WORK:
+        raise ValueError(f"count_row counts the engine's rows; {row.name} is an evaluation row, whose work "
+                         "eval_rows.measure_eval_row counts (the scorers) or does not (FID).")
     device = torch.device(device)
     if row.work == "train":
         options = Options(channels_last=False, fused_optimizer=False, tiny=tiny)

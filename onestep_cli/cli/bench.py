@@ -1,4 +1,5 @@
-"""`onestep bench`: time the engine's training step and samplers on this device, against issue 7's targets."""
+"""`onestep bench`: time the engine's training step and samplers on this device, against issue 7's targets, and the
+evaluation paths (FID-50k, ImageReward, PickScore; issue 5) as `onestep eval` runs them."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 @reports_errors
 def bench_command(
     rows: str = typer.Option("sid-cifar10,sim-cifar10,dmd-cifar10,di-cifar10,sample-cifar10,heun-cifar10,"
-                             "sid-imagenet64", "--rows", help="Comma-separated rows to run."),
+                             "sid-imagenet64", "--rows", help="Comma-separated rows to run; the evaluation rows "
+                             "fid50k-cifar10, imagereward-b64 and pickscore-b64 run only when named."),
     batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Images per step for every row (default: "
-                                        "each row's: 128 for CIFAR-10 training, 1024 for sampling, 32 ImageNet-64)."),
+                                        "each row's: 128 for CIFAR-10 training, 1024 for sampling, 32 ImageNet-64, "
+                                        "500 per generator and Inception call for FID, 64 for the scorers)."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16, "
-                                  "as train.precision."),
+                                  "as train.precision; for fid50k-cifar10 the generation's (as `onestep eval "
+                                  "--precision`); the scorers and Inception run fp32, as in production."),
     tf32: bool = typer.Option(True, "--tf32/--no-tf32", help="TF32 matrix units for float32 work (CUDA)."),
     channels_last: bool = typer.Option(False, "--channels-last/--no-channels-last", help="As train.channels_last "
                                        "(measured slower on an H100: docs/benchmarks.md)."),
@@ -27,15 +31,17 @@ def bench_command(
                                          help="As train.fused_optimizer."),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="As train.compile (adds compile time to the "
                                  "warm-up; first_iter_s in --json shows it)."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", min=1, help="Untimed iterations (default 3, Heun 1)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", min=1, help="Untimed iterations (default 3, Heun 1; "
+                                         "fid50k-cifar10 has none: its untimed reference statistics warm it up)."),
     iters: Optional[int] = typer.Option(None, "--iters", min=1, help="Timed iterations (default 10, sampling 20, "
                                         "Heun 2); images/s comes from their median."),
     quick: bool = typer.Option(False, "--quick", help="Tiny networks, two iterations, on the CPU: checks that every "
-                               "row runs; the timings mean nothing."),
+                               "row runs (FID: 64 images through a stand-in Inception); the timings mean nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ):
     """Run benchmark rows on random-init networks of the real sizes and print images/s, peak memory, FLOP
-    utilisation and each row's target (docs/benchmarks.md)."""
+    utilisation and each row's target (docs/benchmarks.md). The engine switches (--tf32, --channels-last,
+    --fused-optimizer, --compile) apply to the engine rows; the evaluation rows run as `onestep eval` does."""
     from ..bench import Options, parse_rows, run_benchmarks
 
     if precision not in PRECISIONS:
@@ -58,6 +64,7 @@ def bench_command(
 def results_table(results: list[dict], quick: bool = False):
     """One rich table: a line per row, and a caption that says what the columns are measured against."""
     from rich.table import Table
+    from rich.text import Text
 
     from ..bench import PEAK_BANDWIDTH, PEAK_BF16_FLOPS
 
@@ -68,17 +75,38 @@ def results_table(results: list[dict], quick: bool = False):
                           f"over {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s, the bf16 matrix-product peak measured on an "
                           f"H100 80GB HBM3; floor: the larger of those FLOPs over that peak and the matrix operands' "
                           f"bytes over {PEAK_BANDWIDTH / 1e12:.1f} TB/s.", caption_justify="left")
-    for name, justify in [("row", "left"), ("batch", "right"), ("precision", "left"), ("images/s", "right"),
-                          ("peak GB", "right"), ("GFLOP/img", "right"), ("FLOP util.", "right"),
-                          ("floor img/s", "right"), ("target", "left"), ("met", "left")]:
+    columns = [("row", "left"), ("batch", "right"), ("precision", "left"), ("images/s", "right"), ("peak GB", "right"),
+               ("GFLOP/img", "right"), ("FLOP util.", "right"), ("floor img/s", "right"), ("target", "left"),
+               ("met", "left")]
+    timed_column = any("measured" in r or "skipped" in r for r in results)  # Evaluation rows say what they timed.
+    for name, justify in columns:
         table.add_column(name, justify=justify)
+    if timed_column:
+        table.add_column("what was timed", overflow="fold")
     for r in results:
-        if "error" in r:
-            table.add_row(r["row"], str(r["batch"]), r["precision"], r["error"], "", "", "", "", r["target"], "")
+        if "error" in r or "skipped" in r:
+            cells = [r["row"], str(r["batch"]), r["precision"], r.get("error", "skipped"), "", "", "", "", r["target"],
+                     ""]
+            table.add_row(*cells + ([Text(r.get("skipped", ""))] if timed_column else []))
             continue
         peak = f"{r['peak_memory_gb']:.1f}" if "peak_memory_gb" in r else "-"
         met = "-" if quick or "met" not in r else ("yes" if r["met"] else "no")
-        table.add_row(r["row"], str(r["batch"]), r["precision"] + (" compiled" if r.get("compiled") else ""),
-                      f"{r['images_per_s']:.1f}", peak, f"{r['flops_per_image'] / 1e9:.1f}",
-                      f"{100 * r['flop_utilisation']:.1f}%", f"{r['floor_images_per_s']:.0f}", r["target"], met)
+        cells = [r["row"], str(r["batch"]), r["precision"] + (" compiled" if r.get("compiled") else ""),
+                 f"{r['images_per_s']:.1f}", peak, _number(r, "flops_per_image", "{:.1f}", 1e-9),
+                 _number(r, "flop_utilisation", "{:.1f}%", 100), _number(r, "floor_images_per_s", "{:.0f}"),
+                 r["target"], met]
+        table.add_row(*cells + ([Text(_what_was_timed(r))] if timed_column else []))  # Text: no markup.
     return table
+
+
+def _number(result: dict, key: str, form: str, scale: float = 1.0) -> str:
+    return form.format(result[key] * scale) if key in result else "-"
+
+
+def _what_was_timed(result: dict) -> str:
+    """The evaluation rows' own numbers (FID: where the seconds went) and what their timing covers."""
+    if "total_s" in result:
+        return (f"{result['num_images']} images in {result['total_s']:.1f} s = generation {result['generation_s']:.1f}"
+                f" + Inception features {result['features_s']:.1f} + statistics {result['statistics_s']:.1f} "
+                f"(setup {result['setup_s']:.1f} s untimed). {result['measured']}")
+    return result.get("measured", "")

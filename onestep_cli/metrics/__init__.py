@@ -18,6 +18,7 @@ from .base import (DEFAULT_FID_MODE, FID_MODES, FeatureExtractor, FeatureSpace, 
 from .distances import (IS_SPLITS, KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS, feature_stats, frechet_distance,
                         inception_score, kernel_inception_distance)
 from .lowdim import mode_coverage, sliced_wasserstein
+from .precision_recall import finish_precision, finish_recall
 from .weights import MissingWeightsError, WeightsError
 
 SWD_PROJECTIONS = 512
@@ -155,7 +156,13 @@ for _metric in [
     Metric("swd", "lowdim", "sliced Wasserstein-2 distance to exact teacher samples (analytic mixture)", compute=_swd),
     Metric("mode_coverage", "lowdim", "fraction of mixture components covered", compute=_mode_coverage),
     Metric("fid", "image", "Fréchet Inception Distance", spaces=("inception",), needs_reference=True, finish=_fid),
-    Metric("kid", "image", "Kernel Inception Distance", spaces=("inception",), needs_reference=True, finish=_kid),
+    Metric("kid", "image", "Kernel Inception Distance", spaces=("inception",), needs_reference=True,
+           needs_reference_features=True, finish=_kid),
+    Metric("precision", "image", "improved precision: generated Inception features inside the reference's k-NN "
+           "manifold", spaces=("inception",), needs_reference=True, needs_reference_features=True,
+           finish=finish_precision),
+    Metric("recall", "image", "improved recall: reference Inception features inside the generated k-NN manifold",
+           spaces=("inception",), needs_reference=True, needs_reference_features=True, finish=finish_recall),
     Metric("is", "image", "Inception Score", spaces=("inception_probs",), finish=_is),
     mean_score_metric("clip_score", "clip_score", "CLIP score (100 * cosine) with the prompt", needs_prompts=True),
     mean_score_metric("aesthetic", "aesthetic", "LAION improved aesthetic predictor"),

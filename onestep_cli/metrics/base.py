@@ -93,5 +93,6 @@ class Metric:
     # `features` maps space name -> [N, D] array; `reference` maps space name -> ReferenceStats (or is empty).
     spaces: tuple[str, ...] = ()
     needs_reference: bool = False
+    needs_reference_features: bool = False  # Reads the reference's features, not only mu/sigma (kid, precision).
     needs_prompts: bool = False
     finish: Callable[[dict, dict, MetricContext], MetricResult] | None = None

@@ -61,16 +61,18 @@ def compute_image_metrics(metrics: list[Metric], source, ctx: MetricContext, spa
                           "'labels' array.")
     extract_reference = lambda src, ex: extract_all(src, {ex.space: ex}, ctx.batch_size)[ex.space]
     wanted = [(metric, space) for metric in metrics if metric.needs_reference for space in metric.spaces]
+    reference_stats = lambda metric, space: ctx.reference.stats(
+        extractors[space], extract_reference, features_for=metric.name if metric.needs_reference_features else None)
     if ctx.reference is not None and ctx.reference.kind == "stats":  # Read (and check) the file before any work.
         for metric, space in wanted:
-            ctx.reference.stats(extractors[space], extract_reference, need_features=metric.name == "kid")
+            reference_stats(metric, space)
     features = extract_all(source, extractors, ctx.batch_size, ctx.prompts)
     reference = {}
     for metric, space in wanted:
         if ctx.reference is None:  # The space's own default (checked above that it has one).
             reference[space] = spaces_registry[space].default_reference(extractors[space])
         else:
-            stats = ctx.reference.stats(extractors[space], extract_reference, need_features=metric.name == "kid")
+            stats = reference_stats(metric, space)
             if stats.mu.shape[0] != features[space].shape[1]:
                 raise MetricError(f"Reference '{space}' statistics have dimension {stats.mu.shape[0]} but the "
                                   f"features have {features[space].shape[1]}; the reference was made with another "

@@ -116,6 +116,10 @@ class ImageRewardModel(nn.Module):
                          encoder_attention_mask=image_mask, is_decoder=False)  # Bidirectional self-attention.
         return self.head(text.last_hidden_state[:, 0, :].float())[:, 0]
 
+    def reward(self, pixel_values, input_ids, attention_mask) -> torch.Tensor:
+        """ImageReward v1.0: the raw reward normalised by the reference code's fixed mean and std (float64)."""
+        return (self(pixel_values, input_ids, attention_mask).double() - REWARD_MEAN) / REWARD_STD
+
 
 def build_tokenizer(vocab_file):
     """BLIP's tokenizer: bert-base-uncased plus [DEC] (bos) and [ENC] special tokens (vocabulary 30524)."""
@@ -180,6 +184,6 @@ class ImageRewardScore(FeatureExtractor):
     def extract(self, images, prompts) -> np.ndarray:
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_PROMPT_TOKENS,
                                 return_tensors="pt")
-        raw = self.model(to_pixels(images, self.transform).to(self.device), tokens.input_ids.to(self.device),
-                         tokens.attention_mask.to(self.device))
-        return ((raw.double() - REWARD_MEAN) / REWARD_STD).cpu().numpy()[:, None]
+        scores = self.model.reward(to_pixels(images, self.transform).to(self.device), tokens.input_ids.to(self.device),
+                                   tokens.attention_mask.to(self.device))
+        return scores.cpu().numpy()[:, None]

