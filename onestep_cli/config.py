@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-DEFAULT_PRESET = "gmm-sim"
+DEFAULT_PRESET = "digits-sim"
 DISCRIMINATORS = ("kind", "name")  # Keys that pick a variant of a config section (teacher.kind, objective.name).
 
 

@@ -18,6 +18,7 @@ import torch
 
 SAMPLES_NPZ = "samples.npz"
 SAMPLES_META = "samples.json"
+CLASS_LABELS = "class_labels"  # samples.json key: seed -> class index of class-conditional samples.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -34,8 +35,11 @@ def to_uint8_images(samples: torch.Tensor) -> np.ndarray:
     return ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def write_samples(samples: torch.Tensor, seeds: list[int], out_dir: Path, meta: dict) -> list[Path]:
-    """Write samples under `out_dir` (PNG per seed for images, samples.npz otherwise) plus samples.json."""
+def write_samples(samples: torch.Tensor, seeds: list[int], out_dir: Path, meta: dict,
+                  labels: np.ndarray | None = None) -> list[Path]:
+    """Write samples under `out_dir` (PNG per seed for images, samples.npz otherwise) plus samples.json, which
+    also maps each seed to its class label when the samples are class-conditional (so metrics such as
+    class_accuracy can read a folder)."""
     from PIL import Image
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,6 +53,8 @@ def write_samples(samples: torch.Tensor, seeds: list[int], out_dir: Path, meta: 
         path = out_dir / SAMPLES_NPZ
         np.savez(path, samples=samples.cpu().numpy(), seeds=np.asarray(seeds, dtype=np.int64))
         written.append(path)
+    if labels is not None:
+        meta = {**meta, CLASS_LABELS: {str(seed): int(label) for seed, label in zip(seeds, labels)}}
     (out_dir / SAMPLES_META).write_text(json.dumps({**meta, "num": len(seeds)}, indent=1, default=str))
     return written
 
@@ -261,7 +267,22 @@ def folder_source(folder: Path) -> ImageSource:
 
     names = [p.relative_to(folder).as_posix() for p in files]
     seeds = _seeds_from_names(names, meta)
-    return ImageSource(str(folder), len(files), resolution, names, seeds, meta, read)
+    return ImageSource(str(folder), len(files), resolution, names, seeds, meta, read,
+                       _labels_from_meta(folder, seeds, meta))
+
+
+def _labels_from_meta(folder: Path, seeds: list[int] | None, meta: dict):
+    """Class labels of a folder written by `onestep sample` from a class-conditional model (seed -> label in
+    samples.json), as an ImageSource label reader; None when the folder records none."""
+    recorded = meta.get(CLASS_LABELS)
+    if not recorded or seeds is None:
+        return None
+    missing = [seed for seed in seeds if str(seed) not in recorded]
+    if missing:
+        raise SourceError(f"{folder / SAMPLES_META} records no class label for seed {missing[0]} "
+                          f"({len(missing)} images without one); rewrite the folder with `onestep sample`.")
+    indices = np.asarray([recorded[str(seed)] for seed in seeds], dtype=np.int64)
+    return lambda start, stop: indices[start:stop]
 
 
 def _seeds_from_names(names: list[str], meta: dict) -> list[int] | None:

@@ -40,6 +40,14 @@ def seeded_latents(seeds: list[int], shape: tuple[int, ...], label_dim: int = 0,
     return z, cond
 
 
+def seed_labels(seeds: list[int], shape, label_dim: int = 0) -> np.ndarray | None:
+    """The class index each seed draws (as `seeded_latents` does), None for unconditional models."""
+    if not label_dim:
+        return None
+    return np.concatenate([seeded_latents(seeds[start:start + 1024], shape, label_dim)[1].argmax(dim=1).numpy()
+                           for start in range(0, len(seeds), 1024)])
+
+
 @torch.no_grad()
 def generate(generator, seeds: list[int], shape, label_dim=0, batch_size=1024, device="cpu") -> torch.Tensor:
     """One-step samples for `seeds`, float32 on the CPU, in seed order."""

@@ -13,9 +13,10 @@ def test_every_preset_validates_and_has_a_description():
         resolve_config(name)
 
 
-def test_default_preset_is_the_sim_ring():
+def test_default_preset_distils_the_shipped_digits_teacher_with_sim():
     config = resolve_config()
-    assert config.objective.name == "sim" and config.teacher.kind == "gmm"
+    assert config.objective.name == "sim" and config.teacher.kind == "edm"
+    assert config.teacher.resolved_path.is_dir() and (config.teacher.resolved_path / "model.safetensors").is_file()
 
 
 def test_gmm_teacher_shapes_are_checked():

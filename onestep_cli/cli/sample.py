@@ -41,7 +41,7 @@ def sample_command(
     from ..engine.loading import load_generator_source
     from ..engine.precision import resolve_device
     from ..sample_io import write_samples
-    from ..sampling import generate, generate_teacher
+    from ..sampling import generate, generate_teacher, seed_labels
 
     seed_list = resolve_seeds(num, seeds)
     loaded = load_generator_source(source, device=resolve_device("auto"))
@@ -55,7 +55,8 @@ def sample_command(
         samples = generate(loaded.generator, seed_list, loaded.data_shape, loaded.label_dim, batch, device)
         what = {"model": "generator", "sampler": "one_step", "nfe": 1, "step": loaded.step, "kimg": loaded.kimg}
     meta = {"source": str(Path(source).resolve()), **what, "seeds": seeds or f"0-{len(seed_list) - 1}"}
-    written = write_samples(samples, seed_list, out, meta)
+    labels = seed_labels(seed_list, loaded.data_shape, loaded.label_dim)
+    written = write_samples(samples, seed_list, out, meta, labels)
     if as_json:
         print_json({"out": str(out), "files": len(written), **meta})
     else:
