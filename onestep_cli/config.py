@@ -124,10 +124,15 @@ class MLPConfig(Strict):
     input_fourier_scale: float = Field(1.0, gt=0)  # Std of their frequencies, in cycles per unit of c_in * x.
 
 
+# Dropout of a trained copy of an EDM teacher, active only in that copy's own update (SiD); None keeps the teacher's.
+Dropout = Annotated[float, Field(ge=0, lt=1)] | None
+
+
 class GeneratorConfig(Strict):
     sigma_init: float = Field(2.5, gt=0)  # G(z) = D(sigma_init * z, sigma_init).
     mlp: MLPConfig = MLPConfig()
     lora_rank: int = Field(0, ge=0)  # Diffusers teachers: 0 trains every weight, r > 0 only rank-r LoRA adapters.
+    dropout: Dropout = None  # EDM teachers: dropout probability in the generator's U-Net blocks; None: the teacher's.
 
 
 class FakeScoreConfig(Strict):
@@ -137,6 +142,10 @@ class FakeScoreConfig(Strict):
     sigma_mean_log: float = -1.2  # Log-normal sigma distribution of the denoising score matching loss (EDM).
     sigma_std_log: float = Field(1.2, gt=0)
     sigma_data: float = Field(0.5, gt=0)  # EDM loss weight lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+    dropout: Dropout = None  # EDM teachers: dropout probability in the fake score's U-Net blocks; None: the teacher's.
+    # EDM's non-leaking augmentation of the generated images that train the fake score (its CIFAR-10 geometric ops,
+    # each with probability augment_p; labels to the network's 9 augment inputs); 0: off. SiD's CIFAR-10 uses 0.12.
+    augment_p: float = Field(0.0, ge=0, le=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

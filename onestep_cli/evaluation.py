@@ -11,6 +11,7 @@ import torch
 
 from . import __version__
 from .config import ConfigError, PRESET_DIR, resolve_config
+from .engine import distributed
 from .engine.loading import is_generator_source, load_generator_source
 from .engine.networks import build_teacher
 from .engine.run_dir import RunDir
@@ -47,7 +48,7 @@ def evaluate(source: Path, metrics: list[str], num: int | None = None, seeds: li
              ref: str | None = None, *, prompts: Path | None = None, fid_mode: str = DEFAULT_FID_MODE,
              batch_size: int = DEFAULT_BATCH, device: str | torch.device = "auto", precision: str = "fp32",
              weights: dict[str, str] | None = None, options: dict[str, str] | None = None,
-             save_stats: Path | None = None) -> dict:
+             save_stats: Path | None = None) -> dict | None:
     """Compute `metrics` on `source`; returns {"source", "metrics": {name: value}, "provenance": {...}}.
 
     Sources: a run directory or checkpoint (samples generated in memory from `seeds`, default 0..num-1), a folder
@@ -55,10 +56,33 @@ def evaluate(source: Path, metrics: list[str], num: int | None = None, seeds: li
     Image metrics take `ref` (reference statistics .npz, or images), `prompts` (one line per image), `fid_mode`,
     `weights` (weight-set key -> local path instead of the cache) and `options` ("metric.option" -> value);
     `save_stats` writes the source's feature statistics as a reference file (EDM's mu/sigma format).
+
+    Under torchrun or srun (or in a process group the caller set up) every process calls this for image metrics: each
+    generates or reads a contiguous run of whole batches of the images and extracts their features on its own device
+    (cuda:LOCAL_RANK, or CPU with gloo); rank 0 gathers them in image order, computes the metrics exactly as one
+    process does and returns the result, recording `processes`; the other ranks return None.
     """
-    check_metric_names(metrics)
+    image_metrics = _check_source_and_metrics(source, metrics, save_stats)
     source = Path(source)
-    if not source.exists():
+    if image_metrics:
+        env, device, initialised = _join_processes(device)
+        try:
+            return _evaluate_images(source, metrics, num, seeds, ref, prompts, fid_mode, batch_size, device,
+                                    precision, weights or {}, options or {}, save_stats, env)
+        finally:
+            distributed.shutdown(initialised)
+    if prompts is not None:
+        raise MetricError("--prompts pairs prompts with images; none of the requested metrics uses them.")
+    if (distributed.launcher_env() or distributed.current()).is_distributed:
+        check_splittable(source, metrics, save_stats)
+    return _evaluate_lowdim(source, metrics, num, seeds, ref)
+
+
+def _check_source_and_metrics(source: Path, metrics: list[str], save_stats: Path | None) -> bool:
+    """Whether these are image metrics (else low-dimensional), after checking the source exists and that they are
+    not a mix of both."""
+    check_metric_names(metrics)
+    if not Path(source).exists():
         raise FileNotFoundError(f"Source {source} does not exist; pass a run directory, checkpoint, .npz or folder.")
     image_names = [m for m in metrics if get_metric(m).kind == "image"]
     if image_names or save_stats is not None:
@@ -67,11 +91,25 @@ def evaluate(source: Path, metrics: list[str], num: int | None = None, seeds: li
             raise MetricError(f"Metrics {', '.join(map(repr, lowdim))} (low-dimensional) and "
                               f"{', '.join(map(repr, image_names))} (image) cannot be computed on the same samples; "
                               "evaluate them separately.")
-        return _evaluate_images(source, metrics, num, seeds, ref, prompts, fid_mode, batch_size,
-                                _resolve_device(device), precision, weights or {}, options or {}, save_stats)
-    if prompts is not None:
-        raise MetricError("--prompts pairs prompts with images; none of the requested metrics uses them.")
-    return _evaluate_lowdim(source, metrics, num, seeds, ref)
+        return True
+    return False
+
+
+def check_splittable(source: Path, metrics: list[str], save_stats: Path | None = None) -> None:
+    """Refuse, before any process starts, an evaluation that several processes cannot share: only image metrics are
+    split (low-dimensional ones take seconds in one process)."""
+    if not _check_source_and_metrics(source, metrics, save_stats):
+        raise MetricError(f"Low-dimensional metrics ({', '.join(map(repr, metrics))}) are computed in one process: a "
+                          "few thousand samples take seconds. Run without --gpus/--nnodes, torchrun or srun; several "
+                          "processes share image metrics only.")
+
+
+def _join_processes(device_choice: str | torch.device) -> tuple[distributed.DistEnv, torch.device, bool]:
+    """The process group of a torchrun/srun launch (or the caller's), each rank on its own GPU; else one process."""
+    device = _resolve_device(device_choice)
+    if distributed.launcher_env() is None and not distributed.current().is_distributed:
+        return distributed.SINGLE, device, False
+    return distributed.init(str(device))
 
 
 def _common() -> dict:
@@ -119,7 +157,7 @@ def open_image_source(path: Path):
 
 
 def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, batch_size, device, precision,
-                     weights, options, save_stats) -> dict:
+                     weights, options, save_stats, env: distributed.DistEnv) -> dict | None:
     from .metrics.image_eval import compute_image_metrics
     from .metrics.reference import open_reference, write_reference_stats
 
@@ -146,7 +184,9 @@ def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, 
         if num is not None:
             images = images.head(num)
         common.update(source_kind="images", samples_meta=images.meta)
-    common.update(images.provenance(), device=str(device), batch_size=batch_size)
+    # Ranks use cuda:0, cuda:1, ...: record the kind of device, as one process given --device auto or cuda does.
+    common.update(images.provenance(), device=device.type if env.is_distributed else str(device),
+                  processes=env.world_size, batch_size=batch_size)
 
     reference = None
     if ref is not None:
@@ -167,8 +207,11 @@ def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, 
                               "them (fid, kid, fd_clip, fd_dinov2, ...).")
         # ...unless the statistics are the point: then those metrics are skipped.
         to_compute = [m for m in metrics if reference is not None or not needs_explicit_reference(get_metric(m))]
-    results, features, extractors = compute_image_metrics([get_metric(m) for m in to_compute], images, ctx,
-                                                          FEATURE_SPACES, extra_spaces)
+    computed = compute_image_metrics([get_metric(m) for m in to_compute], images, ctx, FEATURE_SPACES, extra_spaces,
+                                     env)
+    if computed is None:  # Not rank 0: rank 0 holds the result.
+        return None
+    results, features, extractors = computed
     for name, result in results.items():
         result.provenance = {"metric": name, "onestep": __version__, **result.provenance}
     out = _result(source, results, {**common, "num_samples": images.num})

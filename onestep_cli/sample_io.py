@@ -7,6 +7,7 @@ three channels), so a folder, an .npz and a generator of the same images give th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -113,10 +114,11 @@ def format_seeds(seeds) -> str | None:
 
 
 def as_uint8_nhwc(images, name: str = "images") -> np.ndarray:
-    """uint8 [N, H, W, 3] from uint8 NHWC/NCHW or [-1, 1] float NCHW (tensor or array); grey becomes three channels."""
+    """uint8 [N, H, W, 3] from uint8 NHWC/NCHW or [-1, 1] float NCHW (tensor or array); grey becomes three channels.
+    Float tensors are checked and quantised on their own device, so a quarter of their bytes reach the host."""
     if isinstance(images, torch.Tensor):
-        images = images.detach().cpu()
-        images = images.numpy() if images.dtype == torch.uint8 else images
+        images = images.detach()
+        images = images.cpu().numpy() if images.dtype == torch.uint8 else images
     if isinstance(images, np.ndarray) and images.dtype == np.uint8:
         if images.ndim != 4:
             raise SourceError(f"{name}: expected images [N, H, W, C] or [N, C, H, W], got shape {images.shape}.")
@@ -163,10 +165,11 @@ class ImageSource:
                               "generator or an .npz with a 'labels' array.")
         return self._labels(start, stop)
 
-    def batches(self, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(start index, uint8 [B, H, W, 3]) in order."""
-        for start in range(0, self.num, batch_size):
-            yield start, self._read(start, min(start + batch_size, self.num))
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(start index, uint8 [B, H, W, 3]) in order, over images start..stop-1 (all by default)."""
+        stop = self.num if stop is None else stop
+        for begin in range(start, stop, batch_size):
+            yield begin, self._read(begin, min(begin + batch_size, stop))
 
     def head(self, num: int) -> "ImageSource":
         """The first `num` images."""
@@ -299,21 +302,20 @@ def generator_source(generator, seeds: list[int], shape, label_dim: int = 0, bat
                      device="cpu", precision: str = "fp32", description: str = "generator") -> ImageSource:
     """Images generated in memory, batch by batch, one seed per image (no PNG round trip); quantised to uint8
     exactly as `write_samples` does, so the numbers match those of the written files."""
-    from .sampling import generate, seeded_latents
+    from .sampling import seeded_latents
 
     if not is_image_shape(shape):
         raise SourceError(f"{description} makes samples of shape {tuple(shape)}, not images.")
     device = torch.device(device)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
+    @torch.no_grad()
     def read(start: int, stop: int) -> np.ndarray:
-        chunk = seeds[start:stop]
-        if dtype is None:
-            images = generate(generator, chunk, shape, label_dim, batch_size=len(chunk), device=device)
-        else:
-            with torch.autocast(device_type=device.type, dtype=dtype):
-                images = generate(generator, chunk, shape, label_dim, batch_size=len(chunk), device=device)
-        return as_uint8_nhwc(images, description)
+        # `generate` for one batch, without its float32 copy to the host.
+        z, cond = seeded_latents(seeds[start:stop], shape, label_dim, device)
+        with torch.autocast(device_type=device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            images = generator(z, cond).float()
+        return as_uint8_nhwc(images, description)  # Quantised on `device`: elementwise, the same bits as on the CPU.
 
     def labels(start: int, stop: int) -> np.ndarray:  # The classes `generate` drew for these seeds.
         return seeded_latents(seeds[start:stop], shape, label_dim)[1].argmax(dim=1).numpy()

@@ -149,6 +149,6 @@ def test_sigkill_then_same_command_resumes_to_identical_parameters(tmp_path):
 
 def test_changed_config_in_existing_run_is_refused(tmp_path):
     run = tmp_path / "run"
-    onestep("distill", *FAST, "--out", run)
-    result = onestep("distill", *FAST, "--set", "train.lr=0.5", "--out", run, check=False)
+    onestep("distill", "--preset", "gmm-sim", *FAST, "--out", run)
+    result = onestep("distill", "--preset", "gmm-sim", *FAST, "--set", "train.lr=0.5", "--out", run, check=False)
     assert result.returncode == 2 and "train.lr" in result.stderr and "another --out" in " ".join(result.stderr.split())

@@ -1,4 +1,8 @@
-"""`onestep eval`: metrics of a run, checkpoint, image folder or .npz, with provenance."""
+"""`onestep eval`: metrics of a run, checkpoint, image folder or .npz, with provenance.
+
+With `--gpus N` (or `--nnodes`) the command re-runs itself under torch.distributed.run, one process per GPU, and the
+processes share the images of image metrics; under an existing launcher (torchrun, srun) it joins that group instead.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import typer
 from rich.table import Table
 
 from ..sampling import parse_seeds
-from .common import print_json, reports_errors, stdout
+from .common import print_json, reports_errors, stderr, stdout
 
 
 def parse_assignments(items: list[str] | None, flag: str) -> dict[str, str]:
@@ -51,17 +55,57 @@ def eval_command(
                                               "(EDM's mu/sigma .npz) for use as --ref later."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the result JSON to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="Processes on this node sharing the images of image metrics, "
+                             "one per GPU (CPU processes on gloo when no GPU is visible). Ignored under "
+                             "torchrun/srun."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes sharing the evaluation; run the same command on "
+                               "each."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's index, 0 to nnodes-1."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Hostname of node 0, reachable from every "
+                                              "node (the rendezvous endpoint); needed with --nnodes > 1."),
+    master_port: int = typer.Option(29500, "--master-port", help="Free TCP port on node 0 for the rendezvous."),
 ):
     """Evaluate samples; runs keep the result under RUN/eval/."""
+    from ..engine.distributed import PeerFailure, launcher_env
     from ..evaluation import evaluate, store_result
 
     names = [m.strip() for m in metrics.split(",") if m.strip()]
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"--precision {precision!r} is not one of fp32, bf16, fp16.")
-    result = evaluate(source, names, num, parse_seeds(seeds) if seeds else None, ref, prompts=prompts,
-                      fid_mode=fid_mode, batch_size=batch, device=device, precision=precision,
-                      weights=parse_assignments(weights, "--weights"), options=parse_assignments(option, "--option"),
-                      save_stats=save_stats)
+    seed_list = parse_seeds(seeds) if seeds else None
+    weight_paths, options = parse_assignments(weights, "--weights"), parse_assignments(option, "--option")
+    launcher = launcher_env()
+    if launcher is None and (gpus > 1 or nnodes > 1):
+        from ..engine.launch import LaunchPlan
+
+        plan = LaunchPlan(gpus, nnodes, node_rank, master_addr, master_port if nnodes > 1 else None)
+        command = ["eval", str(source), "--metrics", metrics, *(["--ref", ref] if ref else []),
+                   *(["--num", str(num)] if num is not None else []), *(["--seeds", seeds] if seeds else []),
+                   *(["--prompts", str(prompts)] if prompts else []), "--fid-mode", fid_mode, "--batch", str(batch),
+                   "--device", device, "--precision", precision,
+                   *[arg for item in weights or [] for arg in ("--weights", item)],
+                   *[arg for item in option or [] for arg in ("--option", item)],
+                   *(["--save-stats", str(save_stats)] if save_stats else []), *(["--out", str(out)] if out else []),
+                   *(["--json"] if as_json else [])]  # The same command, for every worker.
+        code = _relaunch(plan, command, source, names, save_stats, device)
+        if code:
+            raise typer.Exit(code)
+        return
+    if launcher is not None and launcher.rank == 0 and (gpus > 1 or nnodes > 1):
+        _log(f"Note: running as one of the {launcher.world_size} processes the launcher started; --gpus/--nnodes "
+             "are ignored under torchrun or srun.")
+    try:
+        result = evaluate(source, names, num, seed_list, ref, prompts=prompts, fid_mode=fid_mode, batch_size=batch,
+                          device=device, precision=precision, weights=weight_paths, options=options,
+                          save_stats=save_stats)
+    # Errors about the inputs are raised alike by every rank, and PeerFailure stands for one that rank 0 raises: rank 0
+    # reports them. The other ranks exit quietly with 0, so the launcher does not stop rank 0 before it has printed.
+    except (ValueError, FileNotFoundError, PeerFailure):
+        if launcher is not None and launcher.rank != 0:
+            return
+        raise
+    if result is None:  # A rank other than 0: rank 0 prints and writes the result.
+        return
     store_result(result, source)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +128,27 @@ def eval_command(
         stats = result["stats"]
         stdout.print(f"Wrote reference statistics ({', '.join(stats['spaces'])}; {stats['num_images']} images) to "
                      f"{stats['path']} (sha256 {stats['sha256'][:12]}).", highlight=False)
+
+
+def _log(message: str) -> None:
+    stderr.print(message, highlight=False, markup=False)
+
+
+def _relaunch(plan, command: list[str], source: Path, names: list[str], save_stats: Path | None, device: str) -> int:
+    """Check what can be checked before any process starts, then run `command` in every process of `plan`."""
+    from ..engine.launch import check_devices, run_torchrun
+    from ..evaluation import check_splittable
+
+    check_splittable(source, names, save_stats)
+    if device.startswith("cuda:"):
+        raise ValueError(f"--device {device} names one GPU, but --gpus {plan.nproc_per_node} puts process i on GPU i; "
+                         "pass --device cuda (or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES.")
+    check_devices(plan, device, warn=_log, option="--device")
+    code, signal_name = run_torchrun(plan, command, _log, task="the evaluation",
+                                     advice="Fix its cause and run the same command again.")
+    if signal_name is not None:
+        _log(f"Error: the evaluation was interrupted by {signal_name}; run the same command again.")
+    return code
 
 
 def _how(provenance: dict) -> str:

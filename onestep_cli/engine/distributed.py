@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import subprocess
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -174,6 +176,56 @@ def all_gather_object(obj, env: DistEnv) -> list:
     out = [None] * env.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+class PeerFailure(RuntimeError):
+    """Raised by `gather_rows` on ranks other than 0 when a rank failed; rank 0 raises (and reports) that error."""
+
+
+def _picklable(error: Exception) -> Exception:
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # An exception type that cannot cross processes: keep its sentence.
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def gather_rows(arrays: dict[str, np.ndarray] | Exception, env: DistEnv) -> dict[str, np.ndarray] | None:
+    """Every rank's arrays, concatenated along the first axis in rank order, on rank 0; None on the other ranks.
+
+    Shards may be uneven or empty (an empty one may have any width). A rank that failed passes its exception instead:
+    then rank 0 raises the error of the lowest failed rank and the others raise PeerFailure, so no rank waits for a
+    collective that never comes. In a single process this returns `arrays` (or raises it).
+    """
+    if not env.is_distributed:
+        if isinstance(arrays, Exception):
+            raise arrays
+        return arrays
+    failed = isinstance(arrays, Exception)
+    header = _picklable(arrays) if failed else {key: (a.shape, a.dtype.str) for key, a in arrays.items()}
+    headers = all_gather_object((failed, header), env)
+    errors = [(rank, error) for rank, (is_error, error) in enumerate(headers) if is_error]
+    if errors:
+        rank, error = errors[0]
+        if env.is_main:
+            raise error
+        raise PeerFailure(f"Rank {rank} failed: {error}")
+    # NCCL moves CUDA tensors only; gloo moves CPU tensors.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    gathered = {}
+    for key in headers[0][1]:
+        shapes = [shards[key][0] for _, shards in headers]
+        rows = [shape[0] for shape in shapes]
+        full = next((rank for rank, count in enumerate(rows) if count), 0)  # Every rank sends this width, padded.
+        width, dtype = shapes[full][1:], torch.from_numpy(np.empty(0, headers[full][1][key][1])).dtype
+        padded = torch.zeros((max(rows), *width), dtype=dtype, device=device)
+        if rows[env.rank]:
+            padded[:rows[env.rank]] = torch.from_numpy(np.ascontiguousarray(arrays[key])).to(device)
+        parts = [torch.empty_like(padded) for _ in range(env.world_size)] if env.is_main else None
+        dist.gather(padded, parts, dst=0)
+        if env.is_main:
+            gathered[key] = np.concatenate([part[:count].cpu().numpy() for part, count in zip(parts, rows)])
+    return gathered if env.is_main else None
 
 
 def print0(env: DistEnv, log):

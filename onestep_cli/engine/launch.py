@@ -61,38 +61,48 @@ class LaunchPlan:
                        f"--master-port={self.master_port or 29500}"]
 
 
-def check_devices(plan: LaunchPlan, device_choice: str, warn) -> None:
-    """Refuse more processes than GPUs on this node; say so when the processes will run on CPU with gloo."""
+def check_devices(plan: LaunchPlan, device_choice: str, warn, option: str = "train.device") -> None:
+    """Refuse more processes than GPUs on this node; say so when the processes will run on CPU with gloo.
+
+    `option` names where `device_choice` came from: a config key (set with --set) or a command-line flag."""
     if device_choice != "cpu" and torch.cuda.is_available():
         if plan.nproc_per_node > torch.cuda.device_count():
             raise RuntimeError(f"--gpus {plan.nproc_per_node} asks for more GPUs than the {torch.cuda.device_count()} "
                                "visible on this node; lower --gpus or check CUDA_VISIBLE_DEVICES.")
         return
     if device_choice == "cuda":
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; use --set train.device=cpu or auto.")
-    reason = "train.device is cpu" if device_choice == "cpu" else "no CUDA device is visible"
+        setting = option if option.startswith("--") else f"--set {option}"
+        raise RuntimeError(f"{option} is 'cuda' but no CUDA device is visible; use {setting}=cpu or auto.")
+    reason = f"{option} is cpu" if device_choice == "cpu" else "no CUDA device is visible"
     warn(f"Warning: {reason}, so --gpus {plan.nproc_per_node} starts {plan.nproc_per_node} CPU processes "
          "communicating over gloo (useful for testing, not for speed).")
 
 
-def run_torchrun(plan: LaunchPlan, command: list[str], log) -> tuple[int, str | None]:
+RESUME_ADVICE = "Fix its cause and run the same command again: it resumes from the newest complete checkpoint."
+
+
+def run_torchrun(plan: LaunchPlan, command: list[str], log, task: str = "the distillation",
+                 advice: str = RESUME_ADVICE) -> tuple[int, str | None]:
     """Run `python -m onestep_cli <command>` under torch.distributed.run in this process (it becomes the agent).
 
     Returns (exit code, name of the signal that stopped the run or None). On a signal the agent forwards it to the
-    workers and waits for them (SHUTDOWN_TIMEOUT_S) before returning.
+    workers and waits for them (SHUTDOWN_TIMEOUT_S) before returning. A failed worker is reported as "`task` failed
+    on rank ...", followed by `advice`.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    args = parse_args([*plan.torchrun_args(), "--module", "onestep_cli"])
+    # Set after parsing: torchrun's parser would take the command's options for abbreviations of its own (--num).
+    args.training_script_args = list(command)
     try:
-        run(parse_args([*plan.torchrun_args(), "--module", "onestep_cli", *command]))
+        run(args)
     except SignalException as exc:
         return 128 + int(exc.sigval), exc.sigval.name
     except ChildFailedError as exc:
         ranks = ", ".join(f"rank {rank} (exit code {failure.exitcode})" for rank, failure in exc.failures.items())
-        log(f"Error: the distillation failed on {ranks}; the first error is printed above. Fix its cause and run "
-            "the same command again: it resumes from the newest complete checkpoint.")
+        log(f"Error: {task} failed on {ranks}; the first error is printed above. {advice}")
         return 1, None
     return 0, None
 

@@ -28,7 +28,7 @@ from .precision import resolve_precision, set_tf32
 from .progress import Progress
 from .run_dir import RunDir
 from .signals import StopRequest
-from .trainer import NonFiniteError, Trainer
+from .trainer import NonFiniteError, Trainer, training_mode
 
 
 @dataclass
@@ -62,8 +62,9 @@ class GeneratorEvaluator:
                                          batch_size=self.config.batch_size)
 
     def __call__(self, trainer: Trainer) -> dict:
-        samples, labels = generate_with_labels(trainer.sampling_generator, self.seeds, trainer.data_shape,
-                                               trainer.label_dim, device=trainer.device)
+        with training_mode(trainer.sampling_generator, False):  # No dropout in samples of a generator without EMA.
+            samples, labels = generate_with_labels(trainer.sampling_generator, self.seeds, trainer.data_shape,
+                                                   trainer.label_dim, device=trainer.device)
         if self.context is not None:
             self.context.labels = labels
         results = compute_metrics(self.config.metrics, samples, trainer.teacher, self.context)

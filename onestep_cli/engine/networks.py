@@ -77,19 +77,57 @@ def build_networks(config: RunConfig, teacher: Denoiser | None = None, run_dir: 
         generator_denoiser, fake = copy.deepcopy(teacher), copy.deepcopy(teacher)
         data_shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
         label_dim = teacher.label_dim
+    for network, key, p in ((generator_denoiser, "generator.dropout", config.generator.dropout),
+                            (fake, "fake.dropout", config.fake.dropout)):
+        if p is not None:
+            set_dropout(network, p, key)
+    check_augmentation(fake, config.fake.augment_p)
     generator_denoiser.requires_grad_(True).train()
     fake.requires_grad_(True).train()
-    for network in (generator_denoiser, fake):
-        freeze_unused(network)
+    freeze_unused(generator_denoiser)
+    freeze_unused(fake, augmented=config.fake.augment_p > 0)
     generator = OneStepGenerator(generator_denoiser, config.generator.sigma_init)
     return Networks(teacher, generator, fake, tuple(data_shape), label_dim)
 
 
-def freeze_unused(network: torch.nn.Module) -> None:
+def set_dropout(network: torch.nn.Module, p: float, key: str) -> None:
+    """Set the dropout probability of every residual block of an EDM network (and in its recorded init_kwargs).
+
+    EDM's U-Nets apply dropout in one place, between the two convolutions of each `UNetBlock`, with the probability
+    the network was built with (`dropout`); only in training mode. Raises ConfigError for a network without them.
+    """
+    from ..denoisers.edm.layers import UNetBlock
+
+    found = [module for module in network.modules() if isinstance(module, UNetBlock)]
+    if not found:
+        raise ConfigError(f"{key}={p} applies to copies of EDM teachers (U-Net blocks with dropout), and this run's "
+                          f"{type(network).__name__} has none; remove {key} (or set it to null).")
+    for block in found:
+        block.dropout = p
+    if isinstance(getattr(network, "init_kwargs", None), dict):
+        network.init_kwargs = {**network.init_kwargs, "dropout": p}
+
+
+def check_augmentation(fake: torch.nn.Module, augment_p: float) -> None:
+    """Refuse fake.augment_p > 0 unless the fake score takes EDM's 9 augmentation labels."""
+    from ..denoisers.edm.augment import AUGMENT_DIM
+
+    augment_dim = getattr(fake, "augment_dim", 0) or 0
+    if augment_p > 0 and augment_dim != AUGMENT_DIM:
+        raise ConfigError(
+            f"fake.augment_p={augment_p} needs a fake-score network with EDM's {AUGMENT_DIM} augmentation inputs "
+            f"(augment_dim={AUGMENT_DIM}, as EDM's CIFAR-10 teachers), but this run's {type(fake).__name__} has "
+            f"augment_dim={augment_dim}; set fake.augment_p=0 or use a teacher trained with augmentation.")
+
+
+def freeze_unused(network: torch.nn.Module, augmented: bool = False) -> None:
     """Freeze weights distillation never uses, so DDP does not wait for their gradients.
 
-    EDM networks trained with augmentation carry a `map_augment` layer; distillation passes no augmentation labels.
+    EDM networks trained with augmentation carry a `map_augment` layer; only a fake score trained on augmented
+    images (`augmented`, fake.augment_p > 0) receives augmentation labels.
     """
+    if augmented:
+        return
     for name, module in network.named_modules():
         if name.endswith("map_augment"):
             module.requires_grad_(False)
@@ -175,6 +213,15 @@ def build_text_to_image_networks(config: RunConfig, run_dir: Path | None = None,
     """
     from ..denoisers.diffusers import GuidedDenoiser
 
+    refused = [f"{key}={value}" for key, value in (("generator.dropout", config.generator.dropout),
+                                                   ("fake.dropout", config.fake.dropout)) if value is not None]
+    if config.fake.augment_p:
+        refused.append(f"fake.augment_p={config.fake.augment_p}")
+    if refused:
+        these, them = ("these apply", "them") if len(refused) > 1 else ("this applies", "it")
+        raise ConfigError(f"{', '.join(refused)}: {these} only to EDM teachers (teacher.kind: edm); a diffusers "
+                          "network has no single dropout of its residual blocks to set and no augmentation input. "
+                          f"Remove {them} (dropout: null, augment_p: 0).")
     teacher_config = config.teacher
     pipeline = load_text_teacher(teacher_config)
     data_shape = text_latent_shape(pipeline, teacher_config)

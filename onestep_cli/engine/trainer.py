@@ -1,5 +1,10 @@
 """One training iteration on every rank: k fake-score updates, one generator update, EMA; and its full state.
 
+As in SiD, a network is in training mode (dropout on) only in its own update: the generator's samples that train the
+fake score come from the generator in eval mode, and the fake score is in eval mode inside the generator loss; the
+teacher is always in eval mode. With fake.augment_p > 0 the fake score trains on EDM-augmented samples with their
+labels; the generator loss sees neither.
+
 Every rank draws the whole global batch's latents, noise levels and noise from the same generators and computes
 its own contiguous share (split again into grad_accumulation micro-batches). The per-sample randomness therefore
 does not depend on how the batch is split: one process with batch B, or N processes with B/N each, train the same
@@ -8,12 +13,14 @@ networks up to floating-point summation order, and any rank count can resume any
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
 import torch
 
 from ..config import LogNormalSigmaConfig, RunConfig
+from ..denoisers.edm.augment import augment, draw_augmentation
 from ..objectives import build_objective, fake_score_loss
 from ..objectives.sigmas import sample_sigma
 from .checkpoint import (CheckpointError, begin_save, commit, gather_hashes, hash_files, is_sharded, read_checkpoint,
@@ -35,6 +42,18 @@ def make_optimizer(config: RunConfig, params, lr: float, fused: bool = False) ->
     cls = torch.optim.AdamW if config.train.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=lr, betas=tuple(config.train.betas), weight_decay=config.train.weight_decay,
                **({"fused": True} if fused else {}))
+
+
+@contextlib.contextmanager
+def training_mode(module: torch.nn.Module, training: bool):
+    """Put `module` (and its submodules) in training or eval mode for the block, then back as they were."""
+    previous = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield module
+    finally:
+        for m, mode in previous:
+            m.training = mode
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -150,14 +169,20 @@ class Trainer:
         outcomes = []
         for _ in range(cfg.train.fake_updates_per_step):
             z, cond, sigma, noise = self._draw(self.fake_sigma)
+            augmentation = None
+            if cfg.fake.augment_p:  # Drawn for the global batch, like the noise, so any split sees the same.
+                augmentation = draw_augmentation(cfg.train.batch_size, cfg.fake.augment_p, self.rng, self.device)
 
             def fake_loss(part):
                 c = cond[part] if cond is not None else None
-                with torch.no_grad(), autocast(self.precision, self.device):
-                    x_g = self.generator(z[part], c)
+                with torch.no_grad(), autocast(self.precision, self.device), training_mode(self.generator, False):
+                    x_g = self.generator(z[part], c).float()
+                labels = None
+                if augmentation is not None:
+                    x_g, labels = augment(x_g, augmentation[part]), augmentation[part].labels()
                 with autocast(self.precision, self.device):
-                    return fake_score_loss(self.fake_train, x_g.float(), sigma[part], noise[part], c,
-                                           cfg.fake.sigma_data).float().mean()
+                    return fake_score_loss(self.fake_train, x_g, sigma[part], noise[part], c, cfg.fake.sigma_data,
+                                           augment_labels=labels).float().mean()
 
             loss_fake, grad_fake, outcome = self._update(fake_loss, self.fake_train, self.fake, self.opt_fake,
                                                          self.scaler_fake)
@@ -176,8 +201,9 @@ class Trainer:
                     return self.objective.generator_loss(x_g, sigma[part], noise[part], self.teacher, self.fake,
                                                          c).float().mean()
 
-            loss_gen, grad_gen, outcome = self._update(generator_loss, self.generator_train, self.generator,
-                                                       self.opt_generator, self.scaler_generator)
+            with training_mode(self.fake, False):
+                loss_gen, grad_gen, outcome = self._update(generator_loss, self.generator_train, self.generator,
+                                                           self.opt_generator, self.scaler_generator)
             outcomes.append(outcome)
         finally:
             for parameter in trainable:

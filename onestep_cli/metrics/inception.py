@@ -14,6 +14,8 @@ differ only in how images reach 299x299:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 
 import numpy as np
@@ -34,12 +36,31 @@ RESIZE_DESCRIPTION = {
 def tf1_bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of [N, C, H, W] as TensorFlow 1.x's `resize_bilinear(align_corners=False)`: output pixel i
     samples the input at i * in/out, between floor and floor + 1 (clamped to the last pixel). Done as two matrix
-    products with the (two-nonzeros-per-row) interpolation matrices, which is fast for any size."""
+    products with the (two-nonzeros-per-row) interpolation matrices, which is fast for any size, in full float32
+    whatever the caller's autocast and TF32 settings."""
     rows = _tf1_interpolation_matrix(x.shape[2], size[0], x.dtype, x.device)
     cols = _tf1_interpolation_matrix(x.shape[3], size[1], x.dtype, x.device)
-    return rows @ x @ cols.T
+    with _full_precision_matmul(x.device):
+        return rows @ x @ cols.T
 
 
+@contextlib.contextmanager
+def _full_precision_matmul(device: torch.device):
+    """Matrix products in the tensors' own dtype: no autocast, and no TF32 on CUDA (the engine's --tf32 turns it on
+    for the process; TF32 would round the weights and the half-resized pixels to 10 mantissa bits), restored after."""
+    with torch.autocast(device.type, enabled=False):
+        if device.type != "cuda":
+            yield
+            return
+        saved = torch.backends.cuda.matmul.allow_tf32  # The flag the engine sets (engine.precision.set_tf32).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@functools.lru_cache(maxsize=16)  # One pair per image size and device; rebuilding would copy them every batch.
 def _tf1_interpolation_matrix(n_in: int, n_out: int, dtype, device) -> torch.Tensor:
     src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
     low = src.floor().long().clamp(max=n_in - 1)
@@ -59,14 +80,26 @@ def clean_resize(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.stack([resize(image) for image in images]).transpose(0, 3, 1, 2).copy())
 
 
-def inception_input(images: np.ndarray, mode: str) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, 299, 299] in 0..255, resized by the protocol of `mode`."""
+def inception_input(images: np.ndarray, mode: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float32 [N, 3, 299, 299] in 0..255 on `device`, resized by the protocol of `mode`.
+
+    The TF1 bilinear modes send the uint8 images to `device` and convert and resize there (a 32x32 batch is 87 times
+    smaller than its 299x299 float32 input); clean-fid's PIL resizer runs on the CPU and its output is sent."""
+    device = torch.device(device)
     if mode == "clean":
-        return clean_resize(images)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(torch.float32)
+        return clean_resize(images).to(device)
+    x = _uint8_to_device(images, device).permute(0, 3, 1, 2).to(torch.float32)
     if x.shape[2:] == (INCEPTION_SIZE, INCEPTION_SIZE):
         return x.contiguous()
     return tf1_bilinear_resize(x, (INCEPTION_SIZE, INCEPTION_SIZE))
+
+
+def _uint8_to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The uint8 array as a tensor on `device`; to CUDA through pinned memory, without waiting for the copy."""
+    x = torch.from_numpy(images)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)  # Pinned blocks are not reused before the copy ends.
+    return x.to(device)
 
 
 def _load_torchscript(path, device) -> torch.jit.ScriptModule:
@@ -109,7 +142,7 @@ class InceptionFeatures(FeatureExtractor):
 
     @torch.no_grad()
     def extract(self, images, prompts=None) -> np.ndarray:
-        x = inception_input(images, self.mode).to(self.device)
+        x = inception_input(images, self.mode, self.device)
         return self.network(x).double().cpu().numpy()
 
 
@@ -141,7 +174,7 @@ class InceptionProbabilities(FeatureExtractor):
     @torch.no_grad()
     def extract(self, images, prompts=None) -> np.ndarray:
         # At 299x299 the detector's own resize is the identity; it then scales to [-1, 1] itself.
-        x = inception_input(images, self.mode).to(self.device)
+        x = inception_input(images, self.mode, self.device)
         return self.net(x, no_output_bias=True).double().cpu().numpy()
 
 
