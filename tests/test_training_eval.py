@@ -1,0 +1,57 @@
+"""Image metrics during training (eval.metrics / eval.ref) and the digits written as a reference .npz."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from onestep_cli.digits.images_npz import write_digits_npz
+from onestep_cli.evaluation import evaluate
+from test_cli import onestep
+
+
+def test_digits_npz_is_a_reference_equal_to_the_real_digits(tmp_path):
+    path = write_digits_npz(tmp_path / "digits8.npz", 8)
+    with np.load(path) as data:
+        assert data["samples"].shape == (1797, 8, 8, 3) and data["samples"].dtype == np.uint8
+        assert data["labels"].shape == (1797,) and set(data["labels"].tolist()) == set(range(10))
+    result = evaluate(path, ["fd_digits", "class_accuracy"])
+    assert result["metrics"]["fd_digits"] < 1e-2  # Only uint8 rounding separates it from the built-in reference.
+    assert result["metrics"]["class_accuracy"] > 0.98
+
+
+@pytest.fixture(scope="module")
+def run_with_training_metrics(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("training-eval")
+    reference = write_digits_npz(tmp / "digits8.npz", 8)
+    run = tmp / "run"
+    onestep("distill", "--out", run, "--set", "train.max_steps=4", "--set", "eval.every_steps=2",
+            "--set", "eval.metrics=[fd_digits,class_accuracy]", "--set", "eval.num_samples=64",
+            "--set", f"eval.ref={reference}")
+    return run, reference
+
+
+def test_training_records_image_metrics_with_labels_against_the_given_reference(run_with_training_metrics):
+    run, reference = run_with_training_metrics
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4]
+    for row in rows:
+        assert 0 <= row["metrics"]["class_accuracy"] <= 1 and row["metrics"]["fd_digits"] > 0
+        provenance = row["provenance"]["fd_digits"]
+        assert provenance["seeds"] == "1000000-1000063" and provenance["num_images"] == 64
+        assert provenance["reference"] == str(reference)
+    # The same generator evaluated afterwards on the same seeds and reference gives the same numbers.
+    after = evaluate(run, ["fd_digits", "class_accuracy"], seeds=list(range(1000000, 1000064)), ref=str(reference),
+                     device="cpu")
+    for name in ("fd_digits", "class_accuracy"):
+        assert after["metrics"][name] == pytest.approx(rows[-1]["metrics"][name], rel=1e-6)
+
+
+def test_a_missing_training_reference_is_named_before_any_step(tmp_path):
+    missing = tmp_path / "nothing.npz"
+    result = onestep("distill", "--out", tmp_path / "run", "--set", "train.max_steps=2", "--set",
+                     "eval.metrics=[fd_digits]", "--set", f"eval.ref={missing}", check=False)
+    assert result.returncode != 0 and str(missing) in result.stderr
+    assert not (tmp_path / "run").exists(), "a refused start must leave no run directory behind"
