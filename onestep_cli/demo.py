@@ -64,7 +64,6 @@ def run_demo(out_dir: Path, objectives: list[str], steps: int = DEMO_STEPS, num:
 def teacher_samples(run_dir: Path, num: int, out_dir: Path, log) -> Path:
     """An .npz of the run's teacher sampled with Heun (35 NFE) on seeds 0..num-1: the shipped one when it was made
     by these teacher weights and holds enough seeds, else freshly sampled into out_dir."""
-    loaded = load_generator_source(run_dir)
     teacher_path = RunDir(run_dir).read_config().teacher.resolved_path
     weights_sha256 = _weights_sha256(teacher_path)
     shipped = resolve_asset_path(TEACHER_SAMPLES)
@@ -82,6 +81,7 @@ def teacher_samples(run_dir: Path, num: int, out_dir: Path, log) -> Path:
                 return path
     log(f"[demo] sampling the teacher with Heun (35 NFE) on seeds 0-{num - 1} (a few minutes on a CPU)")
     path = out_dir / f"teacher-heun35-seeds0-{num - 1}.npz"
+    loaded = load_generator_source(run_dir)  # Only now: the shipped samples need no networks.
     write_teacher_samples(loaded.teacher, loaded.data_shape, loaded.label_dim, teacher_path, num, path)
     return path
 

@@ -302,7 +302,7 @@ def generator_source(generator, seeds: list[int], shape, label_dim: int = 0, bat
                      device="cpu", precision: str = "fp32", description: str = "generator") -> ImageSource:
     """Images generated in memory, batch by batch, one seed per image (no PNG round trip); quantised to uint8
     exactly as `write_samples` does, so the numbers match those of the written files."""
-    from .sampling import seeded_latents
+    from .sampling import seed_labels, seeded_latents
 
     if not is_image_shape(shape):
         raise SourceError(f"{description} makes samples of shape {tuple(shape)}, not images.")
@@ -318,7 +318,7 @@ def generator_source(generator, seeds: list[int], shape, label_dim: int = 0, bat
         return as_uint8_nhwc(images, description)  # Quantised on `device`: elementwise, the same bits as on the CPU.
 
     def labels(start: int, stop: int) -> np.ndarray:  # The classes `generate` drew for these seeds.
-        return seeded_latents(seeds[start:stop], shape, label_dim)[1].argmax(dim=1).numpy()
+        return seed_labels(seeds[start:stop], shape, label_dim)
 
     return ImageSource(description, len(seeds), (int(shape[1]), int(shape[2])), None, list(seeds),
                        {"precision": precision}, read, labels if label_dim else None)
