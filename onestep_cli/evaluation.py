@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,14 +49,15 @@ def evaluate(source: Path, metrics: list[str], num: int | None = None, seeds: li
              ref: str | None = None, *, prompts: Path | None = None, fid_mode: str = DEFAULT_FID_MODE,
              batch_size: int = DEFAULT_BATCH, device: str | torch.device = "auto", precision: str = "fp32",
              weights: dict[str, str] | None = None, options: dict[str, str] | None = None,
-             save_stats: Path | None = None) -> dict | None:
+             save_stats: Path | None = None, compile_generator: bool = False) -> dict | None:
     """Compute `metrics` on `source`; returns {"source", "metrics": {name: value}, "provenance": {...}}.
 
     Sources: a run directory or checkpoint (samples generated in memory from `seeds`, default 0..num-1), a folder
     of images (sorted file names), an .npz of images or of low-dimensional samples, a folder with samples.npz.
     Image metrics take `ref` (reference statistics .npz, or images), `prompts` (one line per image), `fid_mode`,
     `weights` (weight-set key -> local path instead of the cache) and `options` ("metric.option" -> value);
-    `save_stats` writes the source's feature statistics as a reference file (EDM's mu/sigma format).
+    `save_stats` writes the source's feature statistics as a reference file (EDM's mu/sigma format);
+    `compile_generator` compiles a generator source's blocks first (as train.compile; channels_last on CUDA).
 
     Under torchrun or srun (or in a process group the caller set up) every process calls this for image metrics: each
     generates or reads a contiguous run of whole batches of the images and extracts their features on its own device
@@ -68,7 +70,7 @@ def evaluate(source: Path, metrics: list[str], num: int | None = None, seeds: li
         env, device, initialised = _join_processes(device)
         try:
             return _evaluate_images(source, metrics, num, seeds, ref, prompts, fid_mode, batch_size, device,
-                                    precision, weights or {}, options or {}, save_stats, env)
+                                    precision, weights or {}, options or {}, save_stats, env, compile_generator)
         finally:
             distributed.shutdown(initialised)
     if prompts is not None:
@@ -110,6 +112,20 @@ def _join_processes(device_choice: str | torch.device) -> tuple[distributed.Dist
     if distributed.launcher_env() is None and not distributed.current().is_distributed:
         return distributed.SINGLE, device, False
     return distributed.init(str(device))
+
+
+def _compile_generator(generator: torch.nn.Module, device: torch.device) -> bool:
+    """`--compile`: the generator's blocks compiled as train.compile does, NHWC on CUDA (together the fastest one-step
+    sampling measured, docs/benchmarks.md). False, with a warning, where torch.compile cannot run."""
+    from .engine.precision import compile_blocks, compile_failure, use_channels_last
+
+    failure = compile_failure(device)
+    if failure is not None:
+        warnings.warn(f"--compile: torch.compile does not work on {device.type} here ({failure}); generating eager.",
+                      stacklevel=2)
+        return False
+    use_channels_last([generator], device)
+    return compile_blocks([generator], device)
 
 
 def _common() -> dict:
@@ -157,7 +173,8 @@ def open_image_source(path: Path):
 
 
 def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, batch_size, device, precision,
-                     weights, options, save_stats, env: distributed.DistEnv) -> dict | None:
+                     weights, options, save_stats, env: distributed.DistEnv,
+                     compile_generator: bool = False) -> dict | None:
     from .metrics.image_eval import compute_image_metrics
     from .metrics.reference import open_reference, write_reference_stats
 
@@ -173,10 +190,11 @@ def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, 
         seeds = seeds if seeds is not None else list(range(num or DEFAULT_IMAGE_NUM))
         if num is not None and num != len(seeds):
             raise ValueError(f"--num {num} disagrees with --seeds ({len(seeds)} seeds); give one or make them match.")
+        compiled = compile_generator and _compile_generator(loaded.generator, device)
         images = generator_source(loaded.generator, seeds, loaded.data_shape, loaded.label_dim, batch_size, device,
                                   precision, description=f"generator of {source} (step {loaded.step})")
         common.update(source_kind="generator", step=loaded.step, kimg=loaded.kimg, generation="in memory, one step",
-                      precision=precision)
+                      precision=precision, compiled=compiled)
     else:
         if seeds is not None:
             raise ValueError("--seeds chooses what a generator makes; for stored images use --num (the first N).")

@@ -37,6 +37,10 @@ def test_demo_distils_evaluates_and_compares_with_the_teacher(tmp_path):
     assert student["metrics"]["fd_digits"] > teacher["metrics"]["fd_digits"]
     assert (tmp_path / "demo" / "report" / "report.html").is_file()
     assert (tmp_path / "demo" / "report" / "grids" / "grid.png").is_file()
+    # The preset's GPU batch and EMA, scaled to the CPU: 3 steps at batch 64 are 0.192 kimg.
+    run = yaml.safe_load((tmp_path / "demo" / "digits-sim" / "config.yaml").read_text())["train"]
+    assert (run["batch_size"], run["ema_halflife_kimg"]) == (64, 2)
+    assert resolve_config("digits-sim").train.batch_size == 256
 
 
 @pytest.fixture(scope="module")

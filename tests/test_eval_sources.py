@@ -267,3 +267,15 @@ def test_cli_missing_weights_and_unknown_metric_exit_nonzero(tmp_path):
     assert missing.exit_code == 1 and "onestep weights fetch clip_vit_l14" in " ".join(missing.output.split())
     unknown = onestep("eval", folder, "--metrics", "fd_dino")
     assert unknown.exit_code == 2 and "Did you mean 'fd_dinov2'" in unknown.output
+
+
+def test_compiled_generator_gives_the_same_numbers(image_run, reference_folder, tiny_weights, in_memory):
+    """`onestep eval --compile`: the compiled generator's images score as the eager one's (uint8 quantisation may flip
+    a rare pixel, hence the tolerance); where torch.compile cannot run it generates eager and says compiled: false."""
+    from onestep_cli.engine.precision import compile_failure
+
+    result = evaluate(image_run, ["fid", "kid"], seeds=SEEDS, ref=str(reference_folder), weights=tiny_weights,
+                      device="cpu", batch_size=4, compile_generator=True)
+    assert result["provenance"]["common"]["compiled"] == (compile_failure(torch.device("cpu")) is None)
+    for name in ("fid", "kid"):
+        assert result["metrics"][name] == pytest.approx(in_memory["metrics"][name], rel=1e-3, abs=1e-6)

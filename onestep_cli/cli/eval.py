@@ -33,7 +33,7 @@ def eval_command(
     source: Path = typer.Argument(..., help="Run directory, checkpoint folder, image folder, samples folder or .npz."),
     metrics: str = typer.Option("swd,mode_coverage", "--metrics",
                                 help="Comma-separated: swd, mode_coverage, fid, kid, precision, recall, is, "
-                                     "fd_clip, fd_dinov2, clip_score, aesthetic, imagereward, pickscore."),
+                                     "fd_clip, fd_dinov2, clip_score, aesthetic, imagereward, pickscore, hpsv2."),
     ref: Optional[str] = typer.Option(None, "--ref", help="Image metrics: reference statistics (.npz with mu/sigma), "
                                       "an image folder or .npz of images. swd/mode_coverage: a run, preset or config "
                                       "naming the teacher."),
@@ -47,6 +47,10 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     precision: str = typer.Option("fp32", "--precision", help="Generation precision for generator sources: fp32, "
                                   "bf16 or fp16 (CUDA)."),
+    compile_generator: bool = typer.Option(
+        False, "--compile", help="Generator sources: torch.compile the generator's blocks (channels_last on CUDA) "
+        "before generating: about 1.7x the generation speed on an H100 for some 30 s of compilation (less once "
+        "inductor's disk cache is warm); see docs/benchmarks.md."),
     weights: Optional[List[str]] = typer.Option(None, "--weights", help="KEY=PATH: use a local copy of a weight set "
                                                 "instead of the cache (repeatable; see `onestep weights list`)."),
     option: Optional[List[str]] = typer.Option(None, "--option", help="metric.option=VALUE, e.g. clip_score.model="
@@ -82,7 +86,7 @@ def eval_command(
         command = ["eval", str(source), "--metrics", metrics, *(["--ref", ref] if ref else []),
                    *(["--num", str(num)] if num is not None else []), *(["--seeds", seeds] if seeds else []),
                    *(["--prompts", str(prompts)] if prompts else []), "--fid-mode", fid_mode, "--batch", str(batch),
-                   "--device", device, "--precision", precision,
+                   "--device", device, "--precision", precision, *(["--compile"] if compile_generator else []),
                    *[arg for item in weights or [] for arg in ("--weights", item)],
                    *[arg for item in option or [] for arg in ("--option", item)],
                    *(["--save-stats", str(save_stats)] if save_stats else []), *(["--out", str(out)] if out else []),
@@ -97,7 +101,7 @@ def eval_command(
     try:
         result = evaluate(source, names, num, seed_list, ref, prompts=prompts, fid_mode=fid_mode, batch_size=batch,
                           device=device, precision=precision, weights=weight_paths, options=options,
-                          save_stats=save_stats)
+                          save_stats=save_stats, compile_generator=compile_generator)
     # Errors about the inputs are raised alike by every rank, and PeerFailure stands for one that rank 0 raises: rank 0
     # reports them. The other ranks exit quietly with 0, so the launcher does not stop rank 0 before it has printed.
     except (ValueError, FileNotFoundError, PeerFailure):

@@ -117,6 +117,7 @@ def mean_score_metric(name: str, space: str, description: str, needs_prompts: bo
 
 def _spaces():
     from .clip import AestheticScore, CLIPImageFeatures, CLIPScore
+    from .hpsv2 import HPSv2Score
     from .imagereward import ImageRewardScore
     from .inception import InceptionFeatures, InceptionProbabilities
     from .transformers_models import DINOv2Features, PickScore
@@ -131,6 +132,7 @@ def _spaces():
         FeatureSpace("imagereward", "ImageReward v1.0 of each image with its prompt", ImageRewardScore,
                      needs_prompts=True),
         FeatureSpace("pickscore", "PickScore_v1 of each image with its prompt", PickScore, needs_prompts=True),
+        FeatureSpace("hpsv2", "HPS v2.1 (or v2.0) of each image with its prompt", HPSv2Score, needs_prompts=True),
     ]
 
 
@@ -168,6 +170,7 @@ for _metric in [
     mean_score_metric("aesthetic", "aesthetic", "LAION improved aesthetic predictor"),
     mean_score_metric("imagereward", "imagereward", "ImageReward v1.0 with the prompt", needs_prompts=True),
     mean_score_metric("pickscore", "pickscore", "PickScore_v1 with the prompt", needs_prompts=True),
+    mean_score_metric("hpsv2", "hpsv2", "HPS v2.1 (or v2.0) raw cosine with the prompt", needs_prompts=True),
 ]:
     register_metric(_metric)
 for _space in _spaces():

@@ -121,6 +121,16 @@ WEIGHT_SETS: dict[str, WeightSet] = {s.key: s for s in [
                         "merges.txt", "special_tokens_map.json"))),
         "MIT (PickScore_v1); MIT (laion/CLIP-ViT-H-14-laion2B-s32B-b79K)", 3950),
     WeightSet(
+        "hps_v2.0", "HPS v2.0, Human Preference Score v2 (open_clip ViT-H-14 fine-tuned on HPD v2), used with "
+        "`--option hpsv2.version=v2.0`", ("hpsv2",),
+        (WeightFile("HPS_v2_compressed.pt", f"{_HF}/xswu/HPSv2/resolve/main/HPS_v2_compressed.pt"),),
+        "Apache-2.0 (tgxs002/HPSv2)", 1960),
+    WeightSet(
+        "hps_v2.1", "HPS v2.1, Human Preference Score v2.1 (open_clip ViT-H-14 fine-tuned on human preferences, "
+        "the successor of v2.0), the default version of `hpsv2`", ("hpsv2",),
+        (WeightFile("HPS_v2.1_compressed.pt", f"{_HF}/xswu/HPSv2/resolve/main/HPS_v2.1_compressed.pt"),),
+        "Apache-2.0 (tgxs002/HPSv2)", 1960),
+    WeightSet(
         "dinov2", "DINOv2 ViT-L/14 (facebook/dinov2-large, transformers format), the feature network of EDM2's "
         "fd_dinov2", ("fd_dinov2",),
         (WeightFile("config.json", f"{_HF}/facebook/dinov2-large/resolve/main/config.json"),
