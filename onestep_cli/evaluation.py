@@ -114,6 +114,25 @@ def _join_processes(device_choice: str | torch.device) -> tuple[distributed.Dist
     return distributed.init(str(device))
 
 
+def _text_to_image_images(loaded, source, prompts, num, seeds, batch_size, device, precision, description):
+    """A text-to-image run's images of every prompt of --prompts with every seed (default: seed 0), generated in
+    memory in `onestep sample --prompts` order, and the prompt of each image."""
+    from .denoisers.diffusers import read_prompts as read_prompt_file
+    from .sample_io import text_to_image_source
+
+    if prompts is None:
+        raise MetricError(f"{source} is a text-to-image run: give the prompts to draw with --prompts FILE (.txt, "
+                          ".jsonl or COCO .json); each prompt is drawn with every seed of --seeds (default 0).")
+    texts = read_prompt_file(prompts)
+    seeds = seeds if seeds is not None else [0]
+    loaded.pipeline.pipeline.vae.to(device)
+    images = text_to_image_source(loaded.generator, loaded.pipeline, texts, seeds, loaded.data_shape, batch_size,
+                                  device, precision, description)
+    if num is not None:
+        images = images.head(num)
+    return images, [text for text in texts for _ in seeds][:images.num]
+
+
 def _compile_generator(generator: torch.nn.Module, device: torch.device) -> bool:
     """`--compile`: the generator's blocks compiled as train.compile does, NHWC on CUDA (together the fastest one-step
     sampling measured, docs/benchmarks.md). False, with a warning, where torch.compile cannot run."""
@@ -181,23 +200,35 @@ def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, 
     common = _common()
     if is_generator_source(source):
         loaded = load_generator_source(source, device=device)
-        if not is_image_shape(loaded.data_shape):
+        if loaded.pipeline is None and not is_image_shape(loaded.data_shape):  # Text-to-image: latents, decoded.
             raise MetricError(f"Image metrics need images, but {source} generates samples of shape "
                               f"{tuple(loaded.data_shape)}; use swd or mode_coverage.")
-        if prompts is not None:
-            raise MetricError(f"The generator of {source} takes no text prompts, so --prompts cannot be paired with "
-                              "its images; --prompts applies to text-to-image generators and to stored images.")
-        seeds = seeds if seeds is not None else list(range(num or DEFAULT_IMAGE_NUM))
-        if num is not None and num != len(seeds):
-            raise ValueError(f"--num {num} disagrees with --seeds ({len(seeds)} seeds); give one or make them match.")
         compiled = compile_generator and _compile_generator(loaded.generator, device)
-        images = generator_source(loaded.generator, seeds, loaded.data_shape, loaded.label_dim, batch_size, device,
-                                  precision, description=f"generator of {source} (step {loaded.step})")
+        description = f"generator of {source} (step {loaded.step})"
+        if loaded.pipeline is not None:
+            images, prompt_list = _text_to_image_images(loaded, source, prompts, num, seeds, batch_size, device,
+                                                        precision, description)
+        else:
+            if prompts is not None:
+                raise MetricError(f"The generator of {source} takes no text prompts, so --prompts cannot be paired "
+                                  "with its images; --prompts applies to text-to-image generators and to stored "
+                                  "images.")
+            prompt_list = None
+            seeds = seeds if seeds is not None else list(range(num or DEFAULT_IMAGE_NUM))
+            if num is not None and num != len(seeds):
+                raise ValueError(f"--num {num} disagrees with --seeds ({len(seeds)} seeds); give one or make them "
+                                 "match.")
+            images = generator_source(loaded.generator, seeds, loaded.data_shape, loaded.label_dim, batch_size,
+                                      device, precision, description=description)
         common.update(source_kind="generator", step=loaded.step, kimg=loaded.kimg, generation="in memory, one step",
                       precision=precision, compiled=compiled)
+        if loaded.pipeline is not None:
+            common.update(text_to_image="image i * len(seeds) + j is prompt i of --prompts with seed j "
+                                        "(the order of `onestep sample --prompts` file names)")
     else:
         if seeds is not None:
             raise ValueError("--seeds chooses what a generator makes; for stored images use --num (the first N).")
+        prompt_list = read_prompts(prompts) if prompts is not None else None
         images = open_image_source(source)
         if num is not None:
             images = images.head(num)
@@ -212,7 +243,6 @@ def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, 
             raise MetricError(f"--ref {ref} names a teacher; image metrics compare with reference statistics or images."
                               f" Sample the teacher first (`onestep sample RUN --teacher --out DIR`) and pass DIR.")
         reference = open_reference(ref)
-    prompt_list = read_prompts(prompts) if prompts is not None else None
     ctx = MetricContext(reference=reference, prompts=prompt_list, prompts_path=str(prompts) if prompts else None,
                         fid_mode=fid_mode, device=device, batch_size=batch_size, weights=weights, options=options)
 

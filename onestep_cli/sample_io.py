@@ -246,6 +246,9 @@ def folder_source(folder: Path) -> ImageSource:
 
     folder = Path(folder)
     files = list_image_files(folder)
+    written = {entry["file"] for entry in read_meta(folder).get("images", []) if isinstance(entry, dict)}
+    if written:  # A folder of `onestep sample --prompts`: its samples, not its grid.png.
+        files = [p for p in files if p.relative_to(folder).as_posix() in written]
     if not files:
         raise SourceError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); pass a folder of images, "
                           "an .npz, a run directory or a checkpoint.")
@@ -322,6 +325,31 @@ def generator_source(generator, seeds: list[int], shape, label_dim: int = 0, bat
 
     return ImageSource(description, len(seeds), (int(shape[1]), int(shape[2])), None, list(seeds),
                        {"precision": precision}, read, labels if label_dim else None)
+
+
+def text_to_image_source(generator, pipeline, prompts: list[str], seeds: list[int], shape, batch_size: int = 16,
+                         device="cpu", precision: str = "fp32", description: str = "generator") -> ImageSource:
+    """Images of every (prompt, seed) pair generated in memory, prompt-major (prompt i with seed j is image
+    i * len(seeds) + j: the order of `onestep sample --prompts` file names), with the same noise per seed as
+    `sampling.generate_text_to_image`. `pipeline` is the run's DiffusersTeacher (text encoders and VAE)."""
+    from .sampling import seeded_latents
+
+    device = torch.device(device)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    pairs = [(index, seed) for index in range(len(prompts)) for seed in seeds]
+
+    @torch.no_grad()
+    def read(start: int, stop: int) -> np.ndarray:
+        chunk = pairs[start:stop]
+        z, _ = seeded_latents([seed for _, seed in chunk], shape, device=device)
+        cond = pipeline.encoder.encode([prompts[index] for index, _ in chunk]).to(device)
+        with torch.autocast(device_type=device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            latents = generator(z, cond).float()
+        return as_uint8_nhwc(pipeline.decode(latents).float(), description)
+
+    scale = int(getattr(pipeline.pipeline, "vae_scale_factor", 8))  # Pixels per latent pixel, as the pipeline's.
+    return ImageSource(description, len(pairs), (int(shape[-2]) * scale, int(shape[-1]) * scale), None,
+                       [seed for _ in prompts for seed in seeds], {"precision": precision}, read)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Each gmm preset distils the 8-Gaussian ring as shipped (no test-specific tuning), in under a minute of CPU.
+"""Each gmm preset distils the 8-Gaussian ring as shipped (no test-specific tuning); its wall time is printed, not
+asserted (about 30-40 s each on an idle 2-core CPU; docs/results.md), since shared CI machines vary.
 
 SIM and SiD must cover every mode with an swd within 3x the swd between two independent exact sample sets of the
 same size; DMD and DI minimise the reverse KL, which is known to seek modes, so they need cover only 75% of them.
@@ -27,7 +28,6 @@ def test_preset_distils_the_ring(tmp_path, preset, min_coverage, max_swd_ratio):
     floor = final["provenance"]["swd"]["exact_vs_exact"]
     print(f"{preset}: swd {swd:.4f} (exact-vs-exact {floor:.4f}, ratio {swd / floor:.2f}), "
           f"mode_coverage {coverage:.3f}, {summary.wall_seconds:.1f} s")
-    assert summary.wall_seconds < 60
     assert coverage >= min_coverage
     if max_swd_ratio is not None:
         assert swd <= max_swd_ratio * floor

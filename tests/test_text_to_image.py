@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+from test_metrics_tiny_models import tiny_weights  # noqa: F401
 from onestep_cli.cli.app import app  # noqa: E402
 from onestep_cli.config import resolve_config, validate_config  # noqa: E402
 from onestep_cli.denoisers.generator import OneStepGenerator  # noqa: E402
@@ -252,3 +253,25 @@ def test_missing_teacher_and_prompts_give_the_promised_messages(tiny, tmp_path):
     assert no_prompts.exit_code != 0 and "prompts.path" in " ".join(no_prompts.output.split())
     gmm_lora = invoke("distill", "--preset", "gmm-sim", "--set", "generator.lora_rank=4", "--out", run)
     assert gmm_lora.exit_code != 0 and "only apply to text-to-image teachers" in " ".join(gmm_lora.output.split())
+
+
+def test_eval_generates_prompt_images_in_memory_as_sample_writes_them(tiny, sd_run, tiny_weights, tmp_path):
+    """`onestep eval RUN --prompts FILE --seeds ...` on a text-to-image run: the images of every prompt with every
+    seed, generated in memory, score as the PNGs `onestep sample --prompts` writes (paired in file-name order)."""
+    out = tmp_path / "samples"
+    assert invoke("sample", sd_run, "--prompts", tiny["prompts"], "--seeds", "0-1", "--out", out).exit_code == 0
+    per_image = tmp_path / "per-image.txt"
+    per_image.write_text("".join(f"{p}\n" for p in PROMPTS for _ in range(2)))
+    weight_args = [part for key, path in tiny_weights.items() for part in ("--weights", f"{key}={path}")]
+    results = {}
+    for name, source, extra in [("memory", sd_run, ["--prompts", tiny["prompts"], "--seeds", "0-1"]),
+                                ("files", out, ["--prompts", per_image])]:
+        result = invoke("eval", source, "--metrics", "clip_score", *extra, *weight_args, "--device", "cpu", "--json")
+        assert result.exit_code == 0, result.output
+        results[name] = json.loads(result.stdout)
+    memory, files = results["memory"], results["files"]
+    assert memory["provenance"]["common"]["num_images"] == 6 == files["provenance"]["common"]["num_images"]
+    assert memory["metrics"]["clip_score"] == pytest.approx(files["metrics"]["clip_score"], abs=1e-4)
+    assert "prompt i of --prompts with seed j" in memory["provenance"]["common"]["text_to_image"]
+    missing = invoke("eval", sd_run, "--metrics", "clip_score", *weight_args, "--device", "cpu")
+    assert missing.exit_code != 0 and "--prompts FILE" in missing.output
