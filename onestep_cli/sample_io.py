@@ -301,6 +301,12 @@ def _seeds_from_names(names: list[str], meta: dict) -> list[int] | None:
         return None
 
 
+def _generation_autocast(precision: str, device: torch.device):
+    """`--precision` of in-memory generation: fp32 runs as stored, bf16/fp16 under autocast."""
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 def generator_source(generator, seeds: list[int], shape, label_dim: int = 0, batch_size: int = 256,
                      device="cpu", precision: str = "fp32", description: str = "generator") -> ImageSource:
     """Images generated in memory, batch by batch, one seed per image (no PNG round trip); quantised to uint8
@@ -310,13 +316,12 @@ def generator_source(generator, seeds: list[int], shape, label_dim: int = 0, bat
     if not is_image_shape(shape):
         raise SourceError(f"{description} makes samples of shape {tuple(shape)}, not images.")
     device = torch.device(device)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
     @torch.no_grad()
     def read(start: int, stop: int) -> np.ndarray:
         # `generate` for one batch, without its float32 copy to the host.
         z, cond = seeded_latents(seeds[start:stop], shape, label_dim, device)
-        with torch.autocast(device_type=device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        with _generation_autocast(precision, device):
             images = generator(z, cond).float()
         return as_uint8_nhwc(images, description)  # Quantised on `device`: elementwise, the same bits as on the CPU.
 
@@ -335,7 +340,6 @@ def text_to_image_source(generator, pipeline, prompts: list[str], seeds: list[in
     from .sampling import seeded_latents
 
     device = torch.device(device)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     pairs = [(index, seed) for index in range(len(prompts)) for seed in seeds]
 
     @torch.no_grad()
@@ -343,7 +347,7 @@ def text_to_image_source(generator, pipeline, prompts: list[str], seeds: list[in
         chunk = pairs[start:stop]
         z, _ = seeded_latents([seed for _, seed in chunk], shape, device=device)
         cond = pipeline.encoder.encode([prompts[index] for index, _ in chunk]).to(device)
-        with torch.autocast(device_type=device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        with _generation_autocast(precision, device):
             latents = generator(z, cond).float()
         return as_uint8_nhwc(pipeline.decode(latents).float(), description)
 
