@@ -18,8 +18,9 @@ from .engine.networks import build_teacher
 from .engine.run_dir import RunDir
 from .metrics import (DEFAULT_FID_MODE, FEATURE_SPACES, MetricContext, MetricError, check_metric_names,
                       compute_metrics, get_metric, needs_explicit_reference)
-from .sample_io import (SAMPLES_NPZ, SourceError, folder_source, format_seeds, generator_source, is_image_shape,
-                        list_image_files, npz_image_source, read_prompts, read_samples)
+from .sample_io import (SAMPLES_META, SAMPLES_NPZ, SourceError, folder_source, format_seeds, generator_source,
+                        is_image_shape, list_image_files, npz_image_source, read_prompts, read_samples,
+                        recorded_prompts)
 from .sampling import generate
 
 DEFAULT_NUM = 2000  # Samples generated for low-dimensional metrics when neither --num nor --seeds is given.
@@ -232,6 +233,9 @@ def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, 
         images = open_image_source(source)
         if num is not None:
             images = images.head(num)
+        if prompt_list is None:  # A folder of `onestep sample --prompts` says which prompt made each image.
+            prompt_list = recorded_prompts(images)
+            prompts = Path(source) / SAMPLES_META if prompt_list is not None else None
         common.update(source_kind="images", samples_meta=images.meta)
     # Ranks use cuda:0, cuda:1, ...: record the kind of device, as one process given --device auto or cuda does.
     common.update(images.provenance(), device=device.type if env.is_distributed else str(device),

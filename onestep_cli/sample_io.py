@@ -377,6 +377,16 @@ def read_prompts(path: Path) -> list[str]:
     return [p.rstrip("\r") for p in prompts]
 
 
+def recorded_prompts(source: ImageSource) -> list[str] | None:
+    """The prompt of each image of a folder written by `onestep sample --prompts` (its samples.json), in the
+    source's file order; None when the folder records none."""
+    by_file = {entry.get("file"): entry.get("prompt") for entry in source.meta.get("images", [])
+               if isinstance(entry, dict)}
+    if not source.names or any(by_file.get(name) is None for name in source.names):
+        return None
+    return [by_file[name] for name in source.names]
+
+
 def pair_prompts(source: ImageSource, prompts: list[str], prompts_path: str | None = None) -> dict:
     """Check one prompt per image and describe the pairing (rule, count, first pair, hash of all pairs)."""
     if len(prompts) != source.num:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 3's fd_digits target with a longer EMA, and issue 5's FID-50k timing: two calls to one warm H100.
 #
-#   bash scripts/gpu_digits_ema.sh A|B
+#   bash scripts/gpu_digits_ema.sh A|B|C
 #
 #   A: six 8x8 digits distillations share the GPU for RUN_SECONDS: sim, sid, dmd, di at the presets' batch 64 and
 #      sim, sid at batch 256, all with a 20-kimg EMA half-life (the presets' 2 kimg averages only 31 steps), with
@@ -10,6 +10,7 @@
 #      generator alone on the GPU (`onestep bench --rows fid50k-cifar10`); resumes the six runs for RESUME_SECONDS;
 #      evaluates each final EMA generator and the teacher's Heun 35-NFE samples at seeds 0-999 (fid, fd_digits,
 #      class_accuracy; as docs/results.md's issue-3 table); with the time left, times one-step sampling compiled.
+#   C: DMD and DI at batch 256 for RUN_SECONDS (330 in the measured call), evaluated as in B.
 # Runs live under runs/ema (git-ignored, kept on the warm machine between calls); results go to $OUT.
 set -u
 stage=$1
@@ -67,6 +68,15 @@ B)
         tail -n 20 "$OUT/sample-compile.json"
     fi
     ;;
+C)  # DMD and DI at batch 256 too (as the presets now ship), then their evaluation as in B.
+    for o in dmd di; do distil $o 256 "${RUN_SECONDS:-330}" & done; wait
+    for src in dmd-b256 di-b256; do
+        onestep eval $R/$src --num 1000 --metrics fid --ref $R/digits8-fid.npz --json > $R/evals/$src-fid.json
+        onestep eval $R/$src --num 1000 --metrics fd_digits,class_accuracy --json > $R/evals/$src-digits.json
+        echo "$src $(metric < $R/evals/$src-fid.json) $(metric < $R/evals/$src-digits.json)"
+    done
+    bring_back stageC
+    ;;
 *)
-    echo "usage: $0 A|B" >&2; exit 2 ;;
+    echo "usage: $0 A|B|C" >&2; exit 2 ;;
 esac

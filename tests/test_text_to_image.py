@@ -265,11 +265,14 @@ def test_eval_generates_prompt_images_in_memory_as_sample_writes_them(tiny, sd_r
     weight_args = [part for key, path in tiny_weights.items() for part in ("--weights", f"{key}={path}")]
     results = {}
     for name, source, extra in [("memory", sd_run, ["--prompts", tiny["prompts"], "--seeds", "0-1"]),
-                                ("files", out, ["--prompts", per_image])]:
+                                ("files", out, ["--prompts", per_image]),
+                                ("recorded", out, [])]:  # The prompts samples.json records.
         result = invoke("eval", source, "--metrics", "clip_score", *extra, *weight_args, "--device", "cpu", "--json")
         assert result.exit_code == 0, result.output
         results[name] = json.loads(result.stdout)
-    memory, files = results["memory"], results["files"]
+    memory, files, recorded = results["memory"], results["files"], results["recorded"]
+    assert recorded["metrics"]["clip_score"] == files["metrics"]["clip_score"]
+    assert recorded["provenance"]["clip_score"]["prompt_pairing"]["prompts"] == str(out / "samples.json")
     assert memory["provenance"]["common"]["num_images"] == 6 == files["provenance"]["common"]["num_images"]
     assert memory["metrics"]["clip_score"] == pytest.approx(files["metrics"]["clip_score"], abs=1e-4)
     assert "prompt i of --prompts with seed j" in memory["provenance"]["common"]["text_to_image"]
