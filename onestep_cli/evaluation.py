@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import platform
-import warnings
 from pathlib import Path
 
 import torch
@@ -115,11 +114,12 @@ def _join_processes(device_choice: str | torch.device) -> tuple[distributed.Dist
     return distributed.init(str(device))
 
 
-def _text_to_image_images(loaded, source, prompts, num, seeds, batch_size, device, precision, description):
+def _text_to_image_images(loaded, source, prompts, num, seeds, device, precision, description):
     """A text-to-image run's images of every prompt of --prompts with every seed (default: seed 0), generated in
     memory in `onestep sample --prompts` order, and the prompt of each image."""
     from .denoisers.diffusers import read_prompts as read_prompt_file
     from .sample_io import text_to_image_source
+    from .sampling import prompt_major_pairs
 
     if prompts is None:
         raise MetricError(f"{source} is a text-to-image run: give the prompts to draw with --prompts FILE (.txt, "
@@ -127,25 +127,22 @@ def _text_to_image_images(loaded, source, prompts, num, seeds, batch_size, devic
     texts = read_prompt_file(prompts)
     seeds = seeds if seeds is not None else [0]
     loaded.pipeline.pipeline.vae.to(device)
-    images = text_to_image_source(loaded.generator, loaded.pipeline, texts, seeds, loaded.data_shape, batch_size,
-                                  device, precision, description)
+    images = text_to_image_source(loaded.generator, loaded.pipeline, texts, seeds, loaded.data_shape, device,
+                                  precision, description)
     if num is not None:
         images = images.head(num)
-    return images, [text for text in texts for _ in seeds][:images.num]
+    return images, [texts[index] for index, _ in prompt_major_pairs(len(texts), seeds)][:images.num]
 
 
 def _compile_generator(generator: torch.nn.Module, device: torch.device) -> bool:
-    """`--compile`: the generator's blocks compiled as train.compile does, NHWC on CUDA (together the fastest one-step
-    sampling measured, docs/benchmarks.md). False, with a warning, where torch.compile cannot run."""
-    from .engine.precision import compile_blocks, compile_failure, use_channels_last
+    """`--compile`: the generator's blocks compiled as train.compile does, then NHWC on CUDA (together the fastest
+    one-step sampling measured, docs/benchmarks.md; eager NHWC is slower, so only when compiled)."""
+    from .engine.precision import compile_blocks, use_channels_last
 
-    failure = compile_failure(device)
-    if failure is not None:
-        warnings.warn(f"--compile: torch.compile does not work on {device.type} here ({failure}); generating eager.",
-                      stacklevel=2)
-        return False
-    use_channels_last([generator], device)
-    return compile_blocks([generator], device)
+    compiled = compile_blocks([generator], device, setting="--compile")
+    if compiled:  # Blocks compile at their first call, so the layout set now is the one they are traced with.
+        use_channels_last([generator], device)
+    return compiled
 
 
 def _common() -> dict:
@@ -207,8 +204,8 @@ def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, 
         compiled = compile_generator and _compile_generator(loaded.generator, device)
         description = f"generator of {source} (step {loaded.step})"
         if loaded.pipeline is not None:
-            images, prompt_list = _text_to_image_images(loaded, source, prompts, num, seeds, batch_size, device,
-                                                        precision, description)
+            images, prompt_list = _text_to_image_images(loaded, source, prompts, num, seeds, device, precision,
+                                                        description)
         else:
             if prompts is not None:
                 raise MetricError(f"The generator of {source} takes no text prompts, so --prompts cannot be paired "

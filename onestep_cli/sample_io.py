@@ -7,7 +7,6 @@ three channels), so a folder, an .npz and a generator of the same images give th
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -245,8 +244,9 @@ def folder_source(folder: Path) -> ImageSource:
     from PIL import Image, UnidentifiedImageError
 
     folder = Path(folder)
+    meta = read_meta(folder)
     files = list_image_files(folder)
-    written = {entry["file"] for entry in read_meta(folder).get("images", []) if isinstance(entry, dict)}
+    written = recorded_images(meta)
     if written:  # A folder of `onestep sample --prompts`: its samples, not its grid.png.
         files = [p for p in files if p.relative_to(folder).as_posix() in written]
     if not files:
@@ -266,7 +266,6 @@ def folder_source(folder: Path) -> ImageSource:
                               f"{file_b.name} is {size_b[1]}x{size_b[0]} (width x height). Metrics compare sets of "
                               "one resolution; resize them first or split the folder.")
     resolution = next(iter(sizes))
-    meta = read_meta(folder)
 
     def read(start: int, stop: int) -> np.ndarray:
         return np.stack([_open_image(p) for p in files[start:stop]])
@@ -301,17 +300,11 @@ def _seeds_from_names(names: list[str], meta: dict) -> list[int] | None:
         return None
 
 
-def _generation_autocast(precision: str, device: torch.device):
-    """`--precision` of in-memory generation: fp32 runs as stored, bf16/fp16 under autocast."""
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
 def generator_source(generator, seeds: list[int], shape, label_dim: int = 0, batch_size: int = 256,
                      device="cpu", precision: str = "fp32", description: str = "generator") -> ImageSource:
     """Images generated in memory, batch by batch, one seed per image (no PNG round trip); quantised to uint8
     exactly as `write_samples` does, so the numbers match those of the written files."""
-    from .sampling import seed_labels, seeded_latents
+    from .sampling import generation_autocast, seed_labels, seeded_latents
 
     if not is_image_shape(shape):
         raise SourceError(f"{description} makes samples of shape {tuple(shape)}, not images.")
@@ -321,7 +314,7 @@ def generator_source(generator, seeds: list[int], shape, label_dim: int = 0, bat
     def read(start: int, stop: int) -> np.ndarray:
         # `generate` for one batch, without its float32 copy to the host.
         z, cond = seeded_latents(seeds[start:stop], shape, label_dim, device)
-        with _generation_autocast(precision, device):
+        with generation_autocast(precision, device):
             images = generator(z, cond).float()
         return as_uint8_nhwc(images, description)  # Quantised on `device`: elementwise, the same bits as on the CPU.
 
@@ -332,28 +325,24 @@ def generator_source(generator, seeds: list[int], shape, label_dim: int = 0, bat
                        {"precision": precision}, read, labels if label_dim else None)
 
 
-def text_to_image_source(generator, pipeline, prompts: list[str], seeds: list[int], shape, batch_size: int = 16,
-                         device="cpu", precision: str = "fp32", description: str = "generator") -> ImageSource:
-    """Images of every (prompt, seed) pair generated in memory, prompt-major (prompt i with seed j is image
-    i * len(seeds) + j: the order of `onestep sample --prompts` file names), with the same noise per seed as
-    `sampling.generate_text_to_image`. `pipeline` is the run's DiffusersTeacher (text encoders and VAE)."""
-    from .sampling import seeded_latents
+def text_to_image_source(generator, pipeline, prompts: list[str], seeds: list[int], shape, device="cpu",
+                         precision: str = "fp32", description: str = "generator") -> ImageSource:
+    """Images of every (prompt, seed) pair generated in memory in `sampling.prompt_major_pairs` order, as
+    `sampling.generate_text_to_image` makes them; each batch's prompts are encoded with it, so no condition of the
+    whole prompt list is held. `pipeline` is the run's DiffusersTeacher (text encoders and VAE)."""
+    from .sampling import prompt_major_pairs, text_to_image_batch
 
-    device = torch.device(device)
-    pairs = [(index, seed) for index in range(len(prompts)) for seed in seeds]
+    pairs = prompt_major_pairs(len(prompts), seeds)
 
-    @torch.no_grad()
     def read(start: int, stop: int) -> np.ndarray:
         chunk = pairs[start:stop]
-        z, _ = seeded_latents([seed for _, seed in chunk], shape, device=device)
-        cond = pipeline.encoder.encode([prompts[index] for index, _ in chunk]).to(device)
-        with _generation_autocast(precision, device):
-            latents = generator(z, cond).float()
-        return as_uint8_nhwc(pipeline.decode(latents).float(), description)
+        cond = pipeline.encoder.encode([prompts[index] for index, _ in chunk])
+        images = text_to_image_batch(generator, pipeline, cond, [seed for _, seed in chunk], shape, device, precision)
+        return as_uint8_nhwc(images, description)
 
     scale = int(getattr(pipeline.pipeline, "vae_scale_factor", 8))  # Pixels per latent pixel, as the pipeline's.
     return ImageSource(description, len(pairs), (int(shape[-2]) * scale, int(shape[-1]) * scale), None,
-                       [seed for _ in prompts for seed in seeds], {"precision": precision}, read)
+                       [seed for _, seed in pairs], {"precision": precision}, read)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -377,14 +366,18 @@ def read_prompts(path: Path) -> list[str]:
     return [p.rstrip("\r") for p in prompts]
 
 
+def recorded_images(meta: dict) -> dict[str, dict]:
+    """File name -> record ({"file", "prompt", "seed"}) of each image a samples.json lists (`onestep sample --prompts`
+    writes the list); {} when it lists none."""
+    return {entry["file"]: entry for entry in meta.get("images", []) if isinstance(entry, dict) and "file" in entry}
+
+
 def recorded_prompts(source: ImageSource) -> list[str] | None:
     """The prompt of each image of a folder written by `onestep sample --prompts` (its samples.json), in the
     source's file order; None when the folder records none."""
-    by_file = {entry.get("file"): entry.get("prompt") for entry in source.meta.get("images", [])
-               if isinstance(entry, dict)}
-    if not source.names or any(by_file.get(name) is None for name in source.names):
-        return None
-    return [by_file[name] for name in source.names]
+    records = recorded_images(source.meta)
+    prompts = [records.get(name, {}).get("prompt") for name in source.names or []]
+    return prompts if prompts and None not in prompts else None
 
 
 def pair_prompts(source: ImageSource, prompts: list[str], prompts_path: str | None = None) -> dict:

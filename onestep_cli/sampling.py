@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import numpy as np
@@ -117,23 +118,45 @@ def generate_teacher(teacher: Denoiser, seeds: list[int], shape, label_dim=0, nu
 # Text-to-image: one image per (prompt, seed), decoded by the teacher's VAE.
 
 
+def prompt_major_pairs(num_prompts: int, seeds: list[int]) -> list[tuple[int, int]]:
+    """(prompt index, seed) of each text-to-image sample: image `i * len(seeds) + j` is prompt i with seed j, the
+    order of `onestep sample --prompts` file names and of `onestep eval RUN --prompts`."""
+    return [(index, seed) for index in range(num_prompts) for seed in seeds]
+
+
+def generation_autocast(precision: str, device: torch.device):
+    """The `--precision` of generation: fp32 runs as stored, bf16/fp16 under autocast."""
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def text_to_image_batch(model, pipeline, cond, seeds: list[int], shape, device, precision: str = "fp32"):
+    """Decoded images in [-1, 1] (float32, on `device`) of `model` on the seeds' noise with conditions `cond` (one
+    row per seed); the model runs under `precision`, the VAE as loaded."""
+    device = torch.device(device)
+    z, _ = seeded_latents(seeds, shape, device=device)
+    with generation_autocast(precision, device):
+        latents = model(z, cond.to(device)).float()
+    return pipeline.decode(latents).float()
+
+
 @torch.no_grad()
 def generate_text_to_image(model, pipeline, prompts: list[str], seeds: list[int], shape, batch_size: int = 16,
                            device="cpu") -> torch.Tensor:
-    """Images in [-1, 1] (float32, CPU), prompt-major: row `i * len(seeds) + j` is prompt i with seed j.
+    """Images in [-1, 1] (float32, CPU), prompt-major (`prompt_major_pairs`).
 
     `model(z, cond) -> latents` is the generator (or a teacher sampler); `pipeline` the run's DiffusersTeacher. Seed
     s gives the same noise for every prompt: `torch.randn(shape, generator=torch.Generator().manual_seed(s))`, which
     is also the noise of a diffusers pipeline called with that generator.
     """
     conditions = pipeline.encoder.encode(list(prompts))
-    pairs = [(index, seed) for index in range(len(prompts)) for seed in seeds]
+    pairs = prompt_major_pairs(len(prompts), seeds)
     images = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        z, _ = seeded_latents([seed for _, seed in chunk], shape, device=device)
-        cond = conditions[torch.tensor([index for index, _ in chunk])].to(device)
-        images.append(pipeline.decode(model(z, cond).float()).cpu())
+        cond = conditions[torch.tensor([index for index, _ in chunk])]
+        images.append(text_to_image_batch(model, pipeline, cond, [seed for _, seed in chunk], shape, device).cpu())
     return torch.cat(images)
 
 

@@ -35,6 +35,13 @@ all_runs() {  # seconds
     for o in sim sid; do distil $o 256 "$1" & done
     wait
 }
+evaluate() {  # sources under $R: fid, fd_digits and class_accuracy at seeds 0-999 (docs/results.md's protocol)
+    for src in "$@"; do
+        onestep eval $R/$src --num 1000 --metrics fid --ref $R/digits8-fid.npz --json > $R/evals/$src-fid.json
+        onestep eval $R/$src --num 1000 --metrics fd_digits,class_accuracy --json > $R/evals/$src-digits.json
+        echo "$src $(metric < $R/evals/$src-fid.json) $(metric < $R/evals/$src-digits.json)"
+    done
+}
 bring_back() {  # name
     tar czf "$OUT/$1.tar.gz" --ignore-failed-read $R/*/metrics.jsonl $R/*/stats.jsonl $R/*/config.yaml $R/*.log $R/evals
 }
@@ -56,11 +63,7 @@ B)
     python3 -m onestep_cli.digits.images_npz --resolution 8 --out $R/digits8.npz
     onestep eval $R/digits8.npz --metrics fid --save-stats $R/digits8-fid.npz --batch 500 --json > $R/evals/ref8.json
     onestep sample $R/sid-b64 --teacher --steps 18 --num 1000 --out $R/teacher8-heun35 > /dev/null
-    for src in teacher8-heun35 sim-b64 sid-b64 dmd-b64 di-b64 sim-b256 sid-b256; do
-        onestep eval $R/$src --num 1000 --metrics fid --ref $R/digits8-fid.npz --json > $R/evals/$src-fid.json
-        onestep eval $R/$src --num 1000 --metrics fd_digits,class_accuracy --json > $R/evals/$src-digits.json
-        echo "$src $(metric < $R/evals/$src-fid.json) $(metric < $R/evals/$src-digits.json)"
-    done
+    evaluate teacher8-heun35 sim-b64 sid-b64 dmd-b64 di-b64 sim-b256 sid-b256
     bring_back stageB
     left=$(( ${CALL_SECONDS:-575} - SECONDS ))
     if (( left > 60 )); then
@@ -70,11 +73,7 @@ B)
     ;;
 C)  # DMD and DI at batch 256 too (as the presets now ship), then their evaluation as in B.
     for o in dmd di; do distil $o 256 "${RUN_SECONDS:-330}" & done; wait
-    for src in dmd-b256 di-b256; do
-        onestep eval $R/$src --num 1000 --metrics fid --ref $R/digits8-fid.npz --json > $R/evals/$src-fid.json
-        onestep eval $R/$src --num 1000 --metrics fd_digits,class_accuracy --json > $R/evals/$src-digits.json
-        echo "$src $(metric < $R/evals/$src-fid.json) $(metric < $R/evals/$src-digits.json)"
-    done
+    evaluate dmd-b256 di-b256
     bring_back stageC
     ;;
 *)

@@ -75,18 +75,19 @@ def compile_failure(device: torch.device) -> str | None:
     return None
 
 
-def compile_blocks(networks: list[nn.Module], device: torch.device) -> bool:
+def compile_blocks(networks: list[nn.Module], device: torch.device, setting: str = "train.compile") -> bool:
     """torch.compile every repeated block of `networks` in place (regional compilation), keeping parameter names.
 
     Blocks of one shape share a compiled graph, so compile time grows with the number of distinct blocks, not with
-    depth. Returns False, with a warning, and leaves the networks eager when torch.compile does not work here.
+    depth. Returns False, with a warning naming `setting` (the option that asked for it), and leaves the networks
+    eager when torch.compile does not work here.
     """
     from .networks import blocks
 
     failure = compile_failure(device)
     if failure is not None:
-        warnings.warn(f"train.compile is set but torch.compile does not work on {device.type} here ({failure}); "
-                      "training runs eager. Set train.compile=false to silence this.", stacklevel=2)
+        warnings.warn(f"{setting} is set but torch.compile does not work on {device.type} here ({failure}); the "
+                      f"networks run eager. Turn {setting} off to silence this.", stacklevel=2)
         return False
     import torch._dynamo
 
