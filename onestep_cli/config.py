@@ -273,6 +273,7 @@ class EvalConfig(Strict):
 
     metrics: list[str] = ["swd", "mode_coverage"]
     every_steps: int | None = Field(None, gt=0)  # None: only at the end of the run.
+    at_start: bool = False  # Also evaluate the initial generator (step 0) of a fresh run: where its curve begins.
     num_samples: int = Field(2000, gt=0)
     seed: int = 1_000_000  # First per-sample seed of the evaluation samples.
     # Reference of distribution metrics (fid, kid, fd_*): statistics .npz, image .npz or folder, as `onestep eval

@@ -55,3 +55,14 @@ def test_a_missing_training_reference_is_named_before_any_step(tmp_path):
                      "eval.metrics=[fd_digits]", "--set", f"eval.ref={missing}", check=False)
     assert result.returncode != 0 and str(missing) in result.stderr
     assert not (tmp_path / "run").exists(), "a refused start must leave no run directory behind"
+
+
+def test_eval_at_start_records_the_initial_generator_once_across_a_resume(tmp_path):
+    run = tmp_path / "run"
+    args = ["distill", "--preset", "gmm-sid", "--out", run, "--set", "eval.every_steps=2", "--set", "eval.at_start=true",
+            "--set", "eval.num_samples=200"]
+    onestep(*args, "--set", "train.max_steps=2", "--set", "train.checkpoint_every=2")
+    onestep(*args, "--set", "train.max_steps=4", "--set", "train.checkpoint_every=2")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 2, 4]
+    assert rows[0]["kimg"] == 0 and set(rows[0]["metrics"]) == {"swd", "mode_coverage"}

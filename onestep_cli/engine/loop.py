@@ -116,6 +116,18 @@ def _distill(config: RunConfig, out_dir: Path, env: DistEnv, device: torch.devic
     if env.is_main:
         run.write_status(status="running", step=trainer.step_count, kimg=trainer.kimg, processes=env.world_size)
     final_metrics, saved_step, evaluator = {}, None, None
+
+    def evaluate_and_record(step: int) -> dict:
+        nonlocal evaluator
+        evaluator = evaluator or GeneratorEvaluator(config, trainer)
+        result = evaluator(trainer)  # Sharded networks need every rank in each forward.
+        if env.is_main:
+            run.append(run.metrics_path, {"step": step, "kimg": trainer.kimg, **result})
+        return result["metrics"]
+
+    evaluating_rank = env.is_main or trainer.sharded
+    if config.eval.at_start and config.eval.metrics and trainer.step_count == 0 and evaluating_rank:
+        evaluate_and_record(0)
     with StopRequest() as stop, Progress(train.max_steps, trainer.step_count, enabled=progress, log=log) as bar:
         while trainer.step_count < train.max_steps:
             try:
@@ -136,12 +148,8 @@ def _distill(config: RunConfig, out_dir: Path, env: DistEnv, device: torch.devic
                 bar.tick(step, record)
                 sums, tick_start, tick_step = {}, time.time(), step
             evaluate_now = step == train.max_steps or (config.eval.every_steps and step % config.eval.every_steps == 0)
-            if evaluate_now and config.eval.metrics and (env.is_main or trainer.sharded):
-                evaluator = evaluator or GeneratorEvaluator(config, trainer)
-                result = evaluator(trainer)  # Sharded networks need every rank in each forward.
-                if env.is_main:
-                    run.append(run.metrics_path, {"step": step, "kimg": trainer.kimg, **result})
-                final_metrics = result["metrics"]
+            if evaluate_now and config.eval.metrics and evaluating_rank:
+                final_metrics = evaluate_and_record(step)
             if step % train.checkpoint_every == 0 or step == train.max_steps:
                 trainer.save(run)
                 saved_step = step
@@ -189,8 +197,8 @@ def _start(config: RunConfig, run: RunDir, env: DistEnv, device: torch.device, l
         resumed_from = trainer.step_count
         log(f"Resuming {run.path} from {folder.name} (step {trainer.step_count}, {trainer.kimg:.1f} kimg) on "
             f"{env.world_size} process{'es' if env.is_distributed else ''}.")
-    if continuing and env.is_main:
-        run.truncate_records_after(trainer.step_count)
+    if continuing and env.is_main:  # Without a checkpoint the run starts again at step 0: every old row is stale.
+        run.truncate_records_after(trainer.step_count if latest is not None else -1)
     return trainer, resumed_from
 
 
