@@ -2,7 +2,7 @@
 # One loan of the 8-GPU machine (nvidia-h200-x8): issue 8's learning-rate study on the 32x32 digits teacher, one
 # run per GPU, then issue 9's sdxl-sim under FSDP2 on all 8 GPUs. Five calls to one warm machine, in this order:
 #
-#   bash scripts/gpu_x8_campaign.sh A|B|C|D|S
+#   bash scripts/gpu_x8_campaign.sh A|B|L|C|D|S|E
 #
 #   A: (carries .whlmin and .inc_a) installs pydantic into runs/site; keeps the first half of the Inception network.
 #   B: (carries .whlmin and .inc_b) joins the Inception network and checks its SHA-1, writes the FID reference of the
@@ -18,6 +18,8 @@
 #   D: waits for both phases, evaluates every run's final EMA generator with `onestep eval` (FID-10k, seeds 0-9999,
 #      one GPU each), writes a grid of 64 samples of each, and brings everything back.
 #   S: sdxl-sim on 8 GPUs under FSDP2 (scripts/sdxl_fsdp_batch.sh), per-GPU batch 16, 24, 28 until one fails.
+# A follow-up on one H100 (two calls, A then E): SIM with c = 32 at lr 1e-5, the run phase 2 had no GPU for, limited
+# to the 1120 steps (286.7 kimg) of the c = 32 run at lr 1e-4 rather than to seconds (another GPU, another speed).
 # Everything lives under runs/x8 (git-ignored, so it stays on the warm machine between calls); results go to $OUT.
 set -u
 stage=$1
@@ -117,6 +119,21 @@ D)
     tail -n 3 $R/sdxl-build.log
     bring_back final
     ;;
+E)
+    cp .inc_b/* "$R/inception_parts/"
+    mkdir -p "$(dirname "$INCEPTION")"
+    cat $R/inception_parts/part_* > "$INCEPTION"
+    echo "$INCEPTION_SHA1  $INCEPTION" | sha1sum -c - || exit 3
+    python3 -m onestep_cli.digits.images_npz --resolution 32 --out $R/ref/digits32.npz
+    python3 -m onestep_cli eval $R/ref/digits32.npz --metrics fid --save-stats $R/ref/digits32-fid.npz --batch 500 \
+        --json > $R/ref/digits32.json || exit 4
+    distil 0 480 sim 1e-5 sim-lr1e-5-c32 --set objective.huber_c=32 --set train.max_steps=1120
+    python3 -m onestep_cli eval $R/sim-lr1e-5-c32 --metrics fid --num 10000 --ref $R/ref/digits32-fid.npz --batch 500 \
+        --json > $R/evals/sim-lr1e-5-c32-fid.json
+    tail -n 2 $R/sim-lr1e-5-c32.log
+    tar czf "$OUT/followup.tar.gz" $R/sim-lr1e-5-c32/*.jsonl $R/sim-lr1e-5-c32/config.yaml $R/sim-lr1e-5-c32.log \
+        $R/evals $R/ref/digits32.json
+    ;;
 S)
     for _ in $(seq 120); do grep -q "pipeline ready" $R/sdxl-build.log && break; sleep 2; done
     tail -n 2 $R/sdxl-build.log
@@ -124,5 +141,5 @@ S)
     tail -n 5 /tmp/sdxl-batch/*.log > "$OUT/sdxl8-logs.txt"
     ;;
 *)
-    echo "usage: $0 A|B|C|D|S" >&2; exit 2 ;;
+    echo "usage: $0 A|B|L|C|D|S|E" >&2; exit 2 ;;
 esac
