@@ -18,7 +18,7 @@
 #   D: waits for both phases, evaluates every run's final EMA generator with `onestep eval` (FID-10k, seeds 0-9999,
 #      one GPU each), writes a grid of 64 samples of each, and brings everything back.
 #   S: sdxl-sim on 8 GPUs under FSDP2 (scripts/sdxl_fsdp_batch.sh), per-GPU batch 16, 24, 28 until one fails.
-# A follow-up on one H100 (two calls, A then E): SIM with c = 32 at lr 1e-5, the run phase 2 had no GPU for, limited
+# A follow-up on one H100 (two calls: A carrying only .inc_a, then E carrying .whlmin and .inc_b): SIM with c = 32 at lr 1e-5, the run phase 2 had no GPU for, limited
 # to the 1120 steps (286.7 kimg) of the c = 32 run at lr 1e-4 rather than to seconds (another GPU, another speed).
 # Everything lives under runs/x8 (git-ignored, so it stays on the warm machine between calls); results go to $OUT.
 set -u
@@ -74,7 +74,7 @@ bring_back() {  # name
 
 case $stage in
 A)
-    install_wheels .whlmin
+    [ -d .whlmin ] && install_wheels .whlmin  # The H100 follow-up's first call leaves it to E (64 MiB a call).
     cp .inc_a/* "$R/inception_parts/"
     python3 -c 'import torch, pydantic; print(torch.__version__, pydantic.VERSION, torch.cuda.device_count(), "GPUs")'
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c
@@ -120,6 +120,7 @@ D)
     bring_back final
     ;;
 E)
+    install_wheels .whlmin
     cp .inc_b/* "$R/inception_parts/"
     mkdir -p "$(dirname "$INCEPTION")"
     cat $R/inception_parts/part_* > "$INCEPTION"
