@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -66,3 +67,15 @@ def test_eval_at_start_records_the_initial_generator_once_across_a_resume(tmp_pa
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 2, 4]
     assert rows[0]["kimg"] == 0 and set(rows[0]["metrics"]) == {"swd", "mode_coverage"}
+
+
+def test_a_run_restarted_without_a_checkpoint_keeps_no_stale_records(tmp_path):
+    run = tmp_path / "run"
+    args = ["distill", "--preset", "gmm-sid", "--out", run, "--set", "train.max_steps=2", "--set", "eval.every_steps=2",
+            "--set", "eval.at_start=true", "--set", "eval.num_samples=200"]
+    onestep(*args)
+    shutil.rmtree(run / "checkpoints")  # As if the first run had died before its first checkpoint.
+    onestep(*args)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 2]
+    assert [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()] == [2]
