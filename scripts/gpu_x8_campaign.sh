@@ -67,6 +67,15 @@ phase2() {  # gpu: the GPUs 0, 1, 4, 5 that SIM/SiD leave (in order of the loop 
            bench 5 sample-compiled --rows sample-cifar10 --compile --channels-last ;;
     esac
 }
+inception_and_reference() {  # Join the Inception network's halves (the second carried now), then the FID reference.
+    cp .inc_b/* "$R/inception_parts/"
+    mkdir -p "$(dirname "$INCEPTION")"
+    cat $R/inception_parts/part_* > "$INCEPTION"
+    echo "$INCEPTION_SHA1  $INCEPTION" | sha1sum -c - || exit 3
+    python3 -m onestep_cli.digits.images_npz --resolution 32 --out $R/ref/digits32.npz
+    python3 -m onestep_cli eval $R/ref/digits32.npz --metrics fid --save-stats $R/ref/digits32-fid.npz --batch 500 \
+        --json > $R/ref/digits32.json || exit 4
+}
 bring_back() {  # name
     tar czf "$OUT/$1.tar.gz" --ignore-failed-read $R/*/metrics.jsonl $R/*/stats.jsonl $R/*/config.yaml $R/*.log \
         $R/evals $R/bench $R/grids $R/phases.log
@@ -80,13 +89,7 @@ A)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c
     ;;
 B)
-    cp .inc_b/* "$R/inception_parts/"
-    mkdir -p "$(dirname "$INCEPTION")"
-    cat $R/inception_parts/part_* > "$INCEPTION"
-    echo "$INCEPTION_SHA1  $INCEPTION" | sha1sum -c - || exit 3
-    python3 -m onestep_cli.digits.images_npz --resolution 32 --out $R/ref/digits32.npz
-    python3 -m onestep_cli eval $R/ref/digits32.npz --metrics fid --save-stats $R/ref/digits32-fid.npz --batch 500 \
-        --json > $R/ref/digits32.json || exit 4
+    inception_and_reference
     bash "$0" L
     ;;
 L)  # Start (or restart, after killing the runs) both phases in their own process session.
@@ -121,13 +124,7 @@ D)
     ;;
 E)
     install_wheels .whlmin
-    cp .inc_b/* "$R/inception_parts/"
-    mkdir -p "$(dirname "$INCEPTION")"
-    cat $R/inception_parts/part_* > "$INCEPTION"
-    echo "$INCEPTION_SHA1  $INCEPTION" | sha1sum -c - || exit 3
-    python3 -m onestep_cli.digits.images_npz --resolution 32 --out $R/ref/digits32.npz
-    python3 -m onestep_cli eval $R/ref/digits32.npz --metrics fid --save-stats $R/ref/digits32-fid.npz --batch 500 \
-        --json > $R/ref/digits32.json || exit 4
+    inception_and_reference
     distil 0 480 sim 1e-5 sim-lr1e-5-c32 --set objective.huber_c=32 --set train.max_steps=1120
     python3 -m onestep_cli eval $R/sim-lr1e-5-c32 --metrics fid --num 10000 --ref $R/ref/digits32-fid.npz --batch 500 \
         --json > $R/evals/sim-lr1e-5-c32-fid.json
