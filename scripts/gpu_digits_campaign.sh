@@ -18,8 +18,7 @@ stage=$1
 OUT=${OUT:-/tmp/campaign-out}
 R=runs/campaign
 export ONESTEP_HOME=$PWD/runs/onestep_home PYTHONUNBUFFERED=1
-INCEPTION=$ONESTEP_HOME/inception/default_1.pt
-INCEPTION_SHA1=a16e4d89c0ecbc17a915dd76ea9e41211aa82562
+source "$(dirname "$0")/inception_halves.sh"
 RUN_SECONDS=${RUN_SECONDS:-400}  # Each training command gets this long, then SIGTERM: checkpoint and exit 0.
 mkdir -p "$R/ref" "$R/inception_parts" "$OUT"
 onestep() { python3 -m onestep_cli "$@"; }
@@ -35,7 +34,7 @@ distil32() {  # objective lr
 
 case $stage in
 A)
-    cp .inc_a/* "$R/inception_parts/"
+    keep_first_half "$R/inception_parts"
     python3 -m onestep_cli.digits.images_npz --resolution 32 --out $R/ref/digits32.npz
     python3 -m onestep_cli.digits.images_npz --resolution 8 --out $R/ref/digits8.npz
     python3 scripts/train_digits_teacher.py --out $R/teacher32 --resolution 32 --channel-mult 1,2,2,2 \
@@ -54,10 +53,7 @@ A)
         $R/d8-*/stats.jsonl $R/d8-*/config.yaml $R/*.log
     ;;
 B)
-    cp .inc_b/* "$R/inception_parts/"
-    mkdir -p "$(dirname "$INCEPTION")"
-    cat $R/inception_parts/part_* > "$INCEPTION"
-    echo "$INCEPTION_SHA1  $INCEPTION" | sha1sum -c - || exit 3
+    join_inception "$R/inception_parts"
     onestep eval $R/ref/digits32.npz --metrics fid --save-stats $R/ref/digits32-fid.npz --batch 500 --json > $R/ref32.json
     onestep eval $R/ref/digits8.npz --metrics fid --save-stats $R/ref/digits8-fid.npz --batch 500 --json > $R/ref8.json
     for lr in 1e-4 1e-5; do for o in sim sid dmd di; do distil32 $o $lr & done; done

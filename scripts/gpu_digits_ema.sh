@@ -17,8 +17,7 @@ stage=$1
 OUT=${OUT:-/tmp/ema-out}
 R=runs/ema
 export ONESTEP_HOME=$PWD/runs/onestep_home PYTHONUNBUFFERED=1
-INCEPTION=$ONESTEP_HOME/inception/default_1.pt
-INCEPTION_SHA1=a16e4d89c0ecbc17a915dd76ea9e41211aa82562
+source "$(dirname "$0")/inception_halves.sh"
 mkdir -p "$R/inception_parts" "$R/evals" "$OUT"
 onestep() { python3 -m onestep_cli "$@"; }
 metric() { python3 -c "import json,sys; r=json.load(sys.stdin); print(' '.join(f'{k}={v:.4f}' for k,v in r['metrics'].items()))"; }
@@ -48,16 +47,13 @@ bring_back() {  # name
 
 case $stage in
 A)
-    cp .inc_a/* "$R/inception_parts/"
+    keep_first_half "$R/inception_parts"
     all_runs "${RUN_SECONDS:-520}"
     tail -qn 1 $R/*/metrics.jsonl | cut -c 1-120
     bring_back stageA
     ;;
 B)
-    cp .inc_b/* "$R/inception_parts/"
-    mkdir -p "$(dirname "$INCEPTION")"
-    cat $R/inception_parts/part_* > "$INCEPTION"
-    echo "$INCEPTION_SHA1  $INCEPTION" | sha1sum -c - || exit 3
+    join_inception "$R/inception_parts"
     onestep bench --rows fid50k-cifar10 --json > "$OUT/fid50k-cifar10.json"; tail -n 20 "$OUT/fid50k-cifar10.json"
     all_runs "${RESUME_SECONDS:-170}"
     python3 -m onestep_cli.digits.images_npz --resolution 8 --out $R/digits8.npz

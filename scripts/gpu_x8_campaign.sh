@@ -18,8 +18,9 @@
 #   D: waits for both phases, evaluates every run's final EMA generator with `onestep eval` (FID-10k, seeds 0-9999,
 #      one GPU each), writes a grid of 64 samples of each, and brings everything back.
 #   S: sdxl-sim on 8 GPUs under FSDP2 (scripts/sdxl_fsdp_batch.sh), per-GPU batch 16, 24, 28 until one fails.
-# A follow-up on one H100 (two calls: A carrying only .inc_a, then E carrying .whlmin and .inc_b): SIM with c = 32 at lr 1e-5, the run phase 2 had no GPU for, limited
-# to the 1120 steps (286.7 kimg) of the c = 32 run at lr 1e-4 rather than to seconds (another GPU, another speed).
+# A follow-up on one H100 (two calls: A carrying only .inc_a, then E carrying .whlmin and .inc_b): SIM with c = 32
+# at lr 1e-5, the run phase 2 had no GPU for, limited to the 1120 steps (286.7 kimg) of the c = 32 run at lr 1e-4
+# rather than to seconds (another GPU, another speed).
 # Everything lives under runs/x8 (git-ignored, so it stays on the warm machine between calls); results go to $OUT.
 set -u
 stage=$1
@@ -29,8 +30,7 @@ export ONESTEP_HOME=$PWD/runs/onestep_home PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/ru
 # Eight processes with torch's default of one thread per core (128) drove the load to 373 and the GPUs to 0% during
 # the first FID evaluation (its statistics run on the CPU): a share of the cores each.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-16}
-INCEPTION=$ONESTEP_HOME/inception/default_1.pt
-INCEPTION_SHA1=a16e4d89c0ecbc17a915dd76ea9e41211aa82562
+source "$(dirname "$0")/inception_halves.sh"
 SIDSIM_S=${SIDSIM_S:-420}
 DMDDI_S=${DMDDI_S:-840}
 mkdir -p "$R/inception_parts" "$R/ref" "$R/evals" "$R/bench" "$R/grids" "$OUT"
@@ -68,10 +68,7 @@ phase2() {  # gpu: the GPUs 0, 1, 4, 5 that SIM/SiD leave (in order of the loop 
     esac
 }
 inception_and_reference() {  # Join the Inception network's halves (the second carried now), then the FID reference.
-    cp .inc_b/* "$R/inception_parts/"
-    mkdir -p "$(dirname "$INCEPTION")"
-    cat $R/inception_parts/part_* > "$INCEPTION"
-    echo "$INCEPTION_SHA1  $INCEPTION" | sha1sum -c - || exit 3
+    join_inception "$R/inception_parts"
     python3 -m onestep_cli.digits.images_npz --resolution 32 --out $R/ref/digits32.npz
     python3 -m onestep_cli eval $R/ref/digits32.npz --metrics fid --save-stats $R/ref/digits32-fid.npz --batch 500 \
         --json > $R/ref/digits32.json || exit 4
@@ -84,7 +81,7 @@ bring_back() {  # name
 case $stage in
 A)
     [ -d .whlmin ] && install_wheels .whlmin  # The H100 follow-up's first call leaves it to E (64 MiB a call).
-    cp .inc_a/* "$R/inception_parts/"
+    keep_first_half "$R/inception_parts"
     python3 -c 'import torch, pydantic; print(torch.__version__, pydantic.VERSION, torch.cuda.device_count(), "GPUs")'
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c
     ;;
