@@ -16,7 +16,7 @@
 #   C: (carries .whl) installs diffusers and peft, builds the random-init SDXL pipeline on the CPU in the background,
 #      waits WAIT_C seconds and brings back what the runs have written so far.
 #   D: waits for both phases, evaluates every run's final EMA generator with `onestep eval` (FID-10k, seeds 0-9999,
-#      one GPU each), writes a grid of 64 samples of each, and brings everything back.
+#      one GPU each), writes 64 samples (seeds 0-63) of each, and brings everything back.
 #   S: sdxl-sim on 8 GPUs under FSDP2 (scripts/sdxl_fsdp_batch.sh), per-GPU batch 16, 24, 28 until one fails.
 # A follow-up on one H100 (two calls: A carrying only .inc_a, then E carrying .whlmin and .inc_b): SIM with c = 32
 # at lr 1e-5, the run phase 2 had no GPU for, limited to the 1120 steps (286.7 kimg) of the c = 32 run at lr 1e-4
@@ -110,8 +110,7 @@ D)
     for run in $(cd $R && ls -d */ | tr -d / | grep -- -lr); do
         (CUDA_VISIBLE_DEVICES=$gpu python3 -m onestep_cli eval $R/$run --metrics fid --num 10000 \
             --ref $R/ref/digits32-fid.npz --batch 500 --json > $R/evals/$run-fid.json
-         CUDA_VISIBLE_DEVICES=$gpu python3 -m onestep_cli sample $R/$run --num 64 --out $R/grids/$run > /dev/null
-         rm -f $R/grids/$run/0*.png) &
+         CUDA_VISIBLE_DEVICES=$gpu python3 -m onestep_cli sample $R/$run --num 64 --out $R/grids/$run > /dev/null) &
         gpu=$(( (gpu + 1) % 8 ))
     done
     wait
