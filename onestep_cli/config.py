@@ -247,6 +247,9 @@ class TrainConfig(Strict):
     channels_last: bool = False  # CUDA: NHWC weights and activations; slower for EDM U-Nets (docs/benchmarks.md). CPU ignores it.
     fused_optimizer: bool = False  # CUDA: one fused Adam/AdamW kernel per network instead of per-tensor loops; CPU ignores it.
     compile: bool = False  # torch.compile each network block (compiled once per distinct block); eager where it cannot.
+    # CUDA: record the whole step once as a CUDA graph and replay it (one process, bf16/fp32; fused Adam; non-finite
+    # steps skipped on the GPU and checked every tick_every steps). docs/benchmarks.md measures it.
+    cuda_graph: bool = False
     checkpoint_every: int = Field(500, gt=0)  # Steps between checkpoints (one is always written at the end).
     keep_checkpoints: int = Field(2, ge=1)  # Newest complete checkpoints kept on disk.
     tick_every: int = Field(50, gt=0)  # Steps between status lines and stats.jsonl records.

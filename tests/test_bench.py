@@ -87,6 +87,14 @@ def test_sid_step_costs_eleven_forwards_and_dmd_nine(one_thread):
     assert count_row(ROWS["heun-cifar10"], tiny=True, heun_steps=18).flops_per_image / forward == pytest.approx(35)
 
 
+def test_quick_bench_with_cuda_graph_runs_the_deferred_step_and_says_it_was_not_captured():
+    result = onestep("bench", "--quick", "--rows", "sid-cifar10", "--cuda-graph", "--json")
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    assert row["options"]["cuda_graph"] and row["graph_captured"] is False and row["images_per_s"] > 0
+    assert "train.cuda_graph is set but the device is the CPU" in " ".join(result.stderr.split())
+
+
 def test_switches_are_inert_on_the_cpu(one_thread):
     from onestep_cli.bench.run import _trainer
 

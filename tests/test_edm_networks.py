@@ -280,3 +280,22 @@ def test_load_edm_weights_errors_name_the_file(tmp_path):
         load_edm_weights(tmp_path)
     with pytest.raises(TypeError, match="EDMPrecond"):
         save_edm_weights(torch.nn.Linear(2, 2), tmp_path)
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_box_resampling_equals_edm_depthwise_filter_in_value_and_gradient(direction):
+    # DDPM++'s [1, 1] filter runs as average pooling / nearest upsampling; EDM runs it as a depthwise convolution.
+    from onestep_cli.denoisers.edm.layers import Conv2d
+
+    layer = Conv2d(in_channels=4, out_channels=4, kernel=0, resample_filter=[1, 1], **{direction: True})
+    assert layer.box_resample
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    fast = layer(x)
+    (fast_grad,) = torch.autograd.grad(fast.square().sum(), x)
+    layer.box_resample = False  # EDM's depthwise (transposed) convolution with the 2x2 filter.
+    slow = layer(x)
+    (slow_grad,) = torch.autograd.grad(slow.square().sum(), x)
+    assert fast.shape == slow.shape == ((2, 4, 16, 16) if direction == "up" else (2, 4, 4, 4))
+    # The filter's taps are powers of two: both ways round identically on the CPU (the summation order on a GPU may
+    # differ in the last bit).
+    assert torch.equal(fast, slow) and torch.equal(fast_grad, slow_grad)

@@ -42,6 +42,7 @@ class Options:
     channels_last: bool = TrainConfig.model_fields["channels_last"].default  # As train.channels_last.
     fused_optimizer: bool = TrainConfig.model_fields["fused_optimizer"].default  # As train.fused_optimizer.
     compile: bool = TrainConfig.model_fields["compile"].default  # As train.compile.
+    cuda_graph: bool = TrainConfig.model_fields["cuda_graph"].default  # As train.cuda_graph (training rows).
     fp32_group_norm: bool = False  # Autocast's float32 GroupNorm (the layout before issue 7), for before/after rows.
     cudnn_benchmark: bool = False  # Let cuDNN time its convolution algorithms for each shape (CUDA).
     batch: int | None = None  # Images per step; None: the row's default.
@@ -99,8 +100,10 @@ def measure_row(row: Row, options: Options, log=None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     GroupNorm.autocast_float32 = options.fp32_group_norm
     try:
-        iterate, compiled = _prepare(row, batch, precision, options, device)
+        iterate, compiled, graph_captured = _prepare(row, batch, precision, options, device)
         timings = _time(iterate, device, *_counts(row, options))
+        if graph_captured is not None:
+            result["graph_captured"] = graph_captured()
     except torch.cuda.OutOfMemoryError:
         result["error"] = "out of memory"
         return result
@@ -122,8 +125,8 @@ def measure_row(row: Row, options: Options, log=None) -> dict:
 
 
 def _describe(options: Options) -> str:
-    flags = [name for name in ("channels_last", "fused_optimizer", "compile", "fp32_group_norm", "cudnn_benchmark")
-             if getattr(options, name)]
+    flags = [name for name in ("channels_last", "fused_optimizer", "compile", "cuda_graph", "fp32_group_norm",
+                               "cudnn_benchmark") if getattr(options, name)]
     return ", ".join(flags + [f"tf32 {'on' if options.tf32 else 'off'}"])
 
 
@@ -134,10 +137,14 @@ def _counts(row: Row, options: Options) -> tuple[int, int]:
 
 
 def _prepare(row: Row, batch: int, precision: str, options: Options, device: torch.device):
-    """A function running one iteration of `row`, and whether its networks were compiled."""
+    """A function running one iteration of `row`, whether its networks were compiled, and (training rows under
+    cuda_graph, else None) a function saying whether the step was captured as a CUDA graph."""
     if row.work == "train":
         trainer = _trainer(row, batch, precision, options, device)
-        return trainer.step, trainer.compiled
+        captured = None
+        if options.cuda_graph:
+            captured = lambda: trainer.step_graph is not None and trainer.step_graph.captured  # noqa: E731
+        return trainer.step, trainer.compiled, captured
     network = build_network(row.network, options.tiny).to(device)
     if options.channels_last:
         use_channels_last([network], device)
@@ -153,7 +160,7 @@ def _prepare(row: Row, batch: int, precision: str, options: Options, device: tor
         def iterate():
             with autocast(precision, device):
                 return heun_sample(network, z, options.heun_steps, cond)
-    return iterate, compiled
+    return iterate, compiled, None
 
 
 def _trainer(row: Row, batch: int, precision: str, options: Options, device: torch.device) -> Trainer:
@@ -164,7 +171,8 @@ def _trainer(row: Row, batch: int, precision: str, options: Options, device: tor
         "objective": {"name": row.objective},
         "train": {"batch_size": batch, "lr": 1e-5, "ema_halflife_kimg": 500, "precision": precision,
                   "device": device.type, "tf32": options.tf32, "channels_last": options.channels_last,
-                  "fused_optimizer": options.fused_optimizer, "compile": options.compile},
+                  "fused_optimizer": options.fused_optimizer, "compile": options.compile,
+                  "cuda_graph": options.cuda_graph},
         "eval": {"metrics": []},
     })
     networks = build_networks(config, teacher=build_network(row.network, options.tiny))

@@ -31,6 +31,9 @@ def bench_command(
                                          help="As train.fused_optimizer."),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="As train.compile (adds compile time to the "
                                  "warm-up; first_iter_s in --json shows it)."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph/--no-cuda-graph", help="As train.cuda_graph (training "
+                                    "rows): two eager steps, then the step is captured; keep --warmup at 3 or more "
+                                    "so that only replays are timed."),
     warmup: Optional[int] = typer.Option(None, "--warmup", min=1, help="Untimed iterations (default 3, Heun 1; "
                                          "fid50k-cifar10 has none: its untimed reference statistics warm it up)."),
     iters: Optional[int] = typer.Option(None, "--iters", min=1, help="Timed iterations (default 10, sampling 20, "
@@ -41,7 +44,7 @@ def bench_command(
 ):
     """Run benchmark rows on random-init networks of the real sizes and print images/s, peak memory, FLOP
     utilisation and each row's target (docs/benchmarks.md). The engine switches (--tf32, --channels-last,
-    --fused-optimizer, --compile) apply to the engine rows; the evaluation rows run as `onestep eval` does."""
+    --fused-optimizer, --compile, --cuda-graph) apply to the engine rows; the evaluation rows run as `onestep eval` does."""
     from ..bench import Options, parse_rows, run_benchmarks
 
     if precision not in PRECISIONS:
@@ -51,7 +54,7 @@ def bench_command(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     settings = dict(precision=precision, tf32=tf32, channels_last=channels_last, fused_optimizer=fused_optimizer,
-                    compile=compile, batch=batch, warmup=warmup, iters=iters)
+                    compile=compile, cuda_graph=cuda_graph, batch=batch, warmup=warmup, iters=iters)
     options = Options.quick(**settings) if quick else Options(**settings)
     log = (lambda message: None) if as_json else (lambda message: stderr.print(message, highlight=False))
     results = run_benchmarks(chosen, options, log=log)

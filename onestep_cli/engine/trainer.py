@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from pathlib import Path
 
 import torch
 
-from ..config import LogNormalSigmaConfig, RunConfig
+from ..config import ConfigError, LogNormalSigmaConfig, RunConfig
 from ..denoisers.edm.augment import augment, draw_augmentation
 from ..objectives import build_objective, fake_score_loss
 from ..objectives.sigmas import sample_sigma
 from .checkpoint import (CheckpointError, begin_save, commit, gather_hashes, hash_files, is_sharded, read_checkpoint,
                          read_rng, read_sharded, unflatten_optimizer, write_full, write_rng, write_sharded)
+from .cuda_graph import StepGraph
 from .distributed import SINGLE, DistEnv, all_gather_object, all_reduce
 from .ema import EMA, ema_beta
 from .networks import Networks
@@ -37,11 +39,29 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with NaN or inf losses or gradients."""
 
 
-def make_optimizer(config: RunConfig, params, lr: float, fused: bool = False) -> torch.optim.Optimizer:
-    """Adam or AdamW as configured; `fused`: one kernel for the whole parameter list (same update, CUDA)."""
+def make_optimizer(config: RunConfig, params, lr: float, fused: bool = False,
+                   capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam or AdamW as configured; `fused`: one kernel for the whole parameter list (same update); `capturable`:
+    its step count lives on the GPU, so that a CUDA graph can record the step."""
     cls = torch.optim.AdamW if config.train.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, betas=tuple(config.train.betas), weight_decay=config.train.weight_decay,
-               **({"fused": True} if fused else {}))
+    extra = {"fused": True} if fused else {}
+    if capturable:
+        extra["capturable"] = True
+    return cls(params, lr=lr, betas=tuple(config.train.betas), weight_decay=config.train.weight_decay, **extra)
+
+
+def check_cuda_graph_support(config: RunConfig, precision: str, env: DistEnv, text_conditions: bool) -> None:
+    """Refuse, with the setting to change, the runs whose step cannot be one static CUDA graph."""
+    reasons = []
+    if precision == "fp16":
+        reasons.append("fp16's GradScaler decides on the host (use train.precision=bf16)")
+    if env.is_distributed:
+        reasons.append(f"it runs one process, not {env.world_size} (drop --gpus or the launcher)")
+    if text_conditions:
+        reasons.append("text-to-image teachers draw prompts from the CPU each step")
+    if reasons:
+        raise ConfigError("train.cuda_graph is set, but " + "; and ".join(reasons) + ". Set train.cuda_graph=false "
+                          "for this run.")
 
 
 @contextlib.contextmanager
@@ -69,6 +89,8 @@ class Trainer:
         self.config, self.device, self.precision, self.env = config, device, precision, env
         self.parallelism = parallelism
         train = config.train
+        if train.cuda_graph:  # Before anything is built or moved.
+            check_cuda_graph_support(config, precision, env, networks.sample_condition is not None)
         micro = per_process_batch(train.batch_size, env.world_size, train.grad_accumulation)
         share_start = env.rank * micro * train.grad_accumulation
         # This rank's micro-batches, as slices of the global batch.
@@ -91,10 +113,16 @@ class Trainer:
                        precision, device, env, train.gradient_checkpointing)
         self.generator_train, self.fake_train = wrapped.generator_train, wrapped.fake_train
         self.sharded = wrapped.sharded
+        # Deferred checks: no host synchronisation in the step. The fused optimizer skips a non-finite update on the
+        # device and the skipped steps are counted there; the host looks every train.tick_every steps.
+        self.defer_checks = train.cuda_graph
+        graphed = self.defer_checks and device.type == "cuda"
         # Optimizers are built after sharding, so under FSDP they hold (and step) only this rank's shards.
-        fused = train.fused_optimizer and device.type == "cuda" and not self.sharded
-        self.opt_generator = make_optimizer(config, self.generator.parameters(), train.generator_learning_rate, fused)
-        self.opt_fake = make_optimizer(config, self.fake.parameters(), train.fake_learning_rate, fused)
+        fused = (train.fused_optimizer and device.type == "cuda" and not self.sharded) or self.defer_checks
+        self.opt_generator = make_optimizer(config, self.generator.parameters(), train.generator_learning_rate, fused,
+                                            capturable=graphed)
+        self.opt_fake = make_optimizer(config, self.fake.parameters(), train.fake_learning_rate, fused,
+                                       capturable=graphed)
         self.scaler_generator = make_scaler(precision, device, self.sharded)
         self.scaler_fake = make_scaler(precision, device, self.sharded)
         # All training randomness comes from these generators, identical on every rank, restored by a checkpoint.
@@ -104,7 +132,16 @@ class Trainer:
             torch.manual_seed(train.seed + env.rank)
         self.step_count = 0
         self.consecutive_nonfinite = 0
-        self.nonfinite_total = 0
+        self._nonfinite_total = 0
+        if self.defer_checks:  # The device-side counts: skipped steps in a row, and in all.
+            self._nonfinite_streak = torch.zeros((), dtype=torch.int64, device=device)
+            self._nonfinite_count = torch.zeros((), dtype=torch.int64, device=device)
+        self.step_graph = None
+        if graphed:
+            self.step_graph = StepGraph(self._iteration, device, [self.rng])
+        elif self.defer_checks:
+            warnings.warn("train.cuda_graph is set but the device is the CPU: the step runs eagerly (with its "
+                          "checks deferred as on a GPU). Turn train.cuda_graph off to silence this.", stacklevel=2)
 
     @property
     def kimg(self) -> float:
@@ -118,10 +155,22 @@ class Trainer:
     def sharded_checkpoints(self) -> bool:
         return self.parallelism == "fsdp"
 
+    @property
+    def nonfinite_total(self) -> int:
+        """Steps skipped so far for NaN/inf losses or gradients (a host sync under deferred checks)."""
+        return int(self._nonfinite_count) if self.defer_checks else self._nonfinite_total
+
+    @nonfinite_total.setter
+    def nonfinite_total(self, value: int) -> None:
+        if self.defer_checks:
+            self._nonfinite_count.fill_(value)
+        else:
+            self._nonfinite_total = value
+
     # -- one iteration -------------------------------------------------------------------------------------------
 
-    def _draw(self, sigma_config):
-        """The global batch's latents, labels, noise levels and noise (same on every rank)."""
+    def _draw(self, sigma: torch.Tensor):
+        """The global batch's latents, labels and noise (same on every rank), with its noise levels `sigma`."""
         batch = self.config.train.batch_size
         z = torch.randn((batch, *self.data_shape), generator=self.rng, device=self.device)
         cond = None
@@ -130,14 +179,14 @@ class Trainer:
         elif self.label_dim:
             labels = torch.randint(self.label_dim, (batch,), generator=self.rng, device=self.device)
             cond = torch.nn.functional.one_hot(labels, self.label_dim).float()
-        sigma = sample_sigma(sigma_config, batch, self.sigma_rng, self.device)
         noise = torch.randn((batch, *self.data_shape), generator=self.rng, device=self.device)
         return z, cond, sigma, noise
 
     def _update(self, micro_loss, wrapped, module, optimizer, scaler) -> tuple[torch.Tensor, torch.Tensor, str]:
         """Accumulate gradients over this rank's micro-batches, then clip and step unless the loss (averaged over
         ranks) or the global grad norm is not finite. Returns (loss, grad norm, outcome), the same on every rank;
-        outcome is "ok", "nonfinite", or "overflow": an fp16 GradScaler still searching for its scale."""
+        outcome is "ok", "nonfinite", or "overflow": an fp16 GradScaler still searching for its scale; under
+        deferred checks it is a boolean tensor, True when the update was made."""
         optimizer.zero_grad(set_to_none=True)
         rounds = len(self.micro_batches)
         total = 0
@@ -152,6 +201,11 @@ class Trainer:
         scaler.unscale_(optimizer)
         max_norm = self.config.train.grad_clip or math.inf
         grad_norm = _local(torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm))
+        if self.defer_checks:  # No host sync: the fused optimizer reads the verdict on the device.
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            optimizer.found_inf = (~finite).float()  # 1 skips the update, moments and step count included.
+            optimizer.step()
+            return loss, grad_norm.detach(), finite
         finite_loss, finite_grad = bool(torch.isfinite(loss)), bool(torch.isfinite(grad_norm))
         outcome = "ok" if finite_loss and finite_grad else "nonfinite"
         if finite_loss and not finite_grad and scaler.is_enabled() and scaler.get_scale() >= 1:
@@ -166,9 +220,23 @@ class Trainer:
     def step(self) -> dict:
         """One iteration; returns detached per-step statistics (tensors, to avoid a host sync per step)."""
         cfg = self.config
+        # The noise levels come from the CPU generator, fake updates' first: the host part of the step's randomness.
+        sigma_configs = [self.fake_sigma] * cfg.train.fake_updates_per_step + [cfg.objective.sigma]
+        where = "cpu" if self.step_graph is not None else self.device  # The graph copies them into its buffers.
+        sigmas = [sample_sigma(config, cfg.train.batch_size, self.sigma_rng, where) for config in sigma_configs]
+        stats = self.step_graph(sigmas) if self.step_graph is not None else self._iteration(sigmas)
+        self.step_count += 1
+        last = self.step_count == cfg.train.max_steps
+        if self.defer_checks and (self.step_count % cfg.train.tick_every == 0 or last):
+            self.check_nonfinite()
+        return stats
+
+    def _iteration(self, sigmas: list[torch.Tensor]) -> dict:
+        """The device work of one iteration, given its noise levels (one per fake update, then the generator's)."""
+        cfg = self.config
         outcomes = []
-        for _ in range(cfg.train.fake_updates_per_step):
-            z, cond, sigma, noise = self._draw(self.fake_sigma)
+        for sigma_fake in sigmas[:-1]:
+            z, cond, sigma, noise = self._draw(sigma_fake)
             augmentation = None
             if cfg.fake.augment_p:  # Drawn for the global batch, like the noise, so any split sees the same.
                 augmentation = draw_augmentation(cfg.train.batch_size, cfg.fake.augment_p, self.rng, self.device)
@@ -192,7 +260,7 @@ class Trainer:
         trainable = [p for p in self.fake.parameters() if p.requires_grad]  # Restored as they were (LoRA, frozen).
         self.fake.requires_grad_(False)
         try:
-            z, cond, sigma, noise = self._draw(cfg.objective.sigma)
+            z, cond, sigma, noise = self._draw(sigmas[-1])
 
             def generator_loss(part):
                 c = cond[part] if cond is not None else None
@@ -209,23 +277,35 @@ class Trainer:
             for parameter in trainable:
                 parameter.requires_grad_(True)
 
-        if all(outcome == "ok" for outcome in outcomes):
+        if self.defer_checks:
+            skipped = (~torch.stack(outcomes).all()).long()
+            self._nonfinite_streak.mul_(skipped).add_(skipped)  # Back to 0 after a good step.
+            self._nonfinite_count.add_(skipped)
+        elif all(outcome == "ok" for outcome in outcomes):
             self.consecutive_nonfinite = 0
         else:  # Every skipped step is counted; fp16 scale-search overflows alone do not bring the stop closer.
-            self.nonfinite_total += 1
+            self._nonfinite_total += 1
             self.consecutive_nonfinite += "nonfinite" in outcomes
             if self.consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
-                last = self.step_count + 1
-                raise NonFiniteError(
-                    f"{self.consecutive_nonfinite} consecutive steps had NaN/inf losses or gradients (steps "
-                    f"{last - self.consecutive_nonfinite + 1}-{last}, train.max_consecutive_nonfinite="
-                    f"{cfg.train.max_consecutive_nonfinite}); the run stops here and its last checkpoint is intact. "
-                    "Lower train.lr, set train.grad_clip, or use train.precision=fp32.")
+                self._stop_nonfinite(self.consecutive_nonfinite, self.step_count + 1)
         if self.ema:
             self.ema.update(self.generator)
-        self.step_count += 1
         return {"loss_generator": loss_gen, "loss_fake": loss_fake,
                 "grad_norm_generator": grad_gen, "grad_norm_fake": grad_fake}
+
+    def check_nonfinite(self) -> None:
+        """Under deferred checks: stop the run (NonFiniteError) if the device counted train.max_consecutive_nonfinite
+        skipped steps in a row. One host sync; step() calls it every train.tick_every steps and at the last."""
+        streak = int(self._nonfinite_streak)
+        if streak >= self.config.train.max_consecutive_nonfinite:
+            self._stop_nonfinite(streak, self.step_count)
+
+    def _stop_nonfinite(self, streak: int, last: int) -> None:
+        limit = self.config.train.max_consecutive_nonfinite
+        raise NonFiniteError(
+            f"{streak} consecutive steps had NaN/inf losses or gradients (steps {last - streak + 1}-{last}, "
+            f"train.max_consecutive_nonfinite={limit}); the run stops here and its last checkpoint is intact. "
+            "Lower train.lr, set train.grad_clip, or use train.precision=fp32.")
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -305,6 +385,8 @@ class Trainer:
                 torch.set_rng_state(rng[prefix + "cpu"])
             if prefix + "cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng[prefix + "cuda"], self.device)
+        if self.step_graph is not None:  # The optimizers' state tensors were replaced: capture anew.
+            self.step_graph.reset()
         self.scaler_generator.load_state_dict(state["scalers"]["generator"])
         self.scaler_fake.load_state_dict(state["scalers"]["fake"])
         self.step_count = state["step"]

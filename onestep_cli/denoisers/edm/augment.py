@@ -72,7 +72,7 @@ class Augmentation:
         """`[N, 3, 3]` maps from output to input pixel positions (x right, y down, origin at the image centre)."""
         shrink = torch.exp2(-SCALE_STD * self.scale)
         stretch = torch.exp2(ANISO_STD * self.aniso)
-        shift = self.translate * TRANSLATE_STD * torch.tensor([width, height], device=self.translate.device)
+        shift = self.translate * TRANSLATE_STD * constants([width, height], self.translate)
         return (_scale(shrink, shrink) @ _rotate(self.rotate) @ _rotate(-self.aniso_angle)
                 @ _scale(1 / stretch, stretch) @ _rotate(self.aniso_angle) @ _translate(-shift))
 
@@ -90,7 +90,8 @@ def draw_augmentation(batch: int, p: float, generator: torch.Generator, device: 
     if p == 0:
         return identity_augmentation(batch, device)
     draw = dict(generator=generator, device=device)
-    chance = torch.tensor([min(1.0, XFLIP_MULTIPLIER * p), p, p, p, p, p, ANISO_ROTATE_PROB], device=device)
+    chance = constants([min(1.0, XFLIP_MULTIPLIER * p), p, p, p, p, p, ANISO_ROTATE_PROB],
+                       torch.empty(0, device=device))
     applied = (torch.rand(batch, len(chance), **draw) < chance).float()  # xflip yflip scale rotate aniso shift axis
     coins = torch.randint(2, (batch, 2), **draw).float()
     normal = torch.randn(batch, 4, **draw)  # scale, aniso, translate u, v
@@ -119,7 +120,7 @@ def resample(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     filter, sampled bilinearly, downsampled 2x with the same filter. Positions beyond the padding read zeros.
     """
     batch, channels, height, width = images.shape
-    taps = torch.tensor(SYM6, dtype=images.dtype, device=images.device)
+    taps = constants(SYM6, images)
     pad_y, pad_x = height - 1, width - 1
     x = F.pad(images, (pad_x, pad_x, pad_y, pad_y), mode="reflect").reshape(batch * channels, 1, height + 2 * pad_y,
                                                                              width + 2 * pad_x)
@@ -136,8 +137,8 @@ def resample(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     linear = inverse[:, :2, :2].to(images.dtype)
     delay = torch.full((2,), FILTER_DELAY, dtype=images.dtype, device=images.device)
     shift = 2 * inverse[:, :2, 2].to(images.dtype) + (linear - torch.eye(2, device=images.device)) @ delay
-    to_input = torch.tensor([2 / in_w, 2 / in_h], dtype=images.dtype, device=images.device)
-    from_output = torch.tensor([out_w / 2, out_h / 2], dtype=images.dtype, device=images.device)
+    to_input = constants([2 / in_w, 2 / in_h], images)
+    from_output = constants([out_w / 2, out_h / 2], images)
     theta = torch.cat([to_input[:, None] * linear * from_output[None, :], (to_input * shift)[..., None]], dim=2)
     grid = F.affine_grid(theta, [batch, channels, out_h, out_w], align_corners=False)
     x = x.reshape(batch, channels, in_h, in_w)
@@ -150,10 +151,17 @@ def resample(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     return x.reshape(batch, channels, height, width)
 
 
+def constants(values, like: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor of Python numbers with `like`'s dtype and device, filled on the device: unlike torch.tensor, no
+    copy from host memory, so that a CUDA graph can record it (train.cuda_graph)."""
+    return torch.stack([torch.full((), value, dtype=like.dtype, device=like.device) for value in values])
+
+
 def _matrices(entries: list[list], like: torch.Tensor) -> torch.Tensor:
-    """`[N, 3, 3]` from a 3x3 nested list of `[N]` tensors and numbers."""
-    rows = [torch.stack([torch.as_tensor(e, dtype=like.dtype, device=like.device).expand(like.shape) for e in row],
-                        dim=-1) for row in entries]
+    """`[N, 3, 3]` from a 3x3 nested list of `[N]` tensors and numbers (filled on the device, as `constants`)."""
+    entry = lambda e: (torch.full(like.shape, e, dtype=like.dtype, device=like.device) if isinstance(e, (int, float))
+                       else e.to(like.dtype).expand(like.shape))
+    rows = [torch.stack([entry(e) for e in row], dim=-1) for row in entries]
     return torch.stack(rows, dim=-2)
 
 

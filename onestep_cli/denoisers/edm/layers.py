@@ -1,7 +1,8 @@
 """Building blocks of the EDM U-Nets (DDPM++, NCSN++, ADM), written to match EDM's parameter layout and arithmetic.
 
 Attribute names, registration order and the order of floating-point operations follow EDM's `training/networks.py`
-so that an EDM state dict loads one-to-one and the forward pass gives bit-identical results on the same device.
+so that an EDM state dict loads one-to-one and the forward pass gives bit-identical results on the same device (on the
+CPU; DDPM++'s 2x2 box resampling runs as pooling, whose GPU kernels may sum the four taps in another order).
 Weights are cast to the activation dtype inside each layer, so a float32 module runs float16 inputs unchanged.
 """
 
@@ -73,6 +74,9 @@ class Conv2d(nn.Module):
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
         f = f.ger(f).unsqueeze(0).unsqueeze(1) / f.sum().square()
         self.register_buffer("resample_filter", f if up or down else None)
+        # DDPM++'s [1, 1] filter: a 2x2 box. Its per-channel convolutions are 2x2 average pooling (down) and nearest
+        # 2x upsampling (up), which run as memory-bound kernels instead of slow depthwise cuDNN ones.
+        self.box_resample = list(resample_filter) == [1, 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(x.dtype) if self.weight is not None else None
@@ -90,11 +94,15 @@ class Conv2d(nn.Module):
             x = conv(x, w, padding=w_pad + f_pad)
             x = conv(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
         else:
-            if self.up:
+            if self.up and self.box_resample:
+                x = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+            elif self.up:
                 # The filter is scaled by 4 so that upsampling by zero insertion keeps the mean.
                 x = conv_t(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2,
                            padding=f_pad)
-            if self.down:
+            if self.down and self.box_resample:
+                x = torch.nn.functional.avg_pool2d(x, 2)
+            elif self.down:
                 x = conv(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
             if w is not None:
                 x = conv(x, w, padding=w_pad)
@@ -201,7 +209,12 @@ class UNetBlock(nn.Module):
                               **(init_attn if init_attn is not None else init))
             self.proj = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """`skip`: the encoder activation a decoder block concatenates to `x` along channels. The concatenation is
+        done here, inside the block, so that a compiled block also owns its backward (no strided copies between
+        compiled regions)."""
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
         orig = x
         x = self.conv0(silu(self.norm0(x)))
 

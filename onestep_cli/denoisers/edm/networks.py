@@ -159,9 +159,7 @@ class SongUNet(nn.Module):
                 tmp = block(silu(tmp))
                 aux = tmp if aux is None else tmp + aux
             else:
-                if x.shape[1] != block.in_channels:
-                    x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb)
+                x = block(x, emb, skips.pop() if x.shape[1] != block.in_channels else None)
         return aux
 
 
@@ -250,9 +248,7 @@ class DhariwalUNet(nn.Module):
             skips.append(x)
 
         for block in self.dec.values():
-            if x.shape[1] != block.in_channels:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
+            x = block(x, emb, skips.pop() if x.shape[1] != block.in_channels else None)
         return self.out_conv(silu(self.out_norm(x)))
 
 

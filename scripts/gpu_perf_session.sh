@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Issue 7's CUDA-graph measurements on one GPU of the device machine, from the repository root:
+#   bash scripts/gpu_perf_session.sh A   # GPU tests of train.cuda_graph; profiles of eager and graphed steps
+#   bash scripts/gpu_perf_session.sh B   # the same under torch.compile (regional), NCHW and channels_last
+#   bash scripts/gpu_perf_session.sh C   # after the resampling and skip-concatenation changes: eager graph, and
+#                                          compiled NCHW against channels_last (compiled side by side)
+#   bash scripts/gpu_perf_session.sh E   # inductor layout optimisation off; batch 256 for SiD and DMD; sampling
+# Needs pydantic's wheels in .whlmin (see docs/benchmarks.md); writes JSON and logs under $OUT (kept in
+# docs/logs/cuda_graph/ with the stage letter prefixed). In E the three compiled rows share the 80 GB of an H100
+# while they wait their turn: the batch-256 SiD row's capture ran out of memory there and it ran eagerly (compiled);
+# time it alone.
+set -u
+stage=${1:?stage A, B, C or E}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whlmin/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
+
+profile() {  # profile NAME ARGS...: one row of scripts/profile_step.py, its JSON in $OUT/NAME.json
+  local name=$1; shift
+  timeout 300 python3 scripts/profile_step.py "$@" --out "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" | grep -v "^    "
+}
+
+compile_triple() {  # compile_triple NAME "ARGS" x3: compile all at once, then time one at a time
+  local names=() pids=() i
+  rm -f /tmp/ready_* /tmp/go_*
+  for i in 0 1 2; do
+    local name=$1 args=$2; shift 2
+    env $(echo "$args" | grep -o "ENV=[^ ]*" | sed 's/^ENV=//') timeout 580 python3 scripts/profile_step.py \
+      $(echo "$args" | sed 's/ENV=[^ ]*//g') --ready /tmp/ready_$i --go /tmp/go_$i --out "$OUT/$name.json" \
+      > "$OUT/$name.log" 2>&1 &
+    names+=("$name"); pids+=($!)
+  done
+  for i in 0 1 2; do
+    while [ ! -e /tmp/ready_$i ] && kill -0 ${pids[$i]} 2>/dev/null; do sleep 1; done
+  done
+  for i in 0 1 2; do touch /tmp/go_$i; wait ${pids[$i]}; done
+  for i in 0 1 2; do grep -v "^    \|Warning\|_warn_once" "$OUT/${names[$i]}.log"; done
+}
+
+compile_pair() {  # compile_pair NAME_A "ARGS_A" NAME_B "ARGS_B": compile both at once, then time one at a time
+  local a=$1 args_a=$2 b=$3 args_b=$4
+  rm -f /tmp/ready_a /tmp/ready_b /tmp/go_a /tmp/go_b
+  timeout 580 python3 scripts/profile_step.py $args_a --ready /tmp/ready_a --go /tmp/go_a --out "$OUT/$a.json" \
+    > "$OUT/$a.log" 2>&1 &
+  local pa=$!
+  timeout 580 python3 scripts/profile_step.py $args_b --ready /tmp/ready_b --go /tmp/go_b --out "$OUT/$b.json" \
+    > "$OUT/$b.log" 2>&1 &
+  local pb=$!
+  while { [ ! -e /tmp/ready_a ] && kill -0 $pa 2>/dev/null; } || { [ ! -e /tmp/ready_b ] && kill -0 $pb 2>/dev/null; }
+  do sleep 1; done
+  touch /tmp/go_a; wait $pa; touch /tmp/go_b; wait $pb
+  grep -v "^    \|Warning\|_warn_once" "$OUT/$a.log" "$OUT/$b.log"
+}
+
+case $stage in
+  A)
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py 2>&1 | tail -15 | tee "$OUT/tests.log"
+    profile sid_b128_eager --row sid-cifar10 --batch 128
+    profile sid_b128_graph --row sid-cifar10 --batch 128 --cuda-graph
+    profile sid_b64_graph --row sid-cifar10 --batch 64 --cuda-graph
+    profile sid_b256_graph --row sid-cifar10 --batch 256 --cuda-graph
+    profile dmd_b128_graph --row dmd-cifar10 --batch 128 --cuda-graph
+    profile dmd_b256_graph --row dmd-cifar10 --batch 256 --cuda-graph
+    ;;
+  B)
+    profile sid_b128_graph_compile --row sid-cifar10 --batch 128 --cuda-graph --compile
+    profile sid_b256_graph_compile_cl --row sid-cifar10 --batch 256 --cuda-graph --compile --channels-last
+    ;;
+  C)
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_edm_networks.py 2>&1 | tail -3
+    profile sid_b128_graph_v2 --row sid-cifar10 --batch 128 --cuda-graph
+    compile_pair sid_b128_graph_compile_v2 "--row sid-cifar10 --batch 128 --cuda-graph --compile" \
+      sid_b128_graph_compile_cl_v2 "--row sid-cifar10 --batch 128 --cuda-graph --compile --channels-last"
+    ;;
+  E)  # a user's run with and without train.cuda_graph; inductor's layout optimisation off (NCHW) against on, and
+      # the batch of 256, side by side; then compiled sampling
+    for graph in false true; do
+      timeout 150 python3 -m onestep_cli distill --preset digits32-sid --set train.cuda_graph=$graph \
+        --set train.max_steps=60 --set train.tick_every=20 --set eval.metrics=[] --out /tmp/run_$graph > /dev/null 2>&1
+      echo "cuda_graph=$graph: rc $? $(tail -1 /tmp/run_$graph/stats.jsonl)"
+    done
+    compile_triple sid_b128_nolayoutopt "--row sid-cifar10 --batch 128 --cuda-graph --compile ENV=TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0" \
+      sid_b256 "--row sid-cifar10 --batch 256 --cuda-graph --compile" \
+      dmd_b256 "--row dmd-cifar10 --batch 256 --cuda-graph --compile"
+    python3 -m onestep_cli bench --rows sample-cifar10 --compile --channels-last --json > "$OUT/sample_compile_cl.json"
+    python3 -c "import json; r = json.load(open('$OUT/sample_compile_cl.json'))[0]; print({k: r.get(k) for k in ('row', 'batch', 'images_per_s', 'first_iter_s', 'peak_memory_gb', 'flop_utilisation')})"
+    ;;
+esac
