@@ -126,11 +126,12 @@ def test_quick_rows_run_compiled_or_fall_back(one_thread):
     assert result["compiled"] == (failure is None) and result["images_per_s"] > 0
 
 
-def test_bf16_and_compiled_runs_track_fp32_eager_on_gmm_sid(one_thread):
+def test_bf16_compiled_and_graphed_runs_track_fp32_eager_on_gmm_sid(one_thread):
     """A few hundred steps of gmm-sid: bf16 autocast (run on the CPU through the Trainer: the command line refuses
-    bf16 there for speed, not correctness) and torch.compile end where fp32 eager ends (criteria:
-    onestep_cli/bench/tracking.py; all four gmm presets: docs/benchmarks.md)."""
-    variants = {"bf16": VARIANTS["bf16"]}
+    bf16 there for speed, not correctness), torch.compile and train.cuda_graph (on the CPU: its deferred checks and
+    fused Adam) end where fp32 eager ends (criteria: onestep_cli/bench/tracking.py; all four gmm presets:
+    docs/benchmarks.md)."""
+    variants = {"bf16": VARIANTS["bf16"], "cuda_graph": VARIANTS["cuda_graph"]}
     if compile_failure(torch.device("cpu")) is None:
         variants["compiled"] = VARIANTS["compiled"]
     result = tracking_check("gmm-sid", variants, steps=200, seeds=(0, 1), base=["train.device=cpu"])

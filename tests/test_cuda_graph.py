@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from onestep_cli.config import ConfigError, resolve_config
-from onestep_cli.denoisers.gmm import GaussianMixtureDenoiser
 from onestep_cli.engine.distributed import DistEnv
 from onestep_cli.engine.networks import build_networks
 from onestep_cli.engine.trainer import NonFiniteError, Trainer
+from poisoned_teacher import PoisonedTeacher
 
 SMALL = ["generator.mlp.hidden_dim=32", "fake.mlp.hidden_dim=32", "train.batch_size=64", "eval.metrics=[]"]
 CPU = torch.device("cpu")
@@ -22,19 +22,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class PoisonedTeacher(GaussianMixtureDenoiser):
-    """The gmm teacher, returning NaN on the calls (one per SiD step) that `poisoned` picks."""
-
-    def __init__(self, base: GaussianMixtureDenoiser, poisoned):
-        super().__init__(base.means, base.stds, base.weights)
-        self.poisoned, self.calls = poisoned, 0
-
-    def forward(self, x, sigma, cond=None):
-        self.calls += 1
-        out = super().forward(x, sigma, cond)
-        return out * float("nan") if self.poisoned(self.calls) else out
 
 
 def trainer(*overrides, poisoned=None, device=CPU, precision="fp32") -> Trainer:

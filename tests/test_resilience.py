@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 
 from onestep_cli import distill
 from onestep_cli.config import resolve_config
-from onestep_cli.denoisers.gmm import GaussianMixtureDenoiser
 from onestep_cli.engine.checkpoint import PAUSE_ENV, find_latest_checkpoint, list_checkpoints, verify_checkpoint
 from onestep_cli.engine.loop import NonFiniteError
 from onestep_cli.engine.networks import build_networks
+from poisoned_teacher import PoisonedTeacher
 
 ONESTEP = str(Path(sys.executable).parent / "onestep")
 SMALL = ["generator.mlp.hidden_dim=32", "fake.mlp.hidden_dim=32", "train.batch_size=64", "eval.metrics=[]",
@@ -171,19 +171,6 @@ def test_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_pat
     state, folder = find_latest_checkpoint(tmp_path / "checkpoints", warn=warnings.append)
     assert folder.name == "step-00000004" and state["step"] == 4
     assert len(warnings) == 1 and str(newest) in warnings[0] and "Falling back" in warnings[0]
-
-
-class PoisonedTeacher(GaussianMixtureDenoiser):
-    """The gmm teacher, returning NaN on chosen calls (SiD calls it once per step, in the generator update)."""
-
-    def __init__(self, base: GaussianMixtureDenoiser, poisoned):
-        super().__init__(base.means, base.stds, base.weights)
-        self.poisoned, self.calls = poisoned, 0
-
-    def forward(self, x, sigma, cond=None):
-        self.calls += 1
-        out = super().forward(x, sigma, cond)
-        return out * float("nan") if self.poisoned(self.calls) else out
 
 
 def _poisoned_run(tmp_path, poisoned, *overrides):
