@@ -25,14 +25,6 @@ ONESTEP = str(Path(sys.executable).parent / "onestep")
 ENV = {**os.environ, "COLUMNS": "250", "OMP_NUM_THREADS": "1"}  # Two cores are shared: one thread per process.
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def onestep(*args, timeout=120) -> subprocess.CompletedProcess:
     return subprocess.run([ONESTEP, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
 

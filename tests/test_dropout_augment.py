@@ -26,12 +26,7 @@ ONESTEP = str(Path(sys.executable).parent / "onestep")
 TINY = ["train.batch_size=4", "train.device=cpu", "train.precision=fp32", "train.ema_halflife_kimg=null"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_teacher(augment_dim: int = AUGMENT_DIM, dropout: float = 0.1) -> EDMPrecond:

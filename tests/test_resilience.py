@@ -33,12 +33,7 @@ CLI_SMALL = ["distill", "--preset", "gmm-sid", *[arg for s in SMALL for arg in (
 ENV = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}  # Two cores are shared: one thread per process.
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def onestep(*args, check=True, env=None, timeout=120) -> subprocess.CompletedProcess:
