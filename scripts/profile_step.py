@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -96,9 +97,8 @@ def main() -> None:
     for name, seconds in kernels.items():
         by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + seconds
     busy = sum(kernels.values())
-    import os
-
-    result = {"row": args.row, "batch": batch, "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    options_json = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    result = {"row": args.row, "batch": batch, "options": options_json,
               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "inductor_layout_optimization": os.environ.get("TORCHINDUCTOR_LAYOUT_OPTIMIZATION", "1"),
               "graph_captured": captured() if captured else None, "first_iter_s": first,

@@ -68,6 +68,28 @@ def test_deferred_checks_stop_at_the_next_check_after_the_limit():
     assert run.nonfinite_total == 4
 
 
+def test_auto_captures_exactly_where_a_graph_can_apply_and_refuses_nothing():
+    from onestep_cli.engine.trainer import use_cuda_graph
+
+    cuda, two = torch.device("cuda"), DistEnv(rank=0, world_size=2, local_rank=0)
+    assert use_cuda_graph("auto", "bf16", DistEnv(), False, cuda)
+    assert use_cuda_graph("auto", "fp32", DistEnv(), False, cuda)
+    for precision, env, text, device in [("fp16", DistEnv(), False, cuda), ("bf16", two, False, cuda),
+                                         ("bf16", DistEnv(), True, cuda), ("fp32", DistEnv(), False, CPU)]:
+        assert not use_cuda_graph("auto", precision, env, text, device)
+    assert not use_cuda_graph("auto", "bf16", DistEnv(), False, cuda, parallelism="fsdp")
+    assert not use_cuda_graph(False, "fp16", two, True, cuda)
+    with pytest.raises(ConfigError, match="text-to-image teachers draw prompts"):
+        use_cuda_graph(True, "bf16", DistEnv(), True, cuda)
+
+
+def test_auto_on_the_cpu_is_the_plain_eager_step_without_a_warning(recwarn):
+    run = trainer("train.cuda_graph=auto")
+    assert not run.defer_checks and run.step_graph is None
+    run.step()
+    assert not [w for w in recwarn if "cuda_graph" in str(w.message)]
+
+
 @pytest.mark.parametrize("precision, env, overrides, reason", [
     ("fp16", DistEnv(), [], "fp16's GradScaler decides on the host"),
     ("fp32", DistEnv(rank=0, world_size=2, local_rank=0), [], "it runs one process, not 2"),

@@ -21,6 +21,7 @@ from ..sample_io import is_image_shape
 from ..sampling import generate_with_labels
 from . import distributed
 from .checkpoint import checkpoint_name, find_latest_checkpoint, remove_partial_checkpoints
+from .cuda_graph import WARMUP_STEPS
 from .distributed import DistEnv, barrier, broadcast_object, on_main, print0
 from .networks import Networks, build_networks
 from .parallel import per_process_batch, resolve_parallelism, training_state_bytes
@@ -110,6 +111,10 @@ def _distill(config: RunConfig, out_dir: Path, env: DistEnv, device: torch.devic
         log(f"Training on {env.world_size} process{'es' if env.is_distributed else ''} "
             f"({trainer.parallelism.upper()}, {device.type}): global batch {train.batch_size} = {micro} per "
             f"micro-batch x {train.grad_accumulation} accumulation rounds x {env.world_size} processes.")
+    if trainer.step_graph is not None:
+        log(f"train.cuda_graph={str(train.cuda_graph).lower()}: after {WARMUP_STEPS} eager steps the whole step is "
+            f"captured as a CUDA graph and replayed; NaN/inf steps are skipped on the GPU and checked every "
+            f"{train.tick_every} steps.")
 
     start_time, tick_start, tick_step = time.time(), time.time(), trainer.step_count
     sums: dict[str, torch.Tensor] = {}

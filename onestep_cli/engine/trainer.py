@@ -50,18 +50,31 @@ def make_optimizer(config: RunConfig, params, lr: float, fused: bool = False,
     return cls(params, lr=lr, betas=tuple(config.train.betas), weight_decay=config.train.weight_decay, **extra)
 
 
-def check_cuda_graph_support(config: RunConfig, precision: str, env: DistEnv, text_conditions: bool) -> None:
-    """Refuse, with the setting to change, the runs whose step cannot be one static CUDA graph."""
+def cuda_graph_obstacles(precision: str, env: DistEnv, text_conditions: bool, parallelism: str = "ddp") -> list[str]:
+    """Why this run's step cannot be one static CUDA graph (empty: it can, on a CUDA device)."""
     reasons = []
+    if parallelism == "fsdp":
+        reasons.append("FSDP gathers and frees shards from the host around every block (use train.parallelism=ddp)")
     if precision == "fp16":
         reasons.append("fp16's GradScaler decides on the host (use train.precision=bf16)")
     if env.is_distributed:
         reasons.append(f"it runs one process, not {env.world_size} (drop --gpus or the launcher)")
     if text_conditions:
         reasons.append("text-to-image teachers draw prompts from the CPU each step")
-    if reasons:
+    return reasons
+
+
+def use_cuda_graph(setting, precision: str, env: DistEnv, text_conditions: bool, device: torch.device,
+                   parallelism: str = "ddp") -> bool:
+    """train.cuda_graph resolved: true refuses, with the setting to change, a run that cannot be captured (and keeps
+    its deferred checks on a CPU, with a warning from the Trainer); auto is on exactly where capture can apply."""
+    reasons = cuda_graph_obstacles(precision, env, text_conditions, parallelism)
+    if setting == "auto":
+        return device.type == "cuda" and not reasons
+    if setting and reasons:
         raise ConfigError("train.cuda_graph is set, but " + "; and ".join(reasons) + ". Set train.cuda_graph=false "
-                          "for this run.")
+                          "(or auto) for this run.")
+    return bool(setting)
 
 
 @contextlib.contextmanager
@@ -89,8 +102,9 @@ class Trainer:
         self.config, self.device, self.precision, self.env = config, device, precision, env
         self.parallelism = parallelism
         train = config.train
-        if train.cuda_graph:  # Before anything is built or moved.
-            check_cuda_graph_support(config, precision, env, networks.sample_condition is not None)
+        # Resolved before anything is built or moved: a run that cannot be captured fails here.
+        self.defer_checks = use_cuda_graph(train.cuda_graph, precision, env, networks.sample_condition is not None,
+                                           device, parallelism)
         micro = per_process_batch(train.batch_size, env.world_size, train.grad_accumulation)
         share_start = env.rank * micro * train.grad_accumulation
         # This rank's micro-batches, as slices of the global batch.
@@ -113,9 +127,9 @@ class Trainer:
                        precision, device, env, train.gradient_checkpointing)
         self.generator_train, self.fake_train = wrapped.generator_train, wrapped.fake_train
         self.sharded = wrapped.sharded
-        # Deferred checks: no host synchronisation in the step. The fused optimizer skips a non-finite update on the
-        # device and the skipped steps are counted there; the host looks every train.tick_every steps.
-        self.defer_checks = train.cuda_graph
+        # Deferred checks (under train.cuda_graph): no host synchronisation in the step. The fused optimizer skips a
+        # non-finite update on the device and the skipped steps are counted there; the host looks every
+        # train.tick_every steps.
         graphed = self.defer_checks and device.type == "cuda"
         # Optimizers are built after sharding, so under FSDP they hold (and step) only this rank's shards.
         fused = (train.fused_optimizer and device.type == "cuda" and not self.sharded) or self.defer_checks
