@@ -1,8 +1,9 @@
 """Replay a whole training iteration as one CUDA graph (`train.cuda_graph`).
 
-An eager step launches some ten thousand kernels from Python; at the batch sizes of EDM's networks the host cannot
-launch them as fast as the GPU runs them. A CUDA graph records every kernel of the step once and replays them with
-one launch. What that needs, and how this module provides it:
+An eager step launches some ten thousand kernels from Python, and the GPU waits whenever the host falls behind: 13%
+of a DDPM++ CIFAR-10 SiD step at batch 128 on an H100, most of a small network's step (docs/benchmarks.md). A CUDA
+graph records every kernel of the step once and replays them with one launch; it is also what lets torch.compile's
+fused kernels pay off. What it needs, and how this module provides it:
 
 - Static shapes and addresses: the step's inputs that come from the host (the noise levels, drawn on the CPU) are
   copied into tensors allocated once; everything else the step allocates lives in the graph's private memory pool.
@@ -28,13 +29,13 @@ class StepGraph:
     """Runs `step(inputs) -> dict of tensors` eagerly for WARMUP_STEPS calls, then as a captured CUDA graph.
 
     `inputs` is a list of tensors of fixed shapes (host or device); each call copies them into static device
-    buffers. `generators`: the custom CUDA generators the step draws from. `on_fail`: called with the reason if
-    capture fails; the step then stays eager for good.
+    buffers. `generators`: the custom CUDA generators the step draws from. If capture fails, a warning says why and
+    the step stays eager for good.
     """
 
     def __init__(self, step: Callable[[list[torch.Tensor]], dict], device: torch.device,
-                 generators: list[torch.Generator], on_fail: Callable[[str], None] | None = None):
-        self.step, self.device, self.generators, self.on_fail = step, device, generators, on_fail
+                 generators: list[torch.Generator]):
+        self.step, self.device, self.generators = step, device, generators
         self.static_inputs: list[torch.Tensor] | None = None
         self.static_outputs: dict | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -88,9 +89,7 @@ class StepGraph:
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             self.eager, self.static_outputs = True, None
             torch.cuda.synchronize(self.device)
-            if self.on_fail:
-                self.on_fail(reason)
-            else:
-                warnings.warn(f"CUDA graph capture failed ({reason}); the step runs eagerly.", stacklevel=2)
+            warnings.warn(f"CUDA graph capture failed ({reason}); the step runs eagerly. Set train.cuda_graph=false "
+                          "to skip the attempt.", stacklevel=3)
             return
         self.graph = graph

@@ -9,6 +9,10 @@ Every rank draws the whole global batch's latents, noise levels and noise from t
 its own contiguous share (split again into grad_accumulation micro-batches). The per-sample randomness therefore
 does not depend on how the batch is split: one process with batch B, or N processes with B/N each, train the same
 networks up to floating-point summation order, and any rank count can resume any checkpoint.
+
+Under train.cuda_graph the device part of the step (`_iteration`, everything but drawing the noise levels on the
+CPU) is recorded once as a CUDA graph and replayed (`cuda_graph.py`); its checks for NaN/inf are deferred: the fused
+optimizer skips a non-finite update on the GPU, and the host reads the count of skipped steps every tick.
 """
 
 from __future__ import annotations
@@ -196,7 +200,8 @@ class Trainer:
         noise = torch.randn((batch, *self.data_shape), generator=self.rng, device=self.device)
         return z, cond, sigma, noise
 
-    def _update(self, micro_loss, wrapped, module, optimizer, scaler) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def _update(self, micro_loss, wrapped, module, optimizer,
+                scaler) -> tuple[torch.Tensor, torch.Tensor, str | torch.Tensor]:
         """Accumulate gradients over this rank's micro-batches, then clip and step unless the loss (averaged over
         ranks) or the global grad norm is not finite. Returns (loss, grad norm, outcome), the same on every rank;
         outcome is "ok", "nonfinite", or "overflow": an fp16 GradScaler still searching for its scale; under
