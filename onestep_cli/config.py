@@ -243,7 +243,10 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tf32: bool = True  # TF32 tensor cores for float32 matmuls and convolutions on CUDA; false for strict IEEE fp32.
     parallelism: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: DDP, or FSDP2 when the networks would not fit one GPU.
-    gradient_checkpointing: bool = False  # Recompute block activations in backward: less memory, about 30% more time.
+    # Recompute block activations in backward: less memory, more time. true: all three networks; or a list of some
+    # of teacher, generator, fake (the guided teacher holds half the generator update's activations: [teacher]
+    # halves that memory for +2 of 13 forward passes, docs/benchmarks.md).
+    gradient_checkpointing: Union[bool, list[Literal["teacher", "generator", "fake"]]] = False
     channels_last: bool = False  # CUDA: NHWC weights and activations; slower for EDM U-Nets (docs/benchmarks.md). CPU ignores it.
     fused_optimizer: bool = False  # CUDA: one fused Adam/AdamW kernel per network instead of per-tensor loops; CPU ignores it.
     compile: bool = False  # torch.compile each network block (compiled once per distinct block); eager where it cannot.
@@ -262,6 +265,13 @@ class TrainConfig(Strict):
         if not all(0 <= b < 1 for b in betas):
             raise ValueError(f"train.betas must lie in [0, 1), got {list(betas)}")
         return betas
+
+    @property
+    def checkpointed_networks(self) -> tuple[str, ...]:
+        """The networks whose blocks gradient checkpointing recomputes, of teacher, generator and fake."""
+        if isinstance(self.gradient_checkpointing, bool):
+            return ("teacher", "generator", "fake") if self.gradient_checkpointing else ()
+        return tuple(dict.fromkeys(self.gradient_checkpointing))
 
     @property
     def generator_learning_rate(self) -> float:

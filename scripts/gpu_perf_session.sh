@@ -5,7 +5,9 @@
 #   bash scripts/gpu_perf_session.sh C   # after the resampling and skip-concatenation changes: eager graph, and
 #                                          compiled NCHW against channels_last (compiled side by side)
 #   bash scripts/gpu_perf_session.sh E   # inductor layout optimisation off; batch 256 for SiD and DMD; sampling
-# Needs pydantic's wheels in .whlmin (see docs/benchmarks.md); writes JSON and logs under $OUT (kept in
+#   WHEELS=.whl bash scripts/gpu_perf_session.sh F   # GPU tests of cuda_graph (augmentation); the PixArt SIM step:
+#                                          gradient checkpointing of all, the teacher alone, or none; compiled
+# Needs pydantic's wheels in .whlmin, and for F diffusers' and peft's too in .whl (see docs/benchmarks.md); writes JSON and logs under $OUT (kept in
 # docs/logs/cuda_graph/ with the stage letter prefixed). In E the three compiled rows share the 80 GB of an H100
 # while they wait their turn: the batch-256 SiD row's capture ran out of memory there and it ran eagerly (compiled);
 # time it alone.
@@ -13,7 +15,7 @@ set -u
 stage=${1:?stage A, B, C or E}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whlmin/*.whl \
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whlmin}/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
@@ -87,5 +89,20 @@ case $stage in
       dmd_b256 "--row dmd-cifar10 --batch 256 --cuda-graph --compile"
     python3 -m onestep_cli bench --rows sample-cifar10 --compile --channels-last --json > "$OUT/sample_compile_cl.json"
     python3 -c "import json; r = json.load(open('$OUT/sample_compile_cl.json'))[0]; print({k: r.get(k) for k in ('row', 'batch', 'images_per_s', 'first_iter_s', 'peak_memory_gb', 'flop_utilisation')})"
+    ;;
+  F)
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py 2>&1 | tail -4 | tee "$OUT/tests.log"
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    pixart() {  # pixart NAME BATCH ARGS...: one PixArt SIM step timing, its JSON in $OUT/NAME.json
+      local name=$1 batch=$2; shift 2
+      echo "== $name"
+      timeout 240 python3 scripts/pixart_step.py --out /tmp/pixart --text-encoder-layers 2 --batch "$batch" \
+        --steps 5 --profile --json-out "$OUT/$name.json" "$@" 2>&1 | grep -v "Warning\|warn\|it/s\]\|^ *$" \
+        | tail -30
+    }
+    pixart pixart_b16_ckpt_all 16
+    pixart pixart_b16_ckpt_teacher 16 --set "train.gradient_checkpointing=[teacher]"
+    pixart pixart_b8_ckpt_none 8 --set train.gradient_checkpointing=false
+    pixart pixart_b16_ckpt_teacher_compile 16 --set "train.gradient_checkpointing=[teacher]" --set train.compile=true
     ;;
 esac

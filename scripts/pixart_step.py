@@ -1,7 +1,12 @@
 """One-GPU SIM step of pixart-sim with a random-init full-size PixArt-alpha XL/2 512 pipeline (T5-XXL text encoder,
 SD VAE; built from their configs since weights cannot be downloaded). Times `Trainer.step()` through the engine.
 
-Usage: python scripts/pixart_step.py --out /tmp/pixart --batch 16 --steps 4
+Usage: python scripts/pixart_step.py --out /tmp/pixart --batch 16 --steps 4 [--set train.compile=true]
+    [--text-encoder-layers 2] [--profile] [--json-out result.json]
+
+The step never runs the text encoder (the prompts are encoded once and cached in the run), so `--text-encoder-layers`
+below T5-XXL's 24 only shortens the pipeline's build and load; every step-time number is the same. The FLOP
+utilisation uses scripts/count_t2i_flops.py's count (13 forward equivalents per image).
 """
 
 import argparse
@@ -9,10 +14,10 @@ import time
 from pathlib import Path
 
 import torch
-from t2i_step_timing import time_preset_steps
+from t2i_step_timing import add_timing_arguments, time_preset_steps
 
 
-def build_pixart(folder: Path) -> None:
+def build_pixart(folder: Path, text_encoder_layers: int = 24) -> None:
     import diffusers
     import transformers
 
@@ -20,7 +25,7 @@ def build_pixart(folder: Path) -> None:
     tokenizer = transformers.T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *letters], extra_ids=0)
     torch.manual_seed(0)
     t5 = transformers.T5EncoderModel(transformers.T5Config(  # T5 v1.1 XXL.
-        vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
+        vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=text_encoder_layers, num_heads=64,
         feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new")).to(torch.bfloat16)
     transformer = diffusers.PixArtTransformer2DModel(  # PixArt-XL-2-512x512.
         sample_size=64, num_layers=28, patch_size=2, attention_head_dim=72, num_attention_heads=16,
@@ -43,13 +48,20 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("/tmp/pixart"))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--text-encoder-layers", type=int, default=24, help="T5 layers (XXL has 24); see above.")
+    add_timing_arguments(parser)
     args = parser.parse_args()
     start = time.time()
-    pipeline = args.out / "pipeline"
+    pipeline = args.out / f"pipeline-t5x{args.text_encoder_layers}"
     if not (pipeline / "model_index.json").is_file():
-        build_pixart(pipeline)
+        build_pixart(pipeline, args.text_encoder_layers)
     print(f"pipeline ready in {time.time() - start:.0f} s", flush=True)
-    time_preset_steps("pixart-sim", pipeline, args.out, args.batch, args.steps)
+    from count_t2i_flops import PASSES_PER_STEP, pixart_forward_flops
+
+    flops = PASSES_PER_STEP * pixart_forward_flops(text_tokens=120)
+    time_preset_steps("pixart-sim", pipeline, args.out, args.batch, args.steps, args.overrides,
+                      flops_per_image=flops, profile=args.profile, ready=args.ready, go=args.go,
+                      json_out=args.json_out)
 
 
 if __name__ == "__main__":

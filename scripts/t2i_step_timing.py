@@ -7,12 +7,26 @@ from pathlib import Path
 import torch
 
 PROMPTS = "a photo of a cat\na red bicycle in the rain\nan astronaut riding a horse\na bowl of fruit\n"
+BF16_PEAK = 800e12  # FLOP/s of large bf16 matrix products measured on the workplace's H100 (docs/benchmarks.md).
+
+
+def add_timing_arguments(parser) -> None:
+    """The options every text-to-image timing script shares."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="A config override, as `onestep distill --set` (repeatable).")
+    parser.add_argument("--profile", action="store_true", help="Also profile one step: GPU kernel time by kind.")
+    parser.add_argument("--json-out", type=Path, default=None, help="Write the result as JSON here.")
+    parser.add_argument("--ready", type=Path, default=None, help="After the first step (compilation), create this "
+                        "file and wait for --go to exist before timing: lets another process compile meanwhile.")
+    parser.add_argument("--go", type=Path, default=None)
 
 
 def time_preset_steps(preset: str, pipeline: Path, out: Path, batch: int, steps: int, overrides=(),
-                      device: str = "cuda") -> dict:
+                      device: str = "cuda", flops_per_image: float | None = None, profile: bool = False,
+                      ready: Path | None = None, go: Path | None = None, json_out: Path | None = None) -> dict:
     """Build the preset's networks on `pipeline`, run `steps` Trainer steps (bf16 on CUDA, fp32 on CPU) and return
-    the median time of the steps after the first, images/s and peak memory; prints each step and the result."""
+    the median time of the steps after the first, images/s and peak memory; prints each step and the result.
+    `flops_per_image` (model FLOPs of one step per image) adds the FLOP utilisation against BF16_PEAK."""
     from onestep_cli.config import resolve_config
     from onestep_cli.engine.networks import build_networks
     from onestep_cli.engine.trainer import Trainer
@@ -35,9 +49,43 @@ def time_preset_steps(preset: str, pipeline: Path, out: Path, batch: int, steps:
         sync()
         times.append(time.time() - tick)
         print(f"step {len(times)}: {times[-1]:.2f} s, loss_gen {float(stats['loss_generator']):+.4e}", flush=True)
-    steady = sorted(times[1:])[len(times[1:]) // 2]  # The first step pays for allocation and autotuning.
-    result = {"preset": preset, "batch": batch, "seconds_per_step": steady, "images_per_s": batch / steady,
+        if len(times) == 1 and ready is not None:  # Compiled: let the next process compile while this one waits.
+            ready.touch()
+            while not go.exists():
+                time.sleep(0.5)
+    steady = sorted(times[1:])[len(times[1:]) // 2]  # The first step pays for allocation, autotuning, compilation.
+    result = {"preset": preset, "batch": batch, "overrides": list(overrides), "seconds_per_step": steady,
+              "first_step_s": times[0], "images_per_s": batch / steady,
               "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    if flops_per_image:
+        result["model_tflops_per_s"] = flops_per_image * batch / steady / 1e12
+        result["flop_utilisation"] = flops_per_image * batch / steady / BF16_PEAK
+    if profile and cuda:
+        result["kernel_seconds_by_kind"] = profile_step_kernels(trainer.step)
     print(json.dumps(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1))
     return result
+
+
+def profile_step_kernels(step) -> dict[str, float]:
+    """GPU kernel seconds of one call of `step`, by kind (scripts/profile_step.py's kinds); prints them."""
+    from profile_step import kind_of
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = {event.key: event.self_device_time_total / 1e6 for event in prof.key_averages()
+               if event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0}
+    by_kind: dict[str, float] = {}
+    for name, seconds in kernels.items():
+        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + seconds
+    busy = sum(by_kind.values())
+    for kind, seconds in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:24s} {seconds * 1e3:9.1f} ms  {seconds / busy:6.1%}")
+    for name, seconds in sorted(kernels.items(), key=lambda kv: -kv[1])[:15]:
+        print(f"    {seconds * 1e3:8.1f} ms  {name[:110]}")
+    return dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))

@@ -150,6 +150,33 @@ def test_gradient_checkpointing_on_diffusers_blocks(tiny, preset):
     assert all(torch.isfinite(value) for value in trainer.step().values())
 
 
+def test_gradient_checkpointing_of_the_teacher_alone_changes_no_number(tiny):
+    from torch.distributed._composable.contract import _get_registry
+
+    def checkpointed(network):
+        return [bool(_get_registry(block) and "checkpoint" in _get_registry(block)) for block in blocks(network)]
+
+    results = {}
+    for setting in ("false", "[teacher]"):
+        torch.manual_seed(0)
+        config = tiny_config(tiny, "pixart-sim", f"train.gradient_checkpointing={setting}")
+        trainer = Trainer(config, build_networks(config), CPU, "fp32")
+        stats = trainer.step()
+        results[setting] = (stats, [p.detach().clone() for p in trainer.generator.parameters()])
+        assert checkpointed(trainer.teacher) == [setting != "false"] * 2
+        assert not any(checkpointed(trainer.generator) + checkpointed(trainer.fake))
+    (plain, plain_weights), (recomputed, recomputed_weights) = results.values()
+    for key in plain:
+        torch.testing.assert_close(recomputed[key], plain[key], rtol=1e-6, atol=0)
+    for before, after in zip(plain_weights, recomputed_weights):
+        torch.testing.assert_close(after, before, rtol=1e-6, atol=0)
+
+
+def test_gradient_checkpointing_names_only_known_networks(tiny):
+    with pytest.raises(Exception, match="gradient_checkpointing"):
+        tiny_config(tiny, "pixart-sim", "train.gradient_checkpointing=[teacher, decoder]")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The CLI: distill, sample, export; and the diffusers round trip.
 

@@ -90,10 +90,11 @@ def shard(network: nn.Module, precision: str) -> None:
 
 
 def wrap(teacher: nn.Module, generator: nn.Module, fake: nn.Module, ema: nn.Module | None, parallelism: str,
-         precision: str, device: torch.device, env: DistEnv, gradient_checkpointing: bool) -> Wrapped:
-    """Apply gradient checkpointing and DDP or FSDP2 to the networks (already on `device`)."""
-    if gradient_checkpointing:
-        for network in (teacher, generator, fake):
+         precision: str, device: torch.device, env: DistEnv, checkpointed: tuple[str, ...] = ()) -> Wrapped:
+    """Apply gradient checkpointing (to the networks named in `checkpointed`, of teacher, generator and fake) and
+    DDP or FSDP2 to the networks (already on `device`)."""
+    for name, network in (("teacher", teacher), ("generator", generator), ("fake", fake)):
+        if name in checkpointed:
             enable_gradient_checkpointing(network)
     if not env.is_distributed:
         return Wrapped(generator, fake, sharded=False)

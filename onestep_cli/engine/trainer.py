@@ -128,7 +128,7 @@ class Trainer:
             self.ema = EMA(self.generator, ema_beta(train.batch_size, train.ema_halflife_kimg))
         self.compiled = train.compile and compile_blocks([self.teacher, self.generator, self.fake], device)
         wrapped = wrap(self.teacher, self.generator, self.fake, self.ema.module if self.ema else None, parallelism,
-                       precision, device, env, train.gradient_checkpointing)
+                       precision, device, env, train.checkpointed_networks)
         self.generator_train, self.fake_train = wrapped.generator_train, wrapped.fake_train
         self.sharded = wrapped.sharded
         # Deferred checks (under train.cuda_graph): no host synchronisation in the step. The fused optimizer skips a
