@@ -7,6 +7,8 @@
 #   bash scripts/gpu_perf_session.sh E   # inductor layout optimisation off; batch 256 for SiD and DMD; sampling
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh F   # GPU tests of cuda_graph (augmentation); the PixArt SIM step:
 #                                          gradient checkpointing of all, the teacher alone, or none; compiled
+#   WHEELS=.whl bash scripts/gpu_perf_session.sh G   # PixArt compiled: fused Adam; no checkpointing at batch 12
+#   WHEELS=.whl bash scripts/gpu_perf_session.sh H   # PixArt: prompts kept on the GPU; the step as a CUDA graph
 # Needs pydantic's wheels in .whlmin, and for F diffusers' and peft's too in .whl (see docs/benchmarks.md); writes JSON and logs under $OUT (kept in
 # docs/logs/cuda_graph/ with the stage letter prefixed). In E the three compiled rows share the 80 GB of an H100
 # while they wait their turn: the batch-256 SiD row's capture ran out of memory there and it ran eagerly (compiled);
@@ -57,6 +59,14 @@ compile_pair() {  # compile_pair NAME_A "ARGS_A" NAME_B "ARGS_B": compile both a
   grep -v "^    \|Warning\|_warn_once" "$OUT/$a.log" "$OUT/$b.log"
 }
 
+pixart() {  # pixart NAME BATCH ARGS...: one PixArt SIM step timing (scripts/pixart_step.py), its JSON in $OUT/NAME.json
+  local name=$1 batch=$2; shift 2
+  echo "== $name"
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 240 python3 scripts/pixart_step.py --out /tmp/pixart \
+    --text-encoder-layers 2 --batch "$batch" --steps 5 --profile --json-out "$OUT/$name.json" "$@" 2>&1 \
+    | grep -v "Warning\|warn\|it/s\]\|^ *$" | tail -30
+}
+
 case $stage in
   A)
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py 2>&1 | tail -15 | tee "$OUT/tests.log"
@@ -92,17 +102,24 @@ case $stage in
     ;;
   F)
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py 2>&1 | tail -4 | tee "$OUT/tests.log"
-    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-    pixart() {  # pixart NAME BATCH ARGS...: one PixArt SIM step timing, its JSON in $OUT/NAME.json
-      local name=$1 batch=$2; shift 2
-      echo "== $name"
-      timeout 240 python3 scripts/pixart_step.py --out /tmp/pixart --text-encoder-layers 2 --batch "$batch" \
-        --steps 5 --profile --json-out "$OUT/$name.json" "$@" 2>&1 | grep -v "Warning\|warn\|it/s\]\|^ *$" \
-        | tail -30
-    }
     pixart pixart_b16_ckpt_all 16
     pixart pixart_b16_ckpt_teacher 16 --set "train.gradient_checkpointing=[teacher]"
     pixart pixart_b8_ckpt_none 8 --set train.gradient_checkpointing=false
     pixart pixart_b16_ckpt_teacher_compile 16 --set "train.gradient_checkpointing=[teacher]" --set train.compile=true
+    ;;
+  G)  # PixArt, compiled: the fused optimizer; no checkpointing at a smaller batch
+    fused=(--set train.compile=true --set train.fused_optimizer=true)
+    pixart pixart_b16_ckpt_teacher_compile_fused 16 --set "train.gradient_checkpointing=[teacher]" "${fused[@]}"
+    # (A third row here asked SDPA to leave cuDNN with a flag since removed: the compiled step kept cuDNN's kernels.)
+    pixart pixart_b12_ckpt_none_compile_fused 12 --set train.gradient_checkpointing=false "${fused[@]}"
+    ;;
+  H)  # PixArt with its prompts on the GPU (no host sync per draw), then the whole step as a CUDA graph
+    python3 -m pytest -q -p no:cacheprovider tests/test_text_to_image.py -k "captured or deferred" 2>&1 | tail -3
+    fused=(--set train.compile=true --set train.fused_optimizer=true)
+    pixart pixart_b12_ckpt_none_compile_fused_v2 12 --set train.gradient_checkpointing=false "${fused[@]}"
+    pixart pixart_b12_ckpt_none_compile_fused_graph 12 --set train.gradient_checkpointing=false "${fused[@]}" \
+      --set train.cuda_graph=true --steps 8
+    pixart pixart_b16_ckpt_teacher_compile_fused_graph 16 --set "train.gradient_checkpointing=[teacher]" \
+      "${fused[@]}" --set train.cuda_graph=true --steps 8
     ;;
 esac

@@ -57,6 +57,7 @@ def time_preset_steps(preset: str, pipeline: Path, out: Path, batch: int, steps:
     result = {"preset": preset, "batch": batch, "overrides": list(overrides), "seconds_per_step": steady,
               "first_step_s": times[0], "images_per_s": batch / steady,
               "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+              "graph_captured": trainer.step_graph.captured if trainer.step_graph is not None else None,
               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     if flops_per_image:
         result["model_tflops_per_s"] = flops_per_image * batch / steady / 1e12

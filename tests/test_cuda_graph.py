@@ -74,12 +74,12 @@ def test_auto_captures_exactly_where_a_graph_can_apply_and_refuses_nothing():
     cuda, two = torch.device("cuda"), DistEnv(rank=0, world_size=2, local_rank=0)
     assert use_cuda_graph("auto", "bf16", DistEnv(), False, cuda)
     assert use_cuda_graph("auto", "fp32", DistEnv(), False, cuda)
-    for precision, env, text, device in [("fp16", DistEnv(), False, cuda), ("bf16", two, False, cuda),
-                                         ("bf16", DistEnv(), True, cuda), ("fp32", DistEnv(), False, CPU)]:
-        assert not use_cuda_graph("auto", precision, env, text, device)
+    for precision, env, prompts_on_host, device in [("fp16", DistEnv(), False, cuda), ("bf16", two, False, cuda),
+                                                    ("bf16", DistEnv(), True, cuda), ("fp32", DistEnv(), False, CPU)]:
+        assert not use_cuda_graph("auto", precision, env, prompts_on_host, device)
     assert not use_cuda_graph("auto", "bf16", DistEnv(), False, cuda, parallelism="fsdp")
     assert not use_cuda_graph(False, "fp16", two, True, cuda)
-    with pytest.raises(ConfigError, match="text-to-image teachers draw prompts"):
+    with pytest.raises(ConfigError, match="prompts' conditions exceed the 4 GiB kept on the GPU"):
         use_cuda_graph(True, "bf16", DistEnv(), True, cuda)
 
 

@@ -8,6 +8,7 @@ No downloads: the pipelines are built from config by tests/test_diffusers_adapte
 from __future__ import annotations
 
 import copy
+import warnings
 import json
 
 import numpy as np
@@ -25,7 +26,7 @@ from onestep_cli.denoisers.generator import OneStepGenerator  # noqa: E402
 from onestep_cli.engine.loading import load_generator_source  # noqa: E402
 from onestep_cli.engine.loop import distill  # noqa: E402
 from onestep_cli.engine.networks import blocks, build_networks  # noqa: E402
-from onestep_cli.engine.trainer import Trainer  # noqa: E402
+from onestep_cli.engine.trainer import Trainer, make_optimizer  # noqa: E402
 from onestep_cli.sampling import generate_text_to_image  # noqa: E402
 
 from test_diffusers_adapters import build_pixart, build_sd, build_sdxl  # noqa: E402
@@ -305,3 +306,86 @@ def test_eval_generates_prompt_images_in_memory_as_sample_writes_them(tiny, sd_r
     assert "prompt i of --prompts with seed j" in memory["provenance"]["common"]["text_to_image"]
     missing = invoke("eval", sd_run, "--metrics", "clip_score", *weight_args, "--device", "cpu")
     assert missing.exit_code != 0 and "--prompts FILE" in missing.output
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train.cuda_graph with prompts: their conditions live on the training device, so the step has no host round trip.
+
+def test_prompt_draws_are_the_same_rows_placed_on_the_device_or_kept_on_the_host(tiny, monkeypatch):
+    from onestep_cli.engine.networks import PromptSampler
+
+    config = tiny_config(tiny, "pixart-sim")
+    sampler = build_networks(config).sample_condition
+    kept = PromptSampler(sampler.conditions.map(lambda value: value.clone()))
+    monkeypatch.setattr(PromptSampler, "DEVICE_BYTES", 0)
+    kept.place(torch.device("meta"))  # Too big for the (patched) budget: stays on the CPU.
+    assert kept.conditions.embeds.device == CPU and kept.draws_on_host(torch.device("meta"))
+    assert not sampler.draws_on_host(CPU)
+    draw = lambda s: s(5, torch.Generator().manual_seed(3), CPU)
+    torch.testing.assert_close(draw(kept).embeds, draw(sampler).embeds, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["pixart-sim", "sd15-sid"])
+def test_text_to_image_step_with_deferred_checks_equals_the_plain_step(tiny, preset):
+    runs = {}
+    for graph in ("false", "true"):
+        config = tiny_config(tiny, preset, f"train.cuda_graph={graph}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "the device is the CPU: the step runs eagerly".
+            trainer = Trainer(config, build_networks(config), CPU, "fp32")
+        assert trainer.defer_checks == (graph == "true")
+        # Deferred checks use the fused Adam; the plain CPU step gets it too (Adam's update of a near-zero gradient
+        # is sensitive to rounding, so the per-tensor one would differ in a few elements).
+        trainer.opt_generator = make_optimizer(config, trainer.generator.parameters(), config.train.lr, fused=True)
+        trainer.opt_fake = make_optimizer(config, trainer.fake.parameters(), config.train.lr, fused=True)
+        runs[graph] = [trainer.step() for _ in range(3)], [p.detach().clone() for p in trainer.generator.parameters()]
+    (plain, plain_weights), (deferred, deferred_weights) = runs["false"], runs["true"]
+    for plain_stats, deferred_stats in zip(plain, deferred):
+        for key in plain_stats:
+            torch.testing.assert_close(deferred_stats[key], plain_stats[key], rtol=0, atol=0)
+    for before, after in zip(plain_weights, deferred_weights):
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_the_text_to_image_step_builds_no_tensor_from_host_data(tiny):
+    # As tests/test_cuda_graph.py checks for the EDM step: torch.tensor(list) on a GPU copies from the host, which a
+    # CUDA graph cannot record; such constructions dispatch aten.lift_fresh on every device.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    config = tiny_config(tiny, "pixart-sim", "train.cuda_graph=true")  # Its optimizer: fused, as on a GPU.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the device is the CPU: the step runs eagerly".
+        trainer = Trainer(config, build_networks(config), CPU, "fp32")
+    sigmas = [torch.full((2,), 1.5), torch.full((2,), 2.0)]
+    with Ops() as ops:
+        trainer._iteration(sigmas)
+    assert ops.names and not any(name.startswith("lift_fresh") for name in ops.names), sorted(ops.names)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_captured_text_to_image_step_matches_the_eager_step(tiny):
+    cuda = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    trainers = []
+    for graph in ("false", "true"):
+        config = tiny_config(tiny, "pixart-sim", f"train.cuda_graph={graph}", "train.fused_optimizer=true",
+                             "train.device=cuda")
+        trainers.append(Trainer(config, build_networks(config), cuda, "fp32"))
+    eager, graphed = trainers
+    assert graphed.step_graph is not None
+    for step in range(5):
+        a, b = eager.step(), graphed.step()
+        for key in a:
+            assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), (step, key, a[key], b[key])
+    assert graphed.step_graph.captured
+    for p, q in zip(eager.generator.parameters(), graphed.generator.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)

@@ -33,7 +33,7 @@ from .checkpoint import (CheckpointError, begin_save, commit, gather_hashes, has
 from .cuda_graph import StepGraph
 from .distributed import SINGLE, DistEnv, all_gather_object, all_reduce
 from .ema import EMA, ema_beta
-from .networks import Networks
+from .networks import Networks, PromptSampler
 from .parallel import gradient_sync, per_process_batch, wrap
 from .precision import autocast, compile_blocks, make_scaler, use_channels_last
 from .run_dir import RunDir
@@ -54,7 +54,7 @@ def make_optimizer(config: RunConfig, params, lr: float, fused: bool = False,
     return cls(params, lr=lr, betas=tuple(config.train.betas), weight_decay=config.train.weight_decay, **extra)
 
 
-def cuda_graph_obstacles(precision: str, env: DistEnv, text_conditions: bool, parallelism: str = "ddp") -> list[str]:
+def cuda_graph_obstacles(precision: str, env: DistEnv, prompts_on_host: bool, parallelism: str = "ddp") -> list[str]:
     """Why this run's step cannot be one static CUDA graph (empty: it can, on a CUDA device)."""
     reasons = []
     if parallelism == "fsdp":
@@ -63,16 +63,17 @@ def cuda_graph_obstacles(precision: str, env: DistEnv, text_conditions: bool, pa
         reasons.append("fp16's GradScaler decides on the host (use train.precision=bf16)")
     if env.is_distributed:
         reasons.append(f"it runs one process, not {env.world_size} (drop --gpus or the launcher)")
-    if text_conditions:
-        reasons.append("text-to-image teachers draw prompts from the CPU each step")
+    if prompts_on_host:
+        reasons.append(f"the training prompts' conditions exceed the {PromptSampler.DEVICE_BYTES / 2**30:.0f} GiB kept "
+                       "on the GPU, so each step copies its prompts from the CPU (use fewer prompts)")
     return reasons
 
 
-def use_cuda_graph(setting, precision: str, env: DistEnv, text_conditions: bool, device: torch.device,
+def use_cuda_graph(setting, precision: str, env: DistEnv, prompts_on_host: bool, device: torch.device,
                    parallelism: str = "ddp") -> bool:
     """train.cuda_graph resolved: true refuses, with the setting to change, a run that cannot be captured (and keeps
     its deferred checks on a CPU, with a warning from the Trainer); auto is on exactly where capture can apply."""
-    reasons = cuda_graph_obstacles(precision, env, text_conditions, parallelism)
+    reasons = cuda_graph_obstacles(precision, env, prompts_on_host, parallelism)
     if setting == "auto":
         return device.type == "cuda" and not reasons
     if setting and reasons:
@@ -106,9 +107,13 @@ class Trainer:
         self.config, self.device, self.precision, self.env = config, device, precision, env
         self.parallelism = parallelism
         train = config.train
-        # Resolved before anything is built or moved: a run that cannot be captured fails here.
-        self.defer_checks = use_cuda_graph(train.cuda_graph, precision, env, networks.sample_condition is not None,
-                                           device, parallelism)
+        self.sample_condition = networks.sample_condition  # Per-sample text conditions; None: class labels.
+        if isinstance(self.sample_condition, PromptSampler):
+            self.sample_condition.place(device)
+        prompts_on_host = (isinstance(self.sample_condition, PromptSampler)
+                           and self.sample_condition.draws_on_host(device))
+        # Resolved before the networks are moved: a run that cannot be captured fails here.
+        self.defer_checks = use_cuda_graph(train.cuda_graph, precision, env, prompts_on_host, device, parallelism)
         micro = per_process_batch(train.batch_size, env.world_size, train.grad_accumulation)
         share_start = env.rank * micro * train.grad_accumulation
         # This rank's micro-batches, as slices of the global batch.
@@ -118,7 +123,6 @@ class Trainer:
         self.generator = networks.generator.to(device)
         self.fake = networks.fake.to(device)
         self.data_shape, self.label_dim = networks.data_shape, networks.label_dim
-        self.sample_condition = networks.sample_condition  # Per-sample text conditions; None: class labels.
         if train.channels_last:  # Before the EMA copy, so that the average and its source share one layout.
             use_channels_last([self.teacher, self.generator, self.fake], device)
         self.objective = build_objective(config.objective)
