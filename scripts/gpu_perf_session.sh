@@ -9,6 +9,7 @@
 #                                          gradient checkpointing of all, the teacher alone, or none; compiled
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh G   # PixArt compiled: fused Adam; no checkpointing at batch 12
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh H   # PixArt: prompts kept on the GPU; the step as a CUDA graph
+#   WHEELS=.whl bash scripts/gpu_perf_session.sh I   # H's graphed rows after a fix; SiD batch 256 graphed + compiled
 # Needs pydantic's wheels in .whlmin, and for F diffusers' and peft's too in .whl (see docs/benchmarks.md); writes JSON and logs under $OUT (kept in
 # docs/logs/cuda_graph/ with the stage letter prefixed). In E the three compiled rows share the 80 GB of an H100
 # while they wait their turn: the batch-256 SiD row's capture ran out of memory there and it ran eagerly (compiled);
@@ -121,5 +122,15 @@ case $stage in
       --set train.cuda_graph=true --steps 8
     pixart pixart_b16_ckpt_teacher_compile_fused_graph 16 --set "train.gradient_checkpointing=[teacher]" \
       "${fused[@]}" --set train.cuda_graph=true --steps 8
+    ;;
+  I)  # H's graphed rows again after the fix of the prompts' device check; then SiD at batch 256, alone on the GPU
+    python3 -m pytest -q -p no:cacheprovider tests/test_text_to_image.py -k "captured or deferred" 2>&1 | tail -3
+    fused=(--set train.compile=true --set train.fused_optimizer=true)
+    pixart pixart_b12_ckpt_none_compile_fused_graph 12 --set train.gradient_checkpointing=false "${fused[@]}" \
+      --set train.cuda_graph=true --steps 8
+    pixart pixart_b16_ckpt_teacher_compile_fused_graph 16 --set "train.gradient_checkpointing=[teacher]" \
+      "${fused[@]}" --set train.cuda_graph=true --steps 8
+    TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 profile sid_b256_graph_compile_nolayoutopt --row sid-cifar10 --batch 256 \
+      --cuda-graph --compile
     ;;
 esac

@@ -320,7 +320,7 @@ def test_prompt_draws_are_the_same_rows_placed_on_the_device_or_kept_on_the_host
     monkeypatch.setattr(PromptSampler, "DEVICE_BYTES", 0)
     kept.place(torch.device("meta"))  # Too big for the (patched) budget: stays on the CPU.
     assert kept.conditions.embeds.device == CPU and kept.draws_on_host(torch.device("meta"))
-    assert not sampler.draws_on_host(CPU)
+    assert not sampler.draws_on_host(CPU) and not sampler.draws_on_host(torch.device("cpu", 0))
     draw = lambda s: s(5, torch.Generator().manual_seed(3), CPU)
     torch.testing.assert_close(draw(kept).embeds, draw(sampler).embeds, rtol=0, atol=0)
 

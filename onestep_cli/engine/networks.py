@@ -183,11 +183,11 @@ class PromptSampler:
 
     def draws_on_host(self, device: torch.device) -> bool:
         """Whether a draw for `device` goes through the CPU (a host sync and a copy each step)."""
-        return self.conditions.embeds.device != torch.device(device)
+        return self.conditions.embeds.device.type != torch.device(device).type  # "cuda" and "cuda:0" are one.
 
     def __call__(self, batch: int, generator: torch.Generator, device: torch.device):
         index = torch.randint(len(self.conditions), (batch,), generator=generator, device=generator.device)
-        if self.conditions.embeds.device == index.device:
+        if self.conditions.embeds.device.type == index.device.type:
             return self.conditions[index]
         return self.conditions[index.to(self.conditions.embeds.device)].to(device)
 
