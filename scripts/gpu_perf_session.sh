@@ -10,6 +10,7 @@
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh G   # PixArt compiled: fused Adam; no checkpointing at batch 12
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh H   # PixArt: prompts kept on the GPU; the step as a CUDA graph
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh I   # H's graphed rows after a fix; SiD batch 256 graphed + compiled
+#   bash scripts/gpu_perf_session.sh J   # channels_last + compile with the NHWC GroupNorm, SiD batch 128 and 256
 # Needs pydantic's wheels in .whlmin, and for F diffusers' and peft's too in .whl (see docs/benchmarks.md); writes JSON and logs under $OUT (kept in
 # docs/logs/cuda_graph/ with the stage letter prefixed). In E the three compiled rows share the 80 GB of an H100
 # while they wait their turn: the batch-256 SiD row's capture ran out of memory there and it ran eagerly (compiled);
@@ -132,5 +133,9 @@ case $stage in
       "${fused[@]}" --set train.cuda_graph=true --steps 8
     TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 profile sid_b256_graph_compile_nolayoutopt --row sid-cifar10 --batch 256 \
       --cuda-graph --compile
+    ;;
+  J)  # channels_last under compile with GroupNorm computed on the NHWC view (no NCHW copies), batch 128 and 256
+    compile_pair sid_b128_graph_compile_cl_nhwcnorm "--row sid-cifar10 --batch 128 --cuda-graph --compile --channels-last" \
+      sid_b256_graph_compile_cl_nhwcnorm "--row sid-cifar10 --batch 256 --cuda-graph --compile --channels-last"
     ;;
 esac

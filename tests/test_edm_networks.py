@@ -299,3 +299,23 @@ def test_box_resampling_equals_edm_depthwise_filter_in_value_and_gradient(direct
     # The filter's taps are powers of two: both ways round identically on the CPU (the summation order on a GPU may
     # differ in the last bit).
     assert torch.equal(fast, slow) and torch.equal(fast_grad, slow_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_on_the_nhwc_view_equals_group_norm(dtype):
+    # What a compiled GroupNorm runs on channels_last activations (inductor's own group_norm copies them to NCHW).
+    from onestep_cli.denoisers.edm.layers import group_norm_channels_last
+
+    torch.manual_seed(0)
+    x = (3 * torch.randn(4, 64, 8, 8) + 1).to(dtype).to(memory_format=torch.channels_last).requires_grad_()
+    weight, bias = torch.randn(64, dtype=dtype, requires_grad=True), torch.randn(64, dtype=dtype, requires_grad=True)
+    ours = group_norm_channels_last(x, 16, weight, bias, 1e-5)
+    reference = torch.nn.functional.group_norm(x, 16, weight, bias, 1e-5)
+    assert ours.dtype == dtype and ours.is_contiguous(memory_format=torch.channels_last)
+    # Both compute in float32 and round once: bfloat16 outputs agree to one rounding step (2^-7, relative).
+    torch.testing.assert_close(ours, reference, rtol=2**-7 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    upstream = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (x, weight, bias), upstream),
+                    torch.autograd.grad(reference, (x, weight, bias), upstream)):
+        scale = b.float().abs().max()
+        assert (a.float() - b.float()).abs().max() <= (1e-2 if dtype == torch.bfloat16 else 1e-5) * scale

@@ -133,8 +133,26 @@ class GroupNorm(nn.Module):
         if autocasting and self.autocast_float32:
             x = x.to(torch.float32)  # What CUDA autocast does to group_norm, spelled out so it holds on every device.
         with torch.autocast(x.device.type, enabled=False) if autocasting else contextlib.nullcontext():
-            return torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
-                                                  bias=self.bias.to(x.dtype), eps=self.eps)
+            weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+            if torch.compiler.is_compiling() and _channels_last(x):
+                return group_norm_channels_last(x, self.num_groups, weight, bias, self.eps)
+            return torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=weight, bias=bias,
+                                                  eps=self.eps)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def group_norm_channels_last(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                             eps: float) -> torch.Tensor:
+    """group_norm of an NHWC-strided `x`, written on its NHWC view: compiled, the statistics and the normalisation
+    read `x` in memory order (inductor's group_norm first copies it to NCHW). In float32, rounded once, as the kernel."""
+    n, c, h, w = x.shape
+    grouped = x.permute(0, 2, 3, 1).reshape(n, h * w, num_groups, c // num_groups)  # A view of the NHWC memory.
+    var, mean = torch.var_mean(grouped.float(), dim=(1, 3), correction=0, keepdim=True)
+    normalised = ((grouped.float() - mean) * torch.rsqrt(var + eps)).reshape(n, h, w, c)
+    return (normalised * weight.float() + bias.float()).to(x.dtype).permute(0, 3, 1, 2)
 
 
 class _AttentionWeights(torch.autograd.Function):
