@@ -252,7 +252,7 @@ class TrainConfig(Strict):
     compile: bool = False  # torch.compile each network block (compiled once per distinct block); eager where it cannot.
     # CUDA: record the whole step once as a CUDA graph and replay it (one process, bf16/fp32; fused Adam; non-finite
     # steps skipped on the GPU and checked every tick_every steps). docs/benchmarks.md measures it. true: an error
-    # where it cannot apply; auto: on where it can (one CUDA process, no FSDP, bf16/fp32, class or no labels).
+    # where it cannot apply; auto: on where it can (one CUDA process, no FSDP, bf16/fp32, prompts' conditions <= 4 GiB).
     cuda_graph: Union[bool, Literal["auto"]] = False
     checkpoint_every: int = Field(500, gt=0)  # Steps between checkpoints (one is always written at the end).
     keep_checkpoints: int = Field(2, ge=1)  # Newest complete checkpoints kept on disk.

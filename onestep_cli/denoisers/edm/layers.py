@@ -147,7 +147,8 @@ def _channels_last(x: torch.Tensor) -> bool:
 def group_norm_channels_last(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
                              eps: float) -> torch.Tensor:
     """group_norm of an NHWC-strided `x`, written on its NHWC view: compiled, the statistics and the normalisation
-    read `x` in memory order (inductor's group_norm first copies it to NCHW). In float32, rounded once, as the kernel."""
+    read `x` in memory order (inductor's group_norm first copies it to NCHW). In float32, rounded once, as the
+    kernel."""
     n, c, h, w = x.shape
     grouped = x.permute(0, 2, 3, 1).reshape(n, h * w, num_groups, c // num_groups)  # A view of the NHWC memory.
     var, mean = torch.var_mean(grouped.float(), dim=(1, 3), correction=0, keepdim=True)
