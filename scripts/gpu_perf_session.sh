@@ -11,6 +11,7 @@
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh H   # PixArt: prompts kept on the GPU; the step as a CUDA graph
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh I   # H's graphed rows after a fix; SiD batch 256 graphed + compiled
 #   bash scripts/gpu_perf_session.sh J   # channels_last + compile with the NHWC GroupNorm, SiD batch 128 and 256
+#   WHEELS=.whl bash scripts/gpu_perf_session.sh K   # onestep distill --preset pixart-sim as a user runs it
 # Needs pydantic's wheels in .whlmin, and for F diffusers' and peft's too in .whl (see docs/benchmarks.md); writes JSON and logs under $OUT (kept in
 # docs/logs/cuda_graph/ with the stage letter prefixed). In E the three compiled rows share the 80 GB of an H100
 # while they wait their turn: the batch-256 SiD row's capture ran out of memory there and it ran eagerly (compiled);
@@ -133,6 +134,22 @@ case $stage in
       "${fused[@]}" --set train.cuda_graph=true --steps 8
     TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 profile sid_b256_graph_compile_nolayoutopt --row sid-cifar10 --batch 256 \
       --cuda-graph --compile
+    ;;
+  K)  # As a user runs it: onestep distill --preset pixart-sim on the random-init pipeline, the preset's settings and
+      # the fastest measured ones; the last stats.jsonl row (steps 21-30) of each
+    python3 scripts/pixart_step.py --out /tmp/pixart --text-encoder-layers 2 --batch 2 --steps 2 > /dev/null 2>&1
+    printf 'a photo of a cat\na red bicycle in the rain\nan astronaut riding a horse\na bowl of fruit\n' > /tmp/prompts.txt
+    common=(--preset pixart-sim --set teacher.path=/tmp/pixart/pipeline-t5x2 --set prompts.path=/tmp/prompts.txt
+            --set train.max_steps=30 --set train.tick_every=10 --set train.checkpoint_every=1000)
+    for run in "preset 16" "fast 12 --set train.gradient_checkpointing=false --set train.compile=true"; do
+      set -- $run
+      name=$1 batch=$2; shift 2
+      timeout 280 python3 -m onestep_cli distill "${common[@]}" --set train.batch_size=$batch "$@" --out /tmp/run_$name \
+        > "$OUT/distill_$name.txt" 2>&1
+      echo "$name: rc $? $(tail -1 /tmp/run_$name/stats.jsonl)"
+      grep -i "graph\|compile\|warn" "$OUT/distill_$name.txt" | head -5
+      rm -rf /tmp/run_$name  # Its checkpoint and export: about 25 GB of the machine's 64.
+    done
     ;;
   J)  # channels_last under compile with GroupNorm computed on the NHWC view (no NCHW copies), batch 128 and 256
     compile_pair sid_b128_graph_compile_cl_nhwcnorm "--row sid-cifar10 --batch 128 --cuda-graph --compile --channels-last" \
