@@ -12,6 +12,7 @@
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh I   # H's graphed rows after a fix; SiD batch 256 graphed + compiled
 #   bash scripts/gpu_perf_session.sh J   # channels_last + compile with the NHWC GroupNorm, SiD batch 128 and 256
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh K   # onestep distill --preset pixart-sim as a user runs it
+#   TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 bash scripts/gpu_perf_session.sh L   # SIM and DI rows, batch 256
 # Needs pydantic's wheels in .whlmin, and for F diffusers' and peft's too in .whl (see docs/benchmarks.md); writes JSON and logs under $OUT (kept in
 # docs/logs/cuda_graph/ with the stage letter prefixed). In E the three compiled rows share the 80 GB of an H100
 # while they wait their turn: the batch-256 SiD row's capture ran out of memory there and it ran eagerly (compiled);
@@ -150,6 +151,11 @@ case $stage in
       grep -i "graph\|compile\|warn" "$OUT/distill_$name.txt" | head -5
       rm -rf /tmp/run_$name  # Its checkpoint and export: about 25 GB of the machine's 64.
     done
+    ;;
+  L)  # SIM and DI at batch 256, graphed and compiled (NCHW, inductor's layout optimisation off), compiled side by side
+    compile_pair sim_b256_graph_compile_nolayoutopt \
+      "--row sim-cifar10 --batch 256 --cuda-graph --compile" \
+      di_b256_graph_compile_nolayoutopt "--row di-cifar10 --batch 256 --cuda-graph --compile"
     ;;
   J)  # channels_last under compile with GroupNorm computed on the NHWC view (no NCHW copies), batch 128 and 256
     compile_pair sid_b128_graph_compile_cl_nhwcnorm "--row sid-cifar10 --batch 128 --cuda-graph --compile --channels-last" \
