@@ -11,6 +11,7 @@
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh H   # PixArt: prompts kept on the GPU; the step as a CUDA graph
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh I   # H's graphed rows after a fix; SiD batch 256 graphed + compiled
 #   bash scripts/gpu_perf_session.sh J   # channels_last + compile with the NHWC GroupNorm, SiD batch 128 and 256
+#   bash scripts/gpu_perf_session.sh J2  # J with the NHWC GroupNorm's reductions over HW first (coalesced)
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh K   # onestep distill --preset pixart-sim as a user runs it
 #   TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 bash scripts/gpu_perf_session.sh L   # SIM and DI rows, batch 256
 # Needs pydantic's wheels in .whlmin, and for F diffusers' and peft's too in .whl (see docs/benchmarks.md); writes JSON and logs under $OUT (kept in
@@ -156,6 +157,10 @@ case $stage in
     compile_pair sim_b256_graph_compile_nolayoutopt \
       "--row sim-cifar10 --batch 256 --cuda-graph --compile" \
       di_b256_graph_compile_nolayoutopt "--row di-cifar10 --batch 256 --cuda-graph --compile"
+    ;;
+  J2)  # J again after the NHWC GroupNorm became per-channel reductions over HW, then over each group's channels
+    compile_pair sid_b128_graph_compile_cl_nhwcnorm2 "--row sid-cifar10 --batch 128 --cuda-graph --compile --channels-last" \
+      sid_b256_graph_compile_cl_nhwcnorm2 "--row sid-cifar10 --batch 256 --cuda-graph --compile --channels-last"
     ;;
   J)  # channels_last under compile with GroupNorm computed on the NHWC view (no NCHW copies), batch 128 and 256
     compile_pair sid_b128_graph_compile_cl_nhwcnorm "--row sid-cifar10 --batch 128 --cuda-graph --compile --channels-last" \

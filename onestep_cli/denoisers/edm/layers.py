@@ -146,14 +146,19 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 def group_norm_channels_last(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
                              eps: float) -> torch.Tensor:
-    """group_norm of an NHWC-strided `x`, written on its NHWC view: compiled, the statistics and the normalisation
-    read `x` in memory order (inductor's group_norm first copies it to NCHW). In float32, rounded once, as the
-    kernel."""
+    """group_norm of an NHWC-strided `x`, written on its `[N, HW, C]` view: compiled, every reduction runs over HW
+    with the channels contiguous (coalesced), then over a group's channels, and nothing is copied to NCHW (inductor's
+    own group_norm is). Two passes (mean, then the centred variance), in float32, rounded once, as the kernel."""
     n, c, h, w = x.shape
-    grouped = x.permute(0, 2, 3, 1).reshape(n, h * w, num_groups, c // num_groups)  # A view of the NHWC memory.
-    var, mean = torch.var_mean(grouped.float(), dim=(1, 3), correction=0, keepdim=True)
-    normalised = ((grouped.float() - mean) * torch.rsqrt(var + eps)).reshape(n, h, w, c)
-    return (normalised * weight.float() + bias.float()).to(x.dtype).permute(0, 3, 1, 2)
+    rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c).float()  # A view of the NHWC memory.
+
+    def over_groups(per_channel: torch.Tensor) -> torch.Tensor:  # [N, C] -> each group's mean, repeated per channel.
+        groups = per_channel.view(n, num_groups, c // num_groups).mean(dim=2, keepdim=True)
+        return groups.expand(n, num_groups, c // num_groups).reshape(n, 1, c)
+
+    centred = rows - over_groups(rows.mean(dim=1))
+    normalised = centred * torch.rsqrt(over_groups(centred.square().mean(dim=1)) + eps)
+    return (normalised * weight.float() + bias.float()).to(x.dtype).reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
 class _AttentionWeights(torch.autograd.Function):
