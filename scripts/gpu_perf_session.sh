@@ -13,6 +13,7 @@
 #   bash scripts/gpu_perf_session.sh J   # channels_last + compile with the NHWC GroupNorm, SiD batch 128 and 256
 #   bash scripts/gpu_perf_session.sh J2  # J with the NHWC GroupNorm's reductions over HW first (coalesced)
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh K   # onestep distill --preset pixart-sim as a user runs it
+#   bash scripts/gpu_perf_session.sh M   # ADM ImageNet-64 SiD, graphed, eager and compiled
 #   TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 bash scripts/gpu_perf_session.sh L   # SIM and DI rows, batch 256
 # Needs pydantic's wheels in .whlmin, and for F diffusers' and peft's too in .whl (see docs/benchmarks.md); writes JSON and logs under $OUT (kept in
 # docs/logs/cuda_graph/ with the stage letter prefixed). In E the three compiled rows share the 80 GB of an H100
@@ -161,6 +162,12 @@ case $stage in
   J2)  # J again after the NHWC GroupNorm became per-channel reductions over HW, then over each group's channels
     compile_pair sid_b128_graph_compile_cl_nhwcnorm2 "--row sid-cifar10 --batch 128 --cuda-graph --compile --channels-last" \
       sid_b256_graph_compile_cl_nhwcnorm2 "--row sid-cifar10 --batch 256 --cuda-graph --compile --channels-last"
+    ;;
+  M)  # ADM ImageNet-64 SiD: the graphed step, eager and compiled (NCHW, layout optimisation off)
+    profile sid_imagenet64_b32_graph --row sid-imagenet64 --batch 32 --cuda-graph
+    TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 timeout 400 python3 scripts/profile_step.py --row sid-imagenet64 --batch 32 \
+      --cuda-graph --compile --out "$OUT/sid_imagenet64_b32_graph_compile.json" 2>&1 \
+      | tee "$OUT/sid_imagenet64_b32_graph_compile.log" | grep -v "^    "
     ;;
   J)  # channels_last under compile with GroupNorm computed on the NHWC view (no NCHW copies), batch 128 and 256
     compile_pair sid_b128_graph_compile_cl_nhwcnorm "--row sid-cifar10 --batch 128 --cuda-graph --compile --channels-last" \
