@@ -48,7 +48,8 @@ KINDS = [
 
 
 def kind_of(name: str) -> str:
-    lower = name.lower()
+    # ATen's "gpu_kernel_impl_nocast" element-wise kernels are no casts.
+    lower = name.lower().replace("nocast", "")
     return next((kind for kind, keys in KINDS if any(key in lower for key in keys)), "other")
 
 

@@ -131,3 +131,19 @@ def test_bf16_compiled_and_graphed_runs_track_fp32_eager_on_gmm_sid(one_thread):
         print(f"{name}: early losses within {variant['early_max_rel_diff']:.1e}, swd {variant['swd']:.4f} vs fp32 "
               f"{result['fp32'][0]['swd']:.4f} (tolerance {result['swd_tolerance']:.4f})")
         assert variant["passed"], (name, variant["checks"])
+
+
+def test_profile_kinds_name_kernels_by_what_they_do():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from profile_step import kind_of
+
+    assert kind_of("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<at::native::"
+                   "BinaryFunctor<float, float, float>>") == "element-wise"
+    assert kind_of("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>") == \
+        "copy / layout / cast"
+    assert kind_of("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>") == "copy / layout / cast"
+    assert kind_of("triton_poi_fused__to_copy_native_group_norm_silu_2") == "fused (triton)"
+    assert kind_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "matmul / conv"
