@@ -372,9 +372,9 @@ def test_the_text_to_image_step_builds_no_tensor_from_host_data(tiny):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_captured_text_to_image_step_matches_the_eager_step(tiny):
+def test_captured_text_to_image_step_matches_the_eager_step(tiny, monkeypatch):
     cuda = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     trainers = []
     for graph in ("false", "true"):
         config = tiny_config(tiny, "pixart-sim", f"train.cuda_graph={graph}", "train.fused_optimizer=true",
