@@ -53,6 +53,39 @@ def kind_of(name: str) -> str:
     return next((kind for kind, keys in KINDS if any(key in lower for key in keys)), "other")
 
 
+def kernel_seconds(step, iterations: int) -> dict[str, float]:
+    """GPU seconds per call of `step` of each CUDA kernel, from `iterations` calls under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iterations):
+            step()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0:
+            kernels[event.key] = kernels.get(event.key, 0.0) + event.self_device_time_total / 1e6 / iterations
+    return kernels
+
+
+def seconds_by_kind(kernels: dict[str, float]) -> dict[str, float]:
+    """`kernels` summed by `kind_of`, longest first."""
+    by_kind: dict[str, float] = {}
+    for name, seconds in kernels.items():
+        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + seconds
+    return dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
+
+
+def print_kernels(kernels: dict[str, float], top: int) -> None:
+    """The time by kind (with its share of all kernel time), then the `top` longest kernels."""
+    busy = sum(kernels.values())
+    for kind, seconds in seconds_by_kind(kernels).items():
+        print(f"  {kind:24s} {seconds * 1e3:8.1f} ms  {seconds / busy:6.1%}")
+    for name, seconds in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    {seconds * 1e3:7.2f} ms  {name[:110]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--row", default="sid-cifar10", choices=sorted(ROWS))
@@ -83,20 +116,7 @@ def main() -> None:
     _, seconds = _time(iterate, device, warmup=1, iters=args.iters)
     wall = statistics.median(seconds)
 
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.profiled):
-            iterate()
-        torch.cuda.synchronize()
-    kernels: dict[str, float] = {}
-    for event in prof.key_averages():
-        if event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0:
-            kernels[event.key] = kernels.get(event.key, 0.0) + event.self_device_time_total / 1e6 / args.profiled
-    by_kind: dict[str, float] = {}
-    for name, seconds in kernels.items():
-        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + seconds
+    kernels = kernel_seconds(iterate, args.profiled)
     busy = sum(kernels.values())
     options_json = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     result = {"row": args.row, "batch": batch, "options": options_json,
@@ -105,16 +125,13 @@ def main() -> None:
               "graph_captured": captured() if captured else None, "first_iter_s": first,
               "seconds_per_iter": wall, "images_per_s": batch / wall, "kernel_seconds_per_iter": busy,
               "gpu_busy_fraction": busy / wall, "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
-              "kernel_seconds_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+              "kernel_seconds_by_kind": seconds_by_kind(kernels),
               "top_kernels": sorted(kernels.items(), key=lambda kv: -kv[1])[:25]}
     print(f"{args.row} batch {batch} {args.precision} cuda_graph={args.cuda_graph} compile={args.compile} "
           f"channels_last={args.channels_last}: {wall * 1e3:.1f} ms/iter, {batch / wall:.1f} img/s, kernels "
           f"{busy * 1e3:.1f} ms/iter (GPU busy {busy / wall:.0%}), peak {result['peak_memory_gb']:.1f} GB, first "
           f"{first:.1f} s, captured {result['graph_captured']}")
-    for kind, seconds in result["kernel_seconds_by_kind"].items():
-        print(f"  {kind:24s} {seconds * 1e3:8.1f} ms  {seconds / busy:6.1%}")
-    for name, seconds in result["top_kernels"]:
-        print(f"    {seconds * 1e3:7.2f} ms  {name[:110]}")
+    print_kernels(kernels, top=25)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 

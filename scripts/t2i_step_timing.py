@@ -72,21 +72,8 @@ def time_preset_steps(preset: str, pipeline: Path, out: Path, batch: int, steps:
 
 def profile_step_kernels(step) -> dict[str, float]:
     """GPU kernel seconds of one call of `step`, by kind (scripts/profile_step.py's kinds); prints them."""
-    from profile_step import kind_of
-    from torch.profiler import ProfilerActivity, profile
+    from profile_step import kernel_seconds, print_kernels, seconds_by_kind
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    kernels = {event.key: event.self_device_time_total / 1e6 for event in prof.key_averages()
-               if event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0}
-    by_kind: dict[str, float] = {}
-    for name, seconds in kernels.items():
-        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + seconds
-    busy = sum(by_kind.values())
-    for kind, seconds in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-        print(f"  {kind:24s} {seconds * 1e3:9.1f} ms  {seconds / busy:6.1%}")
-    for name, seconds in sorted(kernels.items(), key=lambda kv: -kv[1])[:15]:
-        print(f"    {seconds * 1e3:8.1f} ms  {name[:110]}")
-    return dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
+    kernels = kernel_seconds(step, iterations=1)
+    print_kernels(kernels, top=15)
+    return seconds_by_kind(kernels)

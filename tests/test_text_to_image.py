@@ -8,8 +8,8 @@ No downloads: the pipelines are built from config by tests/test_diffusers_adapte
 from __future__ import annotations
 
 import copy
-import warnings
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -29,6 +29,7 @@ from onestep_cli.engine.networks import blocks, build_networks  # noqa: E402
 from onestep_cli.engine.trainer import Trainer, make_optimizer  # noqa: E402
 from onestep_cli.sampling import generate_text_to_image  # noqa: E402
 
+from host_data import tensors_from_host_data  # noqa: E402
 from test_diffusers_adapters import build_pixart, build_sd, build_sdxl  # noqa: E402
 
 PRESET_TEACHERS = {"sd15-sid": "sd", "sdxl-sim": "sdxl", "sdxl-dmd2": "sdxl", "pixart-sim": "pixart"}
@@ -348,27 +349,13 @@ def test_text_to_image_step_with_deferred_checks_equals_the_plain_step(tiny, pre
 
 
 def test_the_text_to_image_step_builds_no_tensor_from_host_data(tiny):
-    # As tests/test_cuda_graph.py checks for the EDM step: torch.tensor(list) on a GPU copies from the host, which a
-    # CUDA graph cannot record; such constructions dispatch aten.lift_fresh on every device.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(func.__name__)
-            return func(*args, **(kwargs or {}))
-
+    # As tests/test_cuda_graph.py checks for the EDM step (tests/host_data.py says why).
     config = tiny_config(tiny, "pixart-sim", "train.cuda_graph=true")  # Its optimizer: fused, as on a GPU.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "the device is the CPU: the step runs eagerly".
         trainer = Trainer(config, build_networks(config), CPU, "fp32")
     sigmas = [torch.full((2,), 1.5), torch.full((2,), 2.0)]
-    with Ops() as ops:
-        trainer._iteration(sigmas)
-    assert ops.names and not any(name.startswith("lift_fresh") for name in ops.names), sorted(ops.names)
+    assert tensors_from_host_data(lambda: trainer._iteration(sigmas)) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

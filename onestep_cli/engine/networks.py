@@ -187,7 +187,7 @@ class PromptSampler:
 
     def __call__(self, batch: int, generator: torch.Generator, device: torch.device):
         index = torch.randint(len(self.conditions), (batch,), generator=generator, device=generator.device)
-        if self.conditions.embeds.device.type == index.device.type:
+        if not self.draws_on_host(index.device):
             return self.conditions[index]
         return self.conditions[index.to(self.conditions.embeds.device)].to(device)
 
