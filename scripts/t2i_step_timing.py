@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 PROMPTS = "a photo of a cat\na red bicycle in the rain\nan astronaut riding a horse\na bowl of fruit\n"
-BF16_PEAK = 800e12  # FLOP/s of large bf16 matrix products measured on the workplace's H100 (docs/benchmarks.md).
 
 
 def add_timing_arguments(parser) -> None:
@@ -26,7 +25,9 @@ def time_preset_steps(preset: str, pipeline: Path, out: Path, batch: int, steps:
                       ready: Path | None = None, go: Path | None = None, json_out: Path | None = None) -> dict:
     """Build the preset's networks on `pipeline`, run `steps` Trainer steps (bf16 on CUDA, fp32 on CPU) and return
     the median time of the steps after the first, images/s and peak memory; prints each step and the result.
-    `flops_per_image` (model FLOPs of one step per image) adds the FLOP utilisation against BF16_PEAK."""
+    `flops_per_image` (model FLOPs of one step per image) adds the FLOP utilisation against `onestep bench`'s
+    PEAK_BF16_FLOPS."""
+    from onestep_cli.bench import PEAK_BF16_FLOPS
     from onestep_cli.config import resolve_config
     from onestep_cli.engine.networks import build_networks
     from onestep_cli.engine.trainer import Trainer
@@ -61,7 +62,7 @@ def time_preset_steps(preset: str, pipeline: Path, out: Path, batch: int, steps:
               "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     if flops_per_image:
         result["model_tflops_per_s"] = flops_per_image * batch / steady / 1e12
-        result["flop_utilisation"] = flops_per_image * batch / steady / BF16_PEAK
+        result["flop_utilisation"] = flops_per_image * batch / steady / PEAK_BF16_FLOPS
     if profile and cuda:
         result["kernel_seconds_by_kind"] = profile_step_kernels(trainer.step)
     print(json.dumps(result))
