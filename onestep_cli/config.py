@@ -247,7 +247,9 @@ class TrainConfig(Strict):
     # of teacher, generator, fake (the guided teacher holds half the generator update's activations: [teacher]
     # halves that memory for +2 of 13 forward passes, docs/benchmarks.md).
     gradient_checkpointing: Union[bool, list[Literal["teacher", "generator", "fake"]]] = False
-    channels_last: bool = False  # CUDA: NHWC; EDM U-Nets: slower eager, on par compiled (docs/benchmarks.md). CPU ignores it.
+    # CUDA: NHWC activations; CPU ignores it. EDM U-Nets: slower eager; with compile and cuda_graph the fastest
+    # measured (our Triton GroupNorm kernels for NHWC, docs/benchmarks.md).
+    channels_last: bool = False
     fused_optimizer: bool = False  # CUDA: one fused Adam/AdamW kernel per network instead of per-tensor loops; CPU ignores it.
     compile: bool = False  # torch.compile each network block (compiled once per distinct block); eager where it cannot.
     # CUDA: record the whole step once as a CUDA graph and replay it (one process, bf16/fp32; fused Adam; non-finite

@@ -12,6 +12,12 @@
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh I   # H's graphed rows after a fix; SiD batch 256 graphed + compiled
 #   bash scripts/gpu_perf_session.sh J   # channels_last + compile with the NHWC GroupNorm, SiD batch 128 and 256
 #   bash scripts/gpu_perf_session.sh J2  # J with the NHWC GroupNorm's reductions over HW first (coalesced)
+#   bash scripts/gpu_perf_session.sh N   # the Triton NHWC GroupNorm+SiLU kernels: GPU tests, and alone against
+#                                          ATen and inductor on DDPM++'s shapes
+#   bash scripts/gpu_perf_session.sh O   # SiD batch 256 graphed + compiled: channels_last with the Triton kernels,
+#                                          channels_last without them (J2), NCHW (I); compiled side by side
+#   bash scripts/gpu_perf_session.sh P   # the kernels' reductions looping over blocks of tiles: alone, and in SiD
+#   bash scripts/gpu_perf_session.sh Q   # SIM and DI at batch 256 with the kernels
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh K   # onestep distill --preset pixart-sim as a user runs it
 #   bash scripts/gpu_perf_session.sh M   # ADM ImageNet-64 SiD, graphed, eager and compiled
 #   TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 bash scripts/gpu_perf_session.sh L   # SIM and DI rows, batch 256
@@ -172,5 +178,25 @@ case $stage in
   J)  # channels_last under compile with GroupNorm computed on the NHWC view (no NCHW copies), batch 128 and 256
     compile_pair sid_b128_graph_compile_cl_nhwcnorm "--row sid-cifar10 --batch 128 --cuda-graph --compile --channels-last" \
       sid_b256_graph_compile_cl_nhwcnorm "--row sid-cifar10 --batch 256 --cuda-graph --compile --channels-last"
+    ;;
+  N)  # the Triton NHWC GroupNorm+SiLU kernels: compiled against float64 ATen, in the network, and their speed alone
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_group_norm_nhwc.py 2>&1 | tail -5
+    timeout 200 python3 scripts/group_norm_nhwc_bench.py 2>&1 | grep -v "Warning\|warn" | tee "$OUT/group_norm_nhwc_bench.txt"
+    ;;
+  O)  # SiD batch 256, graphed and compiled: NHWC with our kernels, NHWC with inductor's GroupNorm (J2), NCHW (I)
+    compile_triple sid_b256_graph_compile_cl_triton "--row sid-cifar10 --batch 256 --cuda-graph --compile --channels-last" \
+      sid_b256_graph_compile_cl_inductor "--row sid-cifar10 --batch 256 --cuda-graph --compile --channels-last --no-nhwc-kernels" \
+      sid_b256_graph_compile_nchw "ENV=TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 --row sid-cifar10 --batch 256 --cuda-graph --compile"
+    ;;
+  P)  # after the reduction kernels became loops over blocks of tiles: the kernels alone, then SiD batch 256 with them
+    timeout 150 python3 scripts/group_norm_nhwc_bench.py --block-elements 16384,32768,65536 2>&1 \
+      | grep -v "Warning\|warn" | tee "$OUT/group_norm_nhwc_bench_blocks.txt"
+    timeout 420 python3 scripts/profile_step.py --row sid-cifar10 --batch 256 --cuda-graph --compile --channels-last \
+      --out "$OUT/sid_b256_graph_compile_cl_triton2.json" 2>&1 | tee "$OUT/sid_b256_graph_compile_cl_triton2.log" \
+      | grep -v "^    "
+    ;;
+  Q)  # SIM and DI at batch 256 with the kernels (graphed, compiled, channels_last), compiled side by side
+    compile_pair sim_b256_graph_compile_cl_triton "--row sim-cifar10 --batch 256 --cuda-graph --compile --channels-last" \
+      di_b256_graph_compile_cl_triton "--row di-cifar10 --batch 256 --cuda-graph --compile --channels-last"
     ;;
 esac

@@ -7,7 +7,7 @@ iteration well below the wall time means the GPU waits for the host (launch-boun
 the limit and the kinds say which.
 
     python3 scripts/profile_step.py --row sid-cifar10 --batch 128 [--cuda-graph] [--compile] [--channels-last]
-        [--fused-optimizer] --out results.json
+        [--fused-optimizer] [--no-nhwc-kernels] --out results.json
 
 Prints one summary table and the 25 longest kernels; --out also writes them as JSON. CUDA only.
 """
@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from onestep_cli.bench import Options  # noqa: E402
 from onestep_cli.bench.rows import ROWS  # noqa: E402
 from onestep_cli.bench.run import _prepare, _time  # noqa: E402
+from onestep_cli.denoisers.edm.layers import GroupNorm  # noqa: E402
 from onestep_cli.engine.precision import set_tf32  # noqa: E402
 
 # (kind, substrings of the lower-cased kernel name), first match wins: Triton kernels first, since their names
@@ -93,6 +94,8 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16")
     for flag in ("cuda-graph", "compile", "channels-last", "fused-optimizer"):
         parser.add_argument(f"--{flag}", action="store_true")
+    parser.add_argument("--no-nhwc-kernels", action="store_true", help="GroupNorm.nhwc_kernels = False: channels_last "
+                        "activations normalised by ATen (eager) or inductor (compiled), not our Triton kernels.")
     parser.add_argument("--iters", type=int, default=10, help="Timed iterations without the profiler.")
     parser.add_argument("--profiled", type=int, default=3, help="Iterations under the profiler.")
     parser.add_argument("--out", type=Path, default=None)
@@ -102,6 +105,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda")
+    GroupNorm.nhwc_kernels = not args.no_nhwc_kernels
     row = ROWS[args.row]
     options = Options(precision=args.precision, cuda_graph=args.cuda_graph, compile=args.compile,
                       channels_last=args.channels_last, fused_optimizer=args.fused_optimizer, batch=args.batch)

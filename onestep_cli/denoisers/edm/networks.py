@@ -249,7 +249,7 @@ class DhariwalUNet(nn.Module):
 
         for block in self.dec.values():
             x = block(x, emb, skips.pop() if x.shape[1] != block.in_channels else None)
-        return self.out_conv(silu(self.out_norm(x)))
+        return self.out_conv(self.out_norm(x, silu=True))
 
 
 def _drop_labels(class_labels: torch.Tensor, label_dropout: float, x: torch.Tensor) -> torch.Tensor:
