@@ -60,6 +60,19 @@ def _membership(channels, c, channels_per_group, GROUPS: tl.constexpr):
 
 
 @triton.jit
+def _channel_affine(n, channels, c, channels_per_group, num_groups, group_mean_ptr, group_rstd_ptr, weight_ptr,
+                    bias_ptr):
+    """Each channel's index into the [N, G] per-group arrays, its group's mean and rstd, its weight and bias."""
+    in_c = channels < c
+    group = n * num_groups + channels // channels_per_group
+    mean = tl.load(group_mean_ptr + group, mask=in_c, other=0.0)
+    rstd = tl.load(group_rstd_ptr + group, mask=in_c, other=0.0)
+    weight = tl.load(weight_ptr + channels, mask=in_c, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + channels, mask=in_c, other=0.0).to(tl.float32)
+    return group, mean, rstd, weight, bias
+
+
+@triton.jit
 def _pre_activation_gradient(dy, xhat, weight, bias, SILU: tl.constexpr):
     """The gradient at the affine output `z` from the gradient at the layer's output."""
     if SILU:
@@ -135,12 +148,8 @@ def group_norm_nhwc_normalise(x_ptr, weight_ptr, bias_ptr, group_mean_ptr, group
                               CHANNELS: tl.constexpr):
     n, tile = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offsets, mask, channels = _tile(n, tile, hw, c, ROWS, CHANNELS)
-    in_c = channels < c
-    group = n * num_groups + channels // channels_per_group
-    mean = tl.load(group_mean_ptr + group, mask=in_c, other=0.0)
-    rstd = tl.load(group_rstd_ptr + group, mask=in_c, other=0.0)
-    weight = tl.load(weight_ptr + channels, mask=in_c, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + channels, mask=in_c, other=0.0).to(tl.float32)
+    _, mean, rstd, weight, bias = _channel_affine(n, channels, c, channels_per_group, num_groups, group_mean_ptr,
+                                                  group_rstd_ptr, weight_ptr, bias_ptr)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     z = (x - mean[None, :]) * (rstd * weight)[None, :] + bias[None, :]
     if SILU:
@@ -156,11 +165,8 @@ def group_norm_nhwc_gradient_sums(dy_ptr, x_ptr, weight_ptr, bias_ptr, group_mea
     n, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     channels = tl.arange(0, CHANNELS)
     in_c = channels < c
-    group = n * num_groups + channels // channels_per_group
-    mean = tl.load(group_mean_ptr + group, mask=in_c, other=0.0)
-    rstd = tl.load(group_rstd_ptr + group, mask=in_c, other=0.0)
-    weight = tl.load(weight_ptr + channels, mask=in_c, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + channels, mask=in_c, other=0.0).to(tl.float32)
+    _, mean, rstd, weight, bias = _channel_affine(n, channels, c, channels_per_group, num_groups, group_mean_ptr,
+                                                  group_rstd_ptr, weight_ptr, bias_ptr)
     dz_total = tl.zeros([ROWS, CHANNELS], tl.float32)
     dz_xhat_total = tl.zeros([ROWS, CHANNELS], tl.float32)
     for step in range(STEPS):  # Element-wise accumulation; one reduction across threads at the end.
@@ -210,13 +216,10 @@ def group_norm_nhwc_input_gradient(dy_ptr, x_ptr, weight_ptr, bias_ptr, group_me
     n, tile = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offsets, mask, channels = _tile(n, tile, hw, c, ROWS, CHANNELS)
     in_c = channels < c
-    group = n * num_groups + channels // channels_per_group
-    mean = tl.load(group_mean_ptr + group, mask=in_c, other=0.0)
-    rstd = tl.load(group_rstd_ptr + group, mask=in_c, other=0.0)
+    group, mean, rstd, weight, bias = _channel_affine(n, channels, c, channels_per_group, num_groups, group_mean_ptr,
+                                                      group_rstd_ptr, weight_ptr, bias_ptr)
     mean_dz = tl.load(mean_dz_ptr + group, mask=in_c, other=0.0)
     mean_dz_xhat = tl.load(mean_dz_xhat_ptr + group, mask=in_c, other=0.0)
-    weight = tl.load(weight_ptr + channels, mask=in_c, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + channels, mask=in_c, other=0.0).to(tl.float32)
     xhat = (tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
     dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     dz = _pre_activation_gradient(dy, xhat, weight, bias, SILU)
