@@ -18,6 +18,14 @@
 #                                          channels_last without them (J2), NCHW (I); compiled side by side
 #   bash scripts/gpu_perf_session.sh P   # the kernels' reductions looping over blocks of tiles: alone, and in SiD
 #   bash scripts/gpu_perf_session.sh Q   # SIM and DI at batch 256 with the kernels
+#   bash scripts/gpu_perf_session.sh R   # the kernels' GPU tests; their launch settings (blocks, warps, pipelining,
+#                                          unrolling, tile size) alone on DDPM++'s shapes
+#   bash scripts/gpu_perf_session.sh S   # blocks of 131072 with fewer warps alone; SiD and DI at batch 256 with the
+#                                          kernels' blocks of 131072
+#   bash scripts/gpu_perf_session.sh T   # the kernels alone on DDPM++'s and ADM's norm shapes; SIM at batch 256 as
+#                                          in S, alone (not run yet)
+#   bash scripts/gpu_perf_session.sh U   # ADM ImageNet-64 SiD in channels_last with the kernels, graphed and
+#                                          compiled, alone: paired with T its compilation outlasted a 600 s call
 #   WHEELS=.whl bash scripts/gpu_perf_session.sh K   # onestep distill --preset pixart-sim as a user runs it
 #   bash scripts/gpu_perf_session.sh M   # ADM ImageNet-64 SiD, graphed, eager and compiled
 #   TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 bash scripts/gpu_perf_session.sh L   # SIM and DI rows, batch 256
@@ -181,7 +189,8 @@ case $stage in
     ;;
   N)  # the Triton NHWC GroupNorm+SiLU kernels: compiled against float64 ATen, in the network, and their speed alone
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_group_norm_nhwc.py 2>&1 | tail -5
-    timeout 200 python3 scripts/group_norm_nhwc_bench.py 2>&1 | grep -v "Warning\|warn" | tee "$OUT/group_norm_nhwc_bench.txt"
+    timeout 200 python3 scripts/group_norm_nhwc_bench.py --network hand-picked 2>&1 \
+      | grep -v "Warning\|warn" | tee "$OUT/group_norm_nhwc_bench.txt"
     ;;
   O)  # SiD batch 256, graphed and compiled: NHWC with our kernels, NHWC with inductor's GroupNorm (J2), NCHW (I)
     compile_triple sid_b256_graph_compile_cl_triton "--row sid-cifar10 --batch 256 --cuda-graph --compile --channels-last" \
@@ -189,7 +198,7 @@ case $stage in
       sid_b256_graph_compile_nchw "ENV=TORCHINDUCTOR_LAYOUT_OPTIMIZATION=0 --row sid-cifar10 --batch 256 --cuda-graph --compile"
     ;;
   P)  # after the reduction kernels became loops over blocks of tiles: the kernels alone, then SiD batch 256 with them
-    timeout 150 python3 scripts/group_norm_nhwc_bench.py --block-elements 16384,32768,65536 2>&1 \
+    timeout 150 python3 scripts/group_norm_nhwc_bench.py --network hand-picked --block-elements 16384,32768,65536 2>&1 \
       | grep -v "Warning\|warn" | tee "$OUT/group_norm_nhwc_bench_blocks.txt"
     timeout 420 python3 scripts/profile_step.py --row sid-cifar10 --batch 256 --cuda-graph --compile --channels-last \
       --out "$OUT/sid_b256_graph_compile_cl_triton2.json" 2>&1 | tee "$OUT/sid_b256_graph_compile_cl_triton2.log" \
@@ -198,5 +207,34 @@ case $stage in
   Q)  # SIM and DI at batch 256 with the kernels (graphed, compiled, channels_last), compiled side by side
     compile_pair sim_b256_graph_compile_cl_triton "--row sim-cifar10 --batch 256 --cuda-graph --compile --channels-last" \
       di_b256_graph_compile_cl_triton "--row di-cifar10 --batch 256 --cuda-graph --compile --channels-last"
+    ;;
+  R)  # the kernels' GPU tests, then their launch settings against each other on DDPM++'s shapes
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_group_norm_nhwc.py 2>&1 | tail -5
+    timeout 420 python3 scripts/group_norm_nhwc_bench.py --network hand-picked --block-elements 65536 \
+      --variant stages=1 \
+      --variant unroll=2 --variant unroll=4 --variant blocks=131072 --variant blocks=262144 --variant warps=16 \
+      --variant warps=4 --variant tile=8192 --variant tile=8192,warps=16 --variant blocks=131072,unroll=2 2>&1 \
+      | grep -v "Warning\|warn" | tee "$OUT/group_norm_nhwc_bench_variants.txt"
+    ;;
+  S)  # after blocks of 131072 became the default: with 4 warps alone, then SiD and DI compiled side by side
+    timeout 150 python3 scripts/group_norm_nhwc_bench.py --network hand-picked --block-elements 65536,131072 \
+      --variant warps=4 2>&1 \
+      | grep -v "Warning\|warn" | tee "$OUT/group_norm_nhwc_bench_warps.txt"
+    compile_pair sid_b256_graph_compile_cl_triton3 "--row sid-cifar10 --batch 256 --cuda-graph --compile --channels-last" \
+      di_b256_graph_compile_cl_triton3 "--row di-cifar10 --batch 256 --cuda-graph --compile --channels-last"
+    ;;
+  T)  # the kernels alone on every norm shape of DDPM++ and of ADM (S's tables used a hand-picked list); SIM as in S
+    for network in ddpmpp-cifar10 adm-imagenet64; do
+      timeout 100 python3 scripts/group_norm_nhwc_bench.py --network $network 2>&1 | grep -v "Warning\|warn" \
+        | tee "$OUT/group_norm_nhwc_bench_$network.txt"
+    done
+    timeout 580 python3 scripts/profile_step.py --row sim-cifar10 --batch 256 --cuda-graph --compile --channels-last \
+      --out "$OUT/sim_b256_graph_compile_cl_triton3.json" 2>&1 | tee "$OUT/sim_b256_graph_compile_cl_triton3.log" \
+      | grep -v "^    "
+    ;;
+  U)  # ADM ImageNet-64 SiD in channels_last with the kernels (M's rows were NCHW); its compilation takes minutes
+    timeout 590 python3 scripts/profile_step.py --row sid-imagenet64 --batch 32 --cuda-graph --compile --channels-last \
+      --out "$OUT/sid_imagenet64_b32_graph_compile_cl_triton.json" 2>&1 \
+      | tee "$OUT/sid_imagenet64_b32_graph_compile_cl_triton.log" | grep -v "^    "
     ;;
 esac

@@ -1,11 +1,16 @@
-"""GroupNorm + SiLU, forward and backward, on the DDPM++ CIFAR-10 activation shapes at batch 256 (bf16): our Triton
+"""GroupNorm + SiLU, forward and backward, on an EDM network's norm shapes at batch 256 (bf16): our Triton
 kernels on channels_last against ATen's group_norm in NCHW, inductor's compiled NCHW group_norm, and inductor's
 compilation of `layers.group_norm_channels_last` on channels_last. Prints milliseconds per forward+backward
 (replayed as a CUDA graph, as the training step runs) and the memory bandwidth the kernels' bytes imply (forward reads
 x twice and writes y; backward reads x and dy twice each and writes dx: 8 reads or writes of 2 bytes per element in
 all). CUDA only.
 
-    python3 scripts/group_norm_nhwc_bench.py [--batch 256] [--block-elements 16384,65536]
+    python3 scripts/group_norm_nhwc_bench.py [--network ddpmpp-cifar10|adm-imagenet64|hand-picked] [--batch 256]
+        [--block-elements 16384,65536]
+        [--variant blocks=131072,warps=16 --variant stages=1,unroll=4 ...]
+
+A `--variant` times ours with some of the module's launch settings changed: blocks (BLOCK_ELEMENTS), tile
+(TILE_ELEMENTS), warps (REDUCTION_WARPS), stages (REDUCTION_STAGES), unroll (REDUCTION_UNROLL).
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from onestep_cli.bench.rows import NETWORKS, group_norm_shapes  # noqa: E402
 from onestep_cli.denoisers.edm import group_norm_nhwc as kernels  # noqa: E402
 from onestep_cli.denoisers.edm.layers import group_norm_channels_last  # noqa: E402
 
-# (channels, resolution) of the DDPM++ CIFAR-10 blocks' norms: encoder levels, and decoder inputs with skips.
-SHAPES = [(128, 32), (256, 32), (256, 16), (384, 16), (512, 8), (256, 4)]
+# (channels, height, width, groups) that the tables of the fourth and fifth sessions (stages N, P, R, S) used: picked
+# by hand as DDPM++'s; four of the six are (128, 256 at 32x32; 256 at 16x16; 512 at 8x8).
+HAND_PICKED_SHAPES = [(128, 32, 32, 32), (256, 32, 32, 32), (256, 16, 16, 32), (384, 16, 16, 32), (512, 8, 8, 32),
+                      (256, 4, 4, 32)]
 
 
 def aten(x, weight, bias):
@@ -33,9 +41,24 @@ def nhwc_view(x, weight, bias):
     return torch.nn.functional.silu(group_norm_channels_last(x, 32, weight, bias, 1e-5))
 
 
-def ours(block_elements: int):
+SETTINGS = {"blocks": "BLOCK_ELEMENTS", "tile": "TILE_ELEMENTS", "warps": "REDUCTION_WARPS",
+            "stages": "REDUCTION_STAGES", "unroll": "REDUCTION_UNROLL"}
+DEFAULTS = {key: getattr(kernels, name) for key, name in SETTINGS.items()}
+
+
+def ours(variant: str):
+    """Our kernels with the launch settings `variant` ("key=value,...") changed from the module's defaults."""
+    settings = dict(DEFAULTS)
+    for item in filter(None, variant.split(",")):
+        key, _, value = item.partition("=")
+        if key not in SETTINGS or not value.isdigit():
+            raise SystemExit(f"--variant {variant}: {item!r} is not setting=integer; the settings: "
+                             f"{', '.join(SETTINGS)}.")
+        settings[key] = int(value)
+
     def group_norm_silu(x, weight, bias):
-        kernels.BLOCK_ELEMENTS = block_elements  # Read when the kernels are launched (here, at capture).
+        for key, value in settings.items():  # Read when the kernels are launched (here, at capture).
+            setattr(kernels, SETTINGS[key], value)
         return kernels.group_norm_nhwc(x, 32, weight, bias, 1e-5, silu=True)
     return group_norm_silu
 
@@ -65,20 +88,29 @@ def milliseconds(function, x, weight, bias, upstream, iters: int = 50) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--network", default="ddpmpp-cifar10", choices=[*NETWORKS, "hand-picked"],
+                        help="Whose GroupNorm shapes (every norm of one forward), or the earlier sessions' list.")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--block-elements", default=str(kernels.BLOCK_ELEMENTS),
                         help="Comma-separated sizes of the reduction kernels' blocks to time ours with.")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="Also time ours with these launch settings changed, e.g. blocks=131072,warps=16.")
     args = parser.parse_args()
+    ours_variants = {f"ours, blocks of {size}": ours(f"blocks={size}") for size in args.block_elements.split(",")}
+    ours_variants.update({f"ours {chr(ord('A') + i)}": ours(variant) for i, variant in enumerate(args.variant)})
     variants = {"aten nchw": (aten, torch.contiguous_format),
                 "compiled nchw": (torch.compile(aten), torch.contiguous_format),
                 "compiled nhwc view": (torch.compile(nhwc_view), torch.channels_last),
-                **{f"ours, blocks of {size}": (ours(int(size)), torch.channels_last)
-                   for size in args.block_elements.split(",")}}
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, batch {args.batch}; ms per forward+backward"
-          f" (GB/s)")
+                **{name: (function, torch.channels_last) for name, function in ours_variants.items()}}
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, batch {args.batch}; "
+          f"ms per forward+backward (GB/s); ours' defaults {DEFAULTS}")
+    for i, variant in enumerate(args.variant):
+        print(f"ours {chr(ord('A') + i)}: {variant}")
     print(f"{'C x HxW':>12} | " + " | ".join(f"{name:>22}" for name in variants))
-    for channels, resolution in SHAPES:
-        shape = (args.batch, channels, resolution, resolution)
+    shapes = HAND_PICKED_SHAPES if args.network == "hand-picked" else group_norm_shapes(args.network)
+    for channels, height, width, groups in shapes:
+        assert groups == 32, "the ATen and inductor columns normalise over 32 groups"
+        shape = (args.batch, channels, height, width)
         cells = []
         for function, memory_format in variants.values():
             x = torch.randn(shape, device="cuda", dtype=torch.bfloat16).to(memory_format=memory_format)
@@ -86,7 +118,7 @@ def main() -> None:
             x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
             ms = milliseconds(function, x, weight, bias, torch.randn_like(x))
             cells.append(f"{ms:7.3f} ({8 * 2 * x.numel() / ms / 1e6:5.0f})")
-        print(f"{channels:>4} x {resolution:>2}x{resolution:<2} | " + " | ".join(f"{cell:>22}" for cell in cells))
+        print(f"{channels:>4} x {height:>2}x{width:<2} | " + " | ".join(f"{cell:>22}" for cell in cells))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 On the CPU the kernels run in Triton's interpreter, which must be switched on before triton is imported: the cases
 run in a child process with TRITON_INTERPRET=1 (this file, run as a script), which prints their errors as JSON.
-On a GPU the same cases run compiled, and the DDPM++ network in channels_last (using the kernels) is compared with
-itself in NCHW (using ATen's group_norm), captured as a CUDA graph and under torch.compile.
+The interpreter does not type-check, so every launch the cases and the EDM networks' norms make is compiled for a
+Hopper GPU (sm_90, to a cubin) on the CPU, where no GPU is needed. On a GPU the same cases run compiled, and the
+DDPM++ network in channels_last (using the kernels) is compared with itself in NCHW (using ATen's group_norm),
+captured as a CUDA graph and under torch.compile.
 """
 
 from __future__ import annotations
@@ -76,6 +78,71 @@ def test_kernels_in_the_interpreter_match_group_norm_and_its_gradients():
     assert len(errors) == len(CASES)
     for case, case_error in zip(CASES, errors):
         assert max(case_error.values()) < tolerance(case[6]), (case, case_error)
+
+
+TRITON_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+
+
+def recorded_launches(monkeypatch) -> list[tuple]:
+    """Every kernel launch (kernel, arguments, launch settings) of a forward and backward over the cases and every
+    norm of the DDPM++ CIFAR-10 and ADM ImageNet-64 networks (in bfloat16, as training runs them), recorded instead
+    of run."""
+    from onestep_cli.bench.rows import group_norm_shapes
+    from onestep_cli.denoisers.edm import group_norm_nhwc as kernels
+
+    launches = []
+    monkeypatch.setattr(kernels, "_launch", lambda kernel, grid, *args, **meta: launches.append((kernel, args, meta)))
+    shapes = [(2, c, h, w, groups, silu, getattr(torch, dtype)) for (_, c, h, w, groups, silu, dtype, _) in CASES]
+    for network in ("ddpmpp-cifar10", "adm-imagenet64"):
+        shapes += [(2, c, h, w, groups, True, torch.bfloat16) for c, h, w, groups in group_norm_shapes(network)]
+    for n, c, h, w, groups, silu, dtype in shapes:
+        x = torch.zeros(n, c, h, w, dtype=dtype).to(memory_format=torch.channels_last)
+        weight, bias = torch.zeros(c, dtype=dtype), torch.zeros(c, dtype=dtype)
+        _, mean, rstd = kernels._group_norm_nhwc(x, weight, bias, groups, 1e-5, silu)
+        kernels._group_norm_nhwc_backward(x, x, weight, bias, mean, rstd, silu)
+    return launches
+
+
+def test_norm_shapes_of_the_edm_networks():
+    from onestep_cli.bench.rows import group_norm_shapes
+
+    # DDPM++ CIFAR-10: 128 channels in, 256 at every level; decoder inputs concatenate a skip (256 + 256, 256 + 128).
+    assert group_norm_shapes("ddpmpp-cifar10") == [
+        (128, 32, 32, 32), (256, 8, 8, 32), (256, 16, 16, 32), (256, 32, 32, 32), (384, 32, 32, 32), (512, 8, 8, 32),
+        (512, 16, 16, 32), (512, 32, 32, 32)]
+    # ADM ImageNet-64: 192 x [1, 2, 3, 4] channels at 64..8 pixels; the widest decoder input is 768 + 768 at 8x8.
+    adm = group_norm_shapes("adm-imagenet64")
+    assert (192, 64, 64, 32) in adm and max(adm) == (1536, 8, 8, 32) and len(adm) == 18
+
+
+def test_every_launch_compiles_for_a_hopper_gpu(monkeypatch):
+    # Triton's front end checks what the interpreter does not (a variable's type changing inside a loop, say),
+    # and its NVIDIA back end (bundled ptxas) builds the cubin: all without a GPU.
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    compiled = set()
+    for kernel, args, meta in recorded_launches(monkeypatch):
+        options = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
+        signature = {}
+        for name, value in zip(kernel.arg_names, args):
+            if isinstance(value, torch.Tensor):
+                signature[name] = TRITON_TYPES[value.dtype]
+            else:
+                signature[name] = "fp32" if isinstance(value, float) else "i32"
+        signature.update(dict.fromkeys(meta, "constexpr"))
+        key = (kernel.__name__, tuple(signature.items()), tuple(meta.items()), tuple(options.items()))
+        if key in compiled:
+            continue
+        binary = triton.compile(ASTSource(kernel, signature, meta), target=GPUTarget("cuda", 90, 32),
+                                options=options)
+        assert binary.asm["cubin"], key
+        assert binary.metadata.shared <= 227 * 1024, key  # An H100's shared memory per block.
+        compiled.add(key)
+    assert {name for name, *_ in compiled} == {
+        "group_norm_nhwc_tile_moments", "group_norm_nhwc_group_moments", "group_norm_nhwc_normalise",
+        "group_norm_nhwc_gradient_sums", "group_norm_nhwc_gradient_means", "group_norm_nhwc_input_gradient"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need a CUDA device")

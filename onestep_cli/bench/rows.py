@@ -82,3 +82,24 @@ def build_network(network: str, tiny: bool = False, seed: int = 0) -> EDMPrecond
     torch.manual_seed(seed)
     kwargs = (TINY if tiny else NETWORKS)[network]
     return EDMPrecond(**kwargs).requires_grad_(False).eval()
+
+
+def group_norm_shapes(network: str) -> list[tuple[int, int, int, int]]:
+    """(channels, height, width, groups) of every GroupNorm input in one forward of the named network, found on fake
+    tensors (shapes only: no memory, no arithmetic)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ..denoisers.edm.layers import GroupNorm
+
+    config = NETWORKS[network]
+    shapes = set()
+    with FakeTensorMode():
+        net = EDMPrecond(**config)
+        for module in net.modules():
+            if isinstance(module, GroupNorm):
+                module.register_forward_pre_hook(
+                    lambda norm, inputs: shapes.add((*inputs[0].shape[1:], norm.num_groups)))
+        resolution = config["img_resolution"]
+        labels = torch.zeros(1, config["label_dim"]) if config["label_dim"] else None
+        net(torch.zeros(1, config["img_channels"], resolution, resolution), torch.ones(1), labels)
+    return sorted(shapes)

@@ -3,10 +3,10 @@
 Why our own: on channels_last activations cuDNN's convolutions need no layout transposes, but neither ATen's nor
 inductor's group_norm reads NHWC well (ATen copies to NCHW; inductor's backward reductions over the NHWC view were
 73 ms of a 447 ms SiD step). Here every load is a `[rows, channels]` tile of the `[N, HW, C]` view, channels
-contiguous, and the SiLU after the norm is fused in both directions: the SiD step runs 13% faster than in NCHW
+contiguous, and the SiLU after the norm is fused in both directions: the SiD step runs 17% faster than in NCHW
 (docs/benchmarks.md, "Our Triton GroupNorm for NHWC").
 
-The kernels, per sample `n`, tile of pixels (a few thousand elements) and block of tiles (tens of thousands):
+The kernels, per sample `n`, tile of pixels (a few thousand elements) and block of tiles (up to 131072 elements):
 
 1. `tile_moments` (n, block): each channel's mean and centred sum of squares over the block's pixels (from sums of
    `x - shift`, `shift` one of the block's pixels, so that the variance does not cancel);
@@ -38,18 +38,25 @@ from triton.runtime.interpreter import InterpretedFunction
 # Elements of one [rows, channels] tile: 16 float32 registers per thread at 8 warps, per tile-sized value.
 TILE_ELEMENTS = 4096
 # Elements a reduction program reads (a block of tiles): enough work per program to amortise its reduction across
-# threads and its partial sums' stores (one program per tile made those kernels 4x slower than the element-wise ones).
-BLOCK_ELEMENTS = 65536
+# threads and its partial sums' stores (one program per tile made those kernels 4x slower than the element-wise ones;
+# on an H200 131072 beat 65536 by 6% over DDPM++'s shapes, 262144 was no better; docs/benchmarks.md).
+BLOCK_ELEMENTS = 131072
+# The reduction kernels' launch: warps per program (0: as the element-wise kernels), Triton's software-pipelining
+# depth for their loop over a block's tiles, and how many of those iterations are unrolled. Other values measured no
+# faster on an H200; they stay settable for scripts/group_norm_nhwc_bench.py --variant.
+REDUCTION_WARPS = 0
+REDUCTION_STAGES = 3
+REDUCTION_UNROLL = 1
 
 
 @triton.jit
 def _tile(n, tile, hw, c, ROWS: tl.constexpr, CHANNELS: tl.constexpr):
-    """Offsets of tile `tile` of sample `n` in the [N, HW, C] view, its mask, and the channel indices."""
+    """Offsets of tile `tile` of sample `n` in the [N, HW, C] view, and its mask."""
     rows = tile * ROWS + tl.arange(0, ROWS)
     channels = tl.arange(0, CHANNELS)
     mask = (rows[:, None] < hw) & (channels[None, :] < c)
     offsets = (n * hw + rows[:, None]) * c + channels[None, :]
-    return offsets, mask, channels
+    return offsets, mask
 
 
 @triton.jit
@@ -86,7 +93,7 @@ def _pre_activation_gradient(dy, xhat, weight, bias, SILU: tl.constexpr):
 
 @triton.jit
 def group_norm_nhwc_tile_moments(x_ptr, tile_mean_ptr, tile_m2_ptr, hw, c, blocks, ROWS: tl.constexpr,
-                                 STEPS: tl.constexpr, CHANNELS: tl.constexpr):
+                                 STEPS: tl.constexpr, CHANNELS: tl.constexpr, UNROLL: tl.constexpr):
     n, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     channels = tl.arange(0, CHANNELS)
     first = block * ROWS * STEPS
@@ -94,8 +101,9 @@ def group_norm_nhwc_tile_moments(x_ptr, tile_mean_ptr, tile_m2_ptr, hw, c, block
     shift = tl.load(x_ptr + (n * hw + first) * c + channels, mask=channels < c, other=0.0).to(tl.float32)
     total = tl.zeros([ROWS, CHANNELS], tl.float32)
     squares = tl.zeros([ROWS, CHANNELS], tl.float32)
-    for step in range(STEPS):  # Element-wise accumulation; one reduction across threads at the end.
-        offsets, mask, _ = _tile(n, block * STEPS + step, hw, c, ROWS, CHANNELS)
+    # Element-wise accumulation; one reduction across threads at the end.
+    for step in tl.range(0, STEPS, loop_unroll_factor=UNROLL):
+        offsets, mask = _tile(n, block * STEPS + step, hw, c, ROWS, CHANNELS)
         shifted = tl.where(mask, tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - shift[None, :], 0.0)
         total += shifted
         squares += shifted * shifted
@@ -147,7 +155,8 @@ def group_norm_nhwc_normalise(x_ptr, weight_ptr, bias_ptr, group_mean_ptr, group
                               channels_per_group, num_groups, SILU: tl.constexpr, ROWS: tl.constexpr,
                               CHANNELS: tl.constexpr):
     n, tile = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    offsets, mask, channels = _tile(n, tile, hw, c, ROWS, CHANNELS)
+    offsets, mask = _tile(n, tile, hw, c, ROWS, CHANNELS)
+    channels = tl.arange(0, CHANNELS)
     _, mean, rstd, weight, bias = _channel_affine(n, channels, c, channels_per_group, num_groups, group_mean_ptr,
                                                   group_rstd_ptr, weight_ptr, bias_ptr)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -161,7 +170,7 @@ def group_norm_nhwc_normalise(x_ptr, weight_ptr, bias_ptr, group_mean_ptr, group
 def group_norm_nhwc_gradient_sums(dy_ptr, x_ptr, weight_ptr, bias_ptr, group_mean_ptr, group_rstd_ptr,
                                   tile_dz_ptr, tile_dz_xhat_ptr, hw, c, blocks, channels_per_group, num_groups,
                                   SILU: tl.constexpr, ROWS: tl.constexpr, STEPS: tl.constexpr,
-                                  CHANNELS: tl.constexpr):
+                                  CHANNELS: tl.constexpr, UNROLL: tl.constexpr):
     n, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     channels = tl.arange(0, CHANNELS)
     in_c = channels < c
@@ -169,8 +178,9 @@ def group_norm_nhwc_gradient_sums(dy_ptr, x_ptr, weight_ptr, bias_ptr, group_mea
                                                   group_rstd_ptr, weight_ptr, bias_ptr)
     dz_total = tl.zeros([ROWS, CHANNELS], tl.float32)
     dz_xhat_total = tl.zeros([ROWS, CHANNELS], tl.float32)
-    for step in range(STEPS):  # Element-wise accumulation; one reduction across threads at the end.
-        offsets, mask, _ = _tile(n, block * STEPS + step, hw, c, ROWS, CHANNELS)
+    # Element-wise accumulation; one reduction across threads at the end.
+    for step in tl.range(0, STEPS, loop_unroll_factor=UNROLL):
+        offsets, mask = _tile(n, block * STEPS + step, hw, c, ROWS, CHANNELS)
         xhat = (tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dz = tl.where(mask, _pre_activation_gradient(dy, xhat, weight, bias, SILU), 0.0)
@@ -214,7 +224,8 @@ def group_norm_nhwc_input_gradient(dy_ptr, x_ptr, weight_ptr, bias_ptr, group_me
                                    mean_dz_xhat_ptr, dx_ptr, hw, c, channels_per_group, num_groups,
                                    SILU: tl.constexpr, ROWS: tl.constexpr, CHANNELS: tl.constexpr):
     n, tile = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    offsets, mask, channels = _tile(n, tile, hw, c, ROWS, CHANNELS)
+    offsets, mask = _tile(n, tile, hw, c, ROWS, CHANNELS)
+    channels = tl.arange(0, CHANNELS)
     in_c = channels < c
     group, mean, rstd, weight, bias = _channel_affine(n, channels, c, channels_per_group, num_groups, group_mean_ptr,
                                                       group_rstd_ptr, weight_ptr, bias_ptr)
@@ -236,6 +247,7 @@ class _Tiling(NamedTuple):
     chunk: int  # blocks merged at a time by the per-sample kernels
     groups: int  # the group count rounded up to a power of two
     num_warps: int
+    reduction_warps: int
 
 
 def _tiling(hw: int, c: int, num_groups: int) -> _Tiling:
@@ -245,8 +257,9 @@ def _tiling(hw: int, c: int, num_groups: int) -> _Tiling:
     steps = max(1, min(triton.next_power_of_2(tiles), BLOCK_ELEMENTS // (rows * channels)))
     blocks = triton.cdiv(tiles, steps)
     chunk = max(1, min(triton.next_power_of_2(blocks), TILE_ELEMENTS // channels))
-    return _Tiling(rows, channels, tiles, steps, blocks, chunk, triton.next_power_of_2(num_groups),
-                   8 if rows * channels >= 4096 else 4)
+    num_warps = 8 if rows * channels >= 4096 else 4
+    return _Tiling(rows, channels, tiles, steps, blocks, chunk, triton.next_power_of_2(num_groups), num_warps,
+                   REDUCTION_WARPS or num_warps)
 
 
 def _launch(kernel: triton.JITFunction, grid: tuple[int, ...], *args, **meta) -> None:
@@ -272,7 +285,8 @@ def _group_norm_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     group_rstd = torch.empty_like(group_mean)
     y = torch.empty_like(x, memory_format=torch.channels_last)
     _launch(group_norm_nhwc_tile_moments, (n, t.blocks), x, tile_mean, tile_m2, h * w, c, t.blocks,
-            ROWS=t.rows, STEPS=t.steps, CHANNELS=t.channels, num_warps=t.num_warps)
+            ROWS=t.rows, STEPS=t.steps, CHANNELS=t.channels, UNROLL=REDUCTION_UNROLL, num_warps=t.reduction_warps,
+            num_stages=REDUCTION_STAGES)
     _launch(group_norm_nhwc_group_moments, (n,), tile_mean, tile_m2, group_mean, group_rstd, h * w, c,
             c // num_groups, num_groups, eps, BLOCKS=t.blocks, BLOCK_ROWS=t.rows * t.steps, CHANNELS=t.channels,
             CHUNK=t.chunk, GROUPS=t.groups, num_warps=t.num_warps)
@@ -299,7 +313,7 @@ def _group_norm_nhwc_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.T
     dx = torch.empty_like(x, memory_format=torch.channels_last)
     _launch(group_norm_nhwc_gradient_sums, (n, t.blocks), dy, x, weight, bias, group_mean, group_rstd, tile_dz,
             tile_dz_xhat, h * w, c, t.blocks, c // num_groups, num_groups, SILU=silu, ROWS=t.rows, STEPS=t.steps,
-            CHANNELS=t.channels, num_warps=t.num_warps)
+            CHANNELS=t.channels, UNROLL=REDUCTION_UNROLL, num_warps=t.reduction_warps, num_stages=REDUCTION_STAGES)
     _launch(group_norm_nhwc_gradient_means, (n,), tile_dz, tile_dz_xhat, weight, channel_dz, channel_dz_xhat,
             mean_dz, mean_dz_xhat, h * w, c, c // num_groups, num_groups, BLOCKS=t.blocks, CHANNELS=t.channels,
             CHUNK=t.chunk, GROUPS=t.groups, num_warps=t.num_warps)
