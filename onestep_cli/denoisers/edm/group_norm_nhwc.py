@@ -249,6 +249,16 @@ class _Tiling(NamedTuple):
     num_warps: int
     reduction_warps: int
 
+    def reduction_launch(self) -> dict:
+        """Launch settings shared by the two reduction kernels (tile_moments, gradient_sums)."""
+        return dict(ROWS=self.rows, STEPS=self.steps, CHANNELS=self.channels, UNROLL=REDUCTION_UNROLL,
+                    num_warps=self.reduction_warps, num_stages=REDUCTION_STAGES)
+
+    def per_sample_launch(self) -> dict:
+        """Launch settings shared by the two per-sample kernels (group_moments, gradient_means)."""
+        return dict(BLOCKS=self.blocks, CHANNELS=self.channels, CHUNK=self.chunk, GROUPS=self.groups,
+                    num_warps=self.num_warps)
+
 
 def _tiling(hw: int, c: int, num_groups: int) -> _Tiling:
     channels = triton.next_power_of_2(c)
@@ -260,6 +270,12 @@ def _tiling(hw: int, c: int, num_groups: int) -> _Tiling:
     num_warps = 8 if rows * channels >= 4096 else 4
     return _Tiling(rows, channels, tiles, steps, blocks, chunk, triton.next_power_of_2(num_groups), num_warps,
                    REDUCTION_WARPS or num_warps)
+
+
+def _block_partials(x: torch.Tensor, t: _Tiling) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float32 [N, blocks, C] buffers for a reduction kernel's per-block results."""
+    first = x.new_empty((x.shape[0], t.blocks, x.shape[1]), dtype=torch.float32)
+    return first, torch.empty_like(first)
 
 
 def _launch(kernel: triton.JITFunction, grid: tuple[int, ...], *args, **meta) -> None:
@@ -279,17 +295,14 @@ def _group_norm_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     n, c, h, w = x.shape
     x = x.contiguous(memory_format=torch.channels_last)
     t = _tiling(h * w, c, num_groups)
-    tile_mean = x.new_empty((n, t.blocks, c), dtype=torch.float32)
-    tile_m2 = torch.empty_like(tile_mean)
+    tile_mean, tile_m2 = _block_partials(x, t)
     group_mean = x.new_empty((n, num_groups), dtype=torch.float32)
     group_rstd = torch.empty_like(group_mean)
     y = torch.empty_like(x, memory_format=torch.channels_last)
     _launch(group_norm_nhwc_tile_moments, (n, t.blocks), x, tile_mean, tile_m2, h * w, c, t.blocks,
-            ROWS=t.rows, STEPS=t.steps, CHANNELS=t.channels, UNROLL=REDUCTION_UNROLL, num_warps=t.reduction_warps,
-            num_stages=REDUCTION_STAGES)
+            **t.reduction_launch())
     _launch(group_norm_nhwc_group_moments, (n,), tile_mean, tile_m2, group_mean, group_rstd, h * w, c,
-            c // num_groups, num_groups, eps, BLOCKS=t.blocks, BLOCK_ROWS=t.rows * t.steps, CHANNELS=t.channels,
-            CHUNK=t.chunk, GROUPS=t.groups, num_warps=t.num_warps)
+            c // num_groups, num_groups, eps, BLOCK_ROWS=t.rows * t.steps, **t.per_sample_launch())
     _launch(group_norm_nhwc_normalise, (n, t.tiles), x, weight, bias, group_mean, group_rstd, y, h * w, c,
             c // num_groups, num_groups, SILU=silu, ROWS=t.rows, CHANNELS=t.channels, num_warps=t.num_warps)
     return y, group_mean, group_rstd
@@ -304,19 +317,16 @@ def _group_norm_nhwc_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.T
     dy = dy.contiguous(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
     t = _tiling(h * w, c, num_groups)
-    tile_dz = x.new_empty((n, t.blocks, c), dtype=torch.float32)
-    tile_dz_xhat = torch.empty_like(tile_dz)
+    tile_dz, tile_dz_xhat = _block_partials(x, t)
     channel_dz = x.new_empty((n, c), dtype=torch.float32)
     channel_dz_xhat = torch.empty_like(channel_dz)
     mean_dz = torch.empty_like(group_mean)
     mean_dz_xhat = torch.empty_like(group_mean)
     dx = torch.empty_like(x, memory_format=torch.channels_last)
     _launch(group_norm_nhwc_gradient_sums, (n, t.blocks), dy, x, weight, bias, group_mean, group_rstd, tile_dz,
-            tile_dz_xhat, h * w, c, t.blocks, c // num_groups, num_groups, SILU=silu, ROWS=t.rows, STEPS=t.steps,
-            CHANNELS=t.channels, UNROLL=REDUCTION_UNROLL, num_warps=t.reduction_warps, num_stages=REDUCTION_STAGES)
+            tile_dz_xhat, h * w, c, t.blocks, c // num_groups, num_groups, SILU=silu, **t.reduction_launch())
     _launch(group_norm_nhwc_gradient_means, (n,), tile_dz, tile_dz_xhat, weight, channel_dz, channel_dz_xhat,
-            mean_dz, mean_dz_xhat, h * w, c, c // num_groups, num_groups, BLOCKS=t.blocks, CHANNELS=t.channels,
-            CHUNK=t.chunk, GROUPS=t.groups, num_warps=t.num_warps)
+            mean_dz, mean_dz_xhat, h * w, c, c // num_groups, num_groups, **t.per_sample_launch())
     _launch(group_norm_nhwc_input_gradient, (n, t.tiles), dy, x, weight, bias, group_mean, group_rstd, mean_dz,
             mean_dz_xhat, dx, h * w, c, c // num_groups, num_groups, SILU=silu, ROWS=t.rows, CHANNELS=t.channels,
             num_warps=t.num_warps)
