@@ -124,46 +124,23 @@ class MLPConfig(Strict):
     input_fourier_scale: float = Field(1.0, gt=0)  # Std of their frequencies, in cycles per unit of c_in * x.
 
 
-# Dropout of a trained copy of an EDM teacher, active only in that copy's own update (SiD); None keeps the teacher's.
-Dropout = Annotated[float, Field(ge=0, lt=1)] | None
-
-
-class GeneratorConfig(Strict):
-    sigma_init: float = Field(2.5, gt=0)  # G(z) = D(sigma_init * z, sigma_init).
-    mlp: MLPConfig = MLPConfig()
-    lora_rank: int = Field(0, ge=0)  # Diffusers teachers: 0 trains every weight, r > 0 only rank-r LoRA adapters.
-    dropout: Dropout = None  # EDM teachers: dropout probability in the generator's U-Net blocks; None: the teacher's.
-
-
-class FakeScoreConfig(Strict):
-    mlp: MLPConfig = MLPConfig()
-    lora_rank: int = Field(0, ge=0)  # Diffusers teachers: 0 trains every weight, r > 0 only rank-r LoRA adapters.
-    guidance_scale: float = Field(1.0, ge=0)  # CFG scale of the fake score in both steps (SiD-LSG kappa1-3); 1: none.
-    sigma_mean_log: float = -1.2  # Log-normal sigma distribution of the denoising score matching loss (EDM).
-    sigma_std_log: float = Field(1.2, gt=0)
-    sigma_data: float = Field(0.5, gt=0)  # EDM loss weight lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
-    dropout: Dropout = None  # EDM teachers: dropout probability in the fake score's U-Net blocks; None: the teacher's.
-    # EDM's non-leaking augmentation of the generated images that train the fake score (its CIFAR-10 geometric ops,
-    # each with probability augment_p; labels to the network's 9 augment inputs); 0: off. SiD's CIFAR-10 uses 0.12.
-    augment_p: float = Field(0.0, ge=0, le=1)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Objectives
+# Noise-level distributions (objectives/sigmas.py draws them; docs/presets.md cites the official code of each)
 
 
 class KarrasSigmaConfig(Strict):
-    """Continuous position u ~ U(0, t_max) on the Karras grid from sigma_max (u=0) to sigma_min (u=1)."""
+    """SiD's generator noise levels: t ~ U(0, t_max), sigma = Karras grid position 1 - t (t = 0 is sigma_min)."""
 
     kind: Literal["karras"] = "karras"
     sigma_min: float = Field(0.002, gt=0)
     sigma_max: float = Field(80.0, gt=0)
     rho: float = Field(7.0, gt=0)
-    t_max: float = Field(0.8, gt=0, le=1)  # SiD/SIM: u ~ U(0, t_max), so sigma >= grid(t_max).
+    t_max: float = Field(0.8, gt=0, le=1)  # SiD's tmax / 1000: sigma in [sigma_min, 24.4] at 0.8 (EDM's range).
 
 
 class KarrasIndexSigmaConfig(Strict):
-    """A uniform integer index into a discrete Karras grid, between min_fraction and max_fraction of it (DMD)."""
+    """DMD2's noise levels: a uniform integer index into a num_levels Karras grid ascending from sigma_min (index 0),
+    from int(min_fraction num_levels) to int(max_fraction num_levels) inclusive (at most num_levels - 1)."""
 
     kind: Literal["karras_index"] = "karras_index"
     sigma_min: float = Field(0.002, gt=0)
@@ -184,6 +161,33 @@ SigmaConfig = Annotated[
     Union[KarrasSigmaConfig, KarrasIndexSigmaConfig, LogNormalSigmaConfig], Field(discriminator="kind")
 ]
 
+# Dropout of a trained copy of an EDM teacher, active only in that copy's own update (SiD); None keeps the teacher's.
+Dropout = Annotated[float, Field(ge=0, lt=1)] | None
+
+
+class GeneratorConfig(Strict):
+    sigma_init: float = Field(2.5, gt=0)  # G(z) = D(sigma_init * z, sigma_init).
+    mlp: MLPConfig = MLPConfig()
+    lora_rank: int = Field(0, ge=0)  # Diffusers teachers: 0 trains every weight, r > 0 only rank-r LoRA adapters.
+    dropout: Dropout = None  # EDM teachers: dropout probability in the generator's U-Net blocks; None: the teacher's.
+
+
+class FakeScoreConfig(Strict):
+    mlp: MLPConfig = MLPConfig()
+    lora_rank: int = Field(0, ge=0)  # Diffusers teachers: 0 trains every weight, r > 0 only rank-r LoRA adapters.
+    guidance_scale: float = Field(1.0, ge=0)  # CFG scale of the fake score in both steps (SiD-LSG kappa1-3); 1: none.
+    sigma: SigmaConfig = LogNormalSigmaConfig()  # Noise levels of its denoising score matching loss (EDM, SiD).
+    sigma_data: float = Field(0.5, gt=0)  # EDM loss weight lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+    dropout: Dropout = None  # EDM teachers: dropout probability in the fake score's U-Net blocks; None: the teacher's.
+    # EDM's non-leaking augmentation of the generated images that train the fake score (its CIFAR-10 geometric ops,
+    # each with probability augment_p; labels to the network's 9 augment inputs); 0: off. SiD's CIFAR-10 uses 0.12.
+    augment_p: float = Field(0.0, ge=0, le=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Objectives
+
+
 # How each sample's generator loss is scaled: by nothing, or by sg(mean |x_g - D_teacher|) as SiD and DMD do.
 Normalization = Literal["none", "mean_abs_error"]
 
@@ -191,7 +195,9 @@ Normalization = Literal["none", "mean_abs_error"]
 class SIMObjectiveConfig(Strict):
     name: Literal["sim"] = "sim"
     distance: Literal["l2", "pseudo_huber"] = "pseudo_huber"
-    huber_c: float = Field(1.0, gt=0)  # Pseudo-Huber scale c in d(y) = sqrt(|y|^2 + c^2) - c (score units).
+    # Pseudo-Huber scale c in d(y) = sqrt(|y|^2 + c^2) - c, in score units summed over the data's D elements, so |y|
+    # grows like sqrt(D); auto: c = sqrt(D) (docs/objectives.md says how it was chosen).
+    huber_c: Union[Annotated[float, Field(gt=0)], Literal["auto"]] = "auto"
     weighting: Literal["unit", "sigma4"] = "sigma4"  # w(sigma): 1, or sigma^4 (denoiser units, as SiD).
     normalization: Normalization = "mean_abs_error"
     sigma: SigmaConfig = KarrasSigmaConfig()
@@ -228,16 +234,31 @@ ObjectiveConfig = Annotated[
 class TrainConfig(Strict):
     batch_size: int = Field(256, gt=0)  # Images (or points) per generator update, over all processes (global batch).
     grad_accumulation: int = Field(1, ge=1)  # Micro-batches per update on each process (per-process batch divides by it).
+    # Largest micro-batch a process computes at once (EDM's and SiD's --batch-gpu): the accumulation rounds follow from
+    # batch_size / (processes x batch_gpu); None: the whole per-process share at once, or train.grad_accumulation.
+    batch_gpu: int | None = Field(None, gt=0)
     lr: float = Field(1e-4, gt=0)  # Learning rate of both networks unless overridden below.
     generator_lr: float | None = Field(None, gt=0)
     fake_lr: float | None = Field(None, gt=0)
     optimizer: Literal["adam", "adamw"] = "adam"
     betas: tuple[float, float] = (0.0, 0.999)
     weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float | None = Field(None, gt=0)  # Max global grad norm per network; None disables clipping.
+    eps: float = Field(1e-8, gt=0)  # Adam's epsilon (SiD uses 1e-6 with --fp16).
+    # Max global grad norm per network, of the gradient of the loss averaged over data elements as DMD2 computes it
+    # (onestep sums each sample's loss over its D elements, so the threshold applied is grad_clip * D); None: off.
+    grad_clip: float | None = Field(None, gt=0)
+    # The order inside one step: fake_first (SiD: k fake updates, then the generator) or generator_first (DMD2: the
+    # generator, then k fake updates, the first on the same samples the generator update drew, before it changed).
+    update_order: Literal["fake_first", "generator_first"] = "fake_first"
+    # Linear learning-rate warm-up from 0 over this many fake-score updates (DMD2's constant_with_warmup, which counts
+    # its iterations: a generator update takes the lr of the iteration it happens in); 0: none.
+    lr_warmup_iterations: float = Field(0.0, ge=0)
     max_steps: int = Field(1000, gt=0)  # Generator updates.
     fake_updates_per_step: int = Field(1, ge=1)
     ema_halflife_kimg: float | None = Field(0.5, gt=0)  # None disables the EMA (the raw generator is used).
+    # Half-life at most this fraction of the images seen so far (EDM's and SiD's ramp-up): the average starts equal
+    # to the generator instead of holding on to its initialisation; None: the full half-life from the first step.
+    ema_rampup_ratio: float | None = Field(0.05, gt=0)
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -267,6 +288,13 @@ class TrainConfig(Strict):
         if not all(0 <= b < 1 for b in betas):
             raise ValueError(f"train.betas must lie in [0, 1), got {list(betas)}")
         return betas
+
+    @model_validator(mode="after")
+    def _check_accumulation(self):
+        if self.batch_gpu is not None and self.grad_accumulation > 1:
+            raise ValueError(f"train.batch_gpu={self.batch_gpu} and train.grad_accumulation={self.grad_accumulation} "
+                             "both set the micro-batch; set only one (batch_gpu derives the accumulation rounds)")
+        return self
 
     @property
     def checkpointed_networks(self) -> tuple[str, ...]:
@@ -411,6 +439,18 @@ def resolve_config(
         path, value = parse_set(assignment)
         data = apply_set(data, path, value)
     return validate_config(data)
+
+
+def upgrade_saved_config(data: Any) -> Any:
+    """A run's saved config.yaml in the current layout: keys that older versions wrote and that have since moved are
+    translated (fake.sigma_mean_log and fake.sigma_std_log are now the log-normal fake.sigma)."""
+    fake = data.get("fake") if isinstance(data, dict) else None
+    if isinstance(fake, dict) and ("sigma_mean_log" in fake or "sigma_std_log" in fake) and "sigma" not in fake:
+        fake = dict(fake)
+        fake["sigma"] = {"kind": "lognormal", "mean_log": fake.pop("sigma_mean_log", -1.2),
+                         "std_log": fake.pop("sigma_std_log", 1.2)}
+        data = {**data, "fake": fake}
+    return data
 
 
 def validate_config(data: dict) -> RunConfig:

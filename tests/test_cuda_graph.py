@@ -138,4 +138,4 @@ def test_the_captured_part_of_the_step_builds_no_tensor_from_host_data():
     # A CUDA graph cannot record a copy from host memory; tests/host_data.py finds such constructions on the CPU.
     run = edm_trainer("sid", True, 0.12, CPU, precision="fp32")
     sigmas = [torch.full((8,), 1.5), torch.full((8,), 2.0)]
-    assert tensors_from_host_data(lambda: run._iteration(sigmas)) == []
+    assert tensors_from_host_data(lambda: run._iteration([*sigmas, torch.ones(1)])) == []

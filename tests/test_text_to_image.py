@@ -355,7 +355,7 @@ def test_the_text_to_image_step_builds_no_tensor_from_host_data(tiny):
         warnings.simplefilter("ignore")  # "the device is the CPU: the step runs eagerly".
         trainer = Trainer(config, build_networks(config), CPU, "fp32")
     sigmas = [torch.full((2,), 1.5), torch.full((2,), 2.0)]
-    assert tensors_from_host_data(lambda: trainer._iteration(sigmas)) == []
+    assert tensors_from_host_data(lambda: trainer._iteration([*sigmas, torch.ones(1)])) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, RunConfig
-from .parallel import per_process_batch
+from .parallel import batch_split
 from .run_dir import RunDir
 
 # Seconds torch.distributed.run gives workers to checkpoint and exit after forwarding SIGTERM/SIGUSR1 to them.
@@ -110,7 +110,7 @@ def run_torchrun(plan: LaunchPlan, command: list[str], log, task: str = "the dis
 def launch(config: RunConfig, out: Path, plan: LaunchPlan, command: list[str], log) -> int:
     """Validate the layout, run `command` on every GPU of the plan and return the command's exit code: 0 when the
     workers finished, or stopped on SIGTERM/SIGUSR1 after writing a checkpoint."""
-    per_process_batch(config.train.batch_size, plan.world_size, config.train.grad_accumulation)
+    batch_split(config.train, plan.world_size)
     check_devices(plan, config.train.device, warn=log)
     code, signal_name = run_torchrun(plan, command, log)
     if signal_name is None:

@@ -24,7 +24,7 @@ from .checkpoint import checkpoint_name, find_latest_checkpoint, remove_partial_
 from .cuda_graph import WARMUP_STEPS
 from .distributed import DistEnv, barrier, broadcast_object, on_main, print0
 from .networks import Networks, build_networks
-from .parallel import per_process_batch, resolve_parallelism, training_state_bytes
+from .parallel import batch_split, resolve_parallelism, training_state_bytes
 from .precision import resolve_precision, set_tf32
 from .progress import Progress
 from .run_dir import RunDir
@@ -104,13 +104,13 @@ def distill(config: RunConfig, out_dir: Path, *, log=None, progress: bool | None
 def _distill(config: RunConfig, out_dir: Path, env: DistEnv, device: torch.device, log, progress,
              networks: Networks | None) -> RunSummary:
     train = config.train
-    micro = per_process_batch(train.batch_size, env.world_size, train.grad_accumulation)  # Fail before any work.
+    micro, rounds = batch_split(train, env.world_size)  # Fail before any work.
     run = RunDir(out_dir)
     trainer, resumed_from = _start(config, run, env, device, log, networks)
-    if env.is_distributed or train.grad_accumulation > 1:
+    if env.is_distributed or rounds > 1:
         log(f"Training on {env.world_size} process{'es' if env.is_distributed else ''} "
             f"({trainer.parallelism.upper()}, {device.type}): global batch {train.batch_size} = {micro} per "
-            f"micro-batch x {train.grad_accumulation} accumulation rounds x {env.world_size} processes.")
+            f"micro-batch x {rounds} accumulation rounds x {env.world_size} processes.")
     if trainer.step_graph is not None:
         log(f"train.cuda_graph={str(train.cuda_graph).lower()}: after {WARMUP_STEPS} eager steps the whole step is "
             f"captured as a CUDA graph and replayed; NaN/inf steps are skipped on the GPU and checked every "

@@ -59,6 +59,26 @@ def per_process_batch(batch_size: int, world_size: int, grad_accumulation: int) 
     return batch_size // rounds
 
 
+def accumulation_rounds(batch_size: int, world_size: int, grad_accumulation: int, batch_gpu: int | None) -> int:
+    """Micro-batches per update on each process: train.grad_accumulation, or derived from train.batch_gpu as EDM
+    does (the per-process share split into micro-batches of at most batch_gpu)."""
+    share = per_process_batch(batch_size, world_size, 1)
+    if batch_gpu is None or batch_gpu >= share:
+        return grad_accumulation
+    if share % batch_gpu:
+        raise ConfigError(
+            f"train.batch_gpu {batch_gpu} must divide each process's share of the batch, train.batch_size / "
+            f"processes = {batch_size} / {world_size} = {share}; use a divisor of {share} such as "
+            f"{max(d for d in range(1, batch_gpu + 1) if share % d == 0)}.")
+    return share // batch_gpu
+
+
+def batch_split(train, world_size: int) -> tuple[int, int]:
+    """(micro-batch, accumulation rounds) of each process for a `train:` config; a ConfigError if they do not divide."""
+    rounds = accumulation_rounds(train.batch_size, world_size, train.grad_accumulation, train.batch_gpu)
+    return per_process_batch(train.batch_size, world_size, rounds), rounds
+
+
 @dataclass
 class Wrapped:
     """The modules the training step calls: `*_train` carry the gradient synchronisation (DDP or FSDP)."""

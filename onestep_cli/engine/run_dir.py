@@ -8,11 +8,11 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, RunConfig, config_to_yaml, validate_config
+from ..config import ConfigError, RunConfig, config_to_yaml, upgrade_saved_config, validate_config
 
 # Keys that may change between a run and its resumption: the length of the run, and memory/speed knobs that leave
 # the training maths unchanged (up to floating-point rounding).
-RESUMABLE_CHANGES = {"train.max_steps", "train.grad_accumulation", "train.gradient_checkpointing", "train.tf32"}
+RESUMABLE_CHANGES = {"train.max_steps", "train.grad_accumulation", "train.batch_gpu", "train.gradient_checkpointing", "train.tf32"}
 
 
 def flatten(data: dict, prefix: str = "") -> dict:
@@ -43,7 +43,7 @@ class RunDir:
     def read_config(self) -> RunConfig:
         if not self.config_path.is_file():
             raise ConfigError(f"{self.path} is not a onestep run directory: it has no config.yaml.")
-        return validate_config(yaml.safe_load(self.config_path.read_text()))
+        return validate_config(upgrade_saved_config(yaml.safe_load(self.config_path.read_text())))
 
     def prepare(self, config: RunConfig) -> bool:
         """Create the directory or check it belongs to this config; True when an earlier run is being continued."""

@@ -10,9 +10,13 @@ its own contiguous share (split again into grad_accumulation micro-batches). The
 does not depend on how the batch is split: one process with batch B, or N processes with B/N each, train the same
 networks up to floating-point summation order, and any rank count can resume any checkpoint.
 
-Under train.cuda_graph the device part of the step (`_iteration`, everything but drawing the noise levels on the
-CPU) is recorded once as a CUDA graph and replayed (`cuda_graph.py`); its checks for NaN/inf are deferred: the fused
-optimizer skips a non-finite update on the GPU, and the host reads the count of skipped steps every tick.
+The order of updates inside a step is train.update_order: SiD's (k fake updates, then the generator) or DMD2's
+(the generator, then k fake updates, the first on the samples the generator update drew, before it changed them).
+
+Under train.cuda_graph the device part of the step (`_iteration`, everything but drawing the noise levels and
+computing the EMA's decay on the CPU) is recorded once as a CUDA graph and replayed (`cuda_graph.py`); its checks for
+NaN/inf are deferred: the fused optimizer skips a non-finite update on the GPU, and the host reads the count of
+skipped steps every tick.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, LogNormalSigmaConfig, RunConfig
+from ..config import ConfigError, RunConfig
 from ..denoisers.edm.augment import augment, draw_augmentation
 from ..objectives import build_objective, fake_score_loss
 from ..objectives.sigmas import sample_sigma
@@ -33,8 +37,9 @@ from .checkpoint import (CheckpointError, begin_save, commit, gather_hashes, has
 from .cuda_graph import StepGraph
 from .distributed import SINGLE, DistEnv, all_gather_object, all_reduce
 from .ema import EMA, ema_beta
+from .lr_schedule import warmup_factor
 from .networks import Networks, PromptSampler
-from .parallel import gradient_sync, per_process_batch, wrap
+from .parallel import batch_split, gradient_sync, wrap
 from .precision import autocast, compile_blocks, make_scaler, use_channels_last
 from .run_dir import RunDir
 
@@ -51,12 +56,16 @@ def make_optimizer(config: RunConfig, params, lr: float, fused: bool = False,
     extra = {"fused": True} if fused else {}
     if capturable:
         extra["capturable"] = True
-    return cls(params, lr=lr, betas=tuple(config.train.betas), weight_decay=config.train.weight_decay, **extra)
+    return cls(params, lr=lr, betas=tuple(config.train.betas), eps=config.train.eps,
+               weight_decay=config.train.weight_decay, **extra)
 
 
-def cuda_graph_obstacles(precision: str, env: DistEnv, prompts_on_host: bool, parallelism: str = "ddp") -> list[str]:
+def cuda_graph_obstacles(precision: str, env: DistEnv, prompts_on_host: bool, parallelism: str = "ddp",
+                         lr_warmup: bool = False) -> list[str]:
     """Why this run's step cannot be one static CUDA graph (empty: it can, on a CUDA device)."""
     reasons = []
+    if lr_warmup:
+        reasons.append("train.lr_warmup_iterations changes the learning rate on the host every update (set it to 0)")
     if parallelism == "fsdp":
         reasons.append("FSDP gathers and frees shards from the host around every block (use train.parallelism=ddp)")
     if precision == "fp16":
@@ -70,10 +79,10 @@ def cuda_graph_obstacles(precision: str, env: DistEnv, prompts_on_host: bool, pa
 
 
 def use_cuda_graph(setting, precision: str, env: DistEnv, prompts_on_host: bool, device: torch.device,
-                   parallelism: str = "ddp") -> bool:
+                   parallelism: str = "ddp", lr_warmup: bool = False) -> bool:
     """train.cuda_graph resolved: true refuses, with the setting to change, a run that cannot be captured (and keeps
     its deferred checks on a CPU, with a warning from the Trainer); auto is on exactly where capture can apply."""
-    reasons = cuda_graph_obstacles(precision, env, prompts_on_host, parallelism)
+    reasons = cuda_graph_obstacles(precision, env, prompts_on_host, parallelism, lr_warmup)
     if setting == "auto":
         return device.type == "cuda" and not reasons
     if setting and reasons:
@@ -92,6 +101,14 @@ def training_mode(module: torch.nn.Module, training: bool):
     finally:
         for m, mode in previous:
             m.training = mode
+
+
+def host_scalar(value: float, device) -> torch.Tensor:
+    """A 1-element float32 tensor on `device`, copied without a host sync (from pinned memory) on CUDA."""
+    tensor = torch.tensor([value], dtype=torch.float32)
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -113,23 +130,24 @@ class Trainer:
         prompts_on_host = (isinstance(self.sample_condition, PromptSampler)
                            and self.sample_condition.draws_on_host(device))
         # Resolved before the networks are moved: a run that cannot be captured fails here.
-        self.defer_checks = use_cuda_graph(train.cuda_graph, precision, env, prompts_on_host, device, parallelism)
-        micro = per_process_batch(train.batch_size, env.world_size, train.grad_accumulation)
-        share_start = env.rank * micro * train.grad_accumulation
+        self.defer_checks = use_cuda_graph(train.cuda_graph, precision, env, prompts_on_host, device, parallelism,
+                                           lr_warmup=train.lr_warmup_iterations > 0)
+        micro, rounds = batch_split(train, env.world_size)
+        share_start = env.rank * micro * rounds
         # This rank's micro-batches, as slices of the global batch.
-        self.micro_batches = [slice(share_start + i * micro, share_start + (i + 1) * micro)
-                              for i in range(train.grad_accumulation)]
+        self.micro_batches = [slice(share_start + i * micro, share_start + (i + 1) * micro) for i in range(rounds)]
         self.teacher = networks.teacher.to(device)
         self.generator = networks.generator.to(device)
         self.fake = networks.fake.to(device)
         self.data_shape, self.label_dim = networks.data_shape, networks.label_dim
+        # Losses are sums over a sample's elements; train.grad_clip is in the units of their mean (DMD2's).
+        self.max_grad_norm = (train.grad_clip * math.prod(self.data_shape)) if train.grad_clip else math.inf
         if train.channels_last:  # Before the EMA copy, so that the average and its source share one layout.
             use_channels_last([self.teacher, self.generator, self.fake], device)
         self.objective = build_objective(config.objective)
-        self.fake_sigma = LogNormalSigmaConfig(mean_log=config.fake.sigma_mean_log, std_log=config.fake.sigma_std_log)
         self.ema = None
         if train.ema_halflife_kimg:  # Copied before wrapping: under FSDP the EMA is sharded like the generator.
-            self.ema = EMA(self.generator, ema_beta(train.batch_size, train.ema_halflife_kimg))
+            self.ema = EMA(self.generator)
         self.compiled = train.compile and compile_blocks([self.teacher, self.generator, self.fake], device)
         wrapped = wrap(self.teacher, self.generator, self.fake, self.ema.module if self.ema else None, parallelism,
                        precision, device, env, train.checkpointed_networks)
@@ -204,26 +222,30 @@ class Trainer:
         noise = torch.randn((batch, *self.data_shape), generator=self.rng, device=self.device)
         return z, cond, sigma, noise
 
-    def _update(self, micro_loss, wrapped, module, optimizer,
-                scaler) -> tuple[torch.Tensor, torch.Tensor, str | torch.Tensor]:
+    def _update(self, micro_loss, wrapped, module, optimizer, scaler,
+                lr: float | None = None) -> tuple[torch.Tensor, torch.Tensor, str | torch.Tensor]:
         """Accumulate gradients over this rank's micro-batches, then clip and step unless the loss (averaged over
         ranks) or the global grad norm is not finite. Returns (loss, grad norm, outcome), the same on every rank;
         outcome is "ok", "nonfinite", or "overflow": an fp16 GradScaler still searching for its scale; under
-        deferred checks it is a boolean tensor, True when the update was made."""
+        deferred checks it is a boolean tensor, True when the update was made. `micro_loss(index, part)` is the
+        mean loss of micro-batch `index`, the slice `part` of the global batch; `lr`: this update's learning rate
+        (during a warm-up), None: the optimizer's."""
         optimizer.zero_grad(set_to_none=True)
         rounds = len(self.micro_batches)
         total = 0
         for index, part in enumerate(self.micro_batches):
             with gradient_sync(wrapped, enabled=index == rounds - 1):
-                loss = micro_loss(part)
+                loss = micro_loss(index, part)
                 scaler.scale(loss / rounds if rounds > 1 else loss).backward()
             total = total + loss.detach()
         loss = all_reduce(total / rounds if rounds > 1 else total, self.env)
         if self.env.is_distributed:
             loss = loss / self.env.world_size
         scaler.unscale_(optimizer)
-        max_norm = self.config.train.grad_clip or math.inf
-        grad_norm = _local(torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm))
+        grad_norm = _local(torch.nn.utils.clip_grad_norm_(module.parameters(), self.max_grad_norm))
+        if lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         if self.defer_checks:  # No host sync: the fused optimizer reads the verdict on the device.
             finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
             optimizer.found_inf = (~finite).float()  # 1 skips the update, moments and step count included.
@@ -240,66 +262,58 @@ class Trainer:
         scaler.update()
         return loss, grad_norm.detach(), outcome
 
+    @property
+    def generator_first(self) -> bool:
+        return self.config.train.update_order == "generator_first"
+
     def step(self) -> dict:
         """One iteration; returns detached per-step statistics (tensors, to avoid a host sync per step)."""
         cfg = self.config
-        # The noise levels come from the CPU generator, fake updates' first: the host part of the step's randomness.
-        sigma_configs = [self.fake_sigma] * cfg.train.fake_updates_per_step + [cfg.objective.sigma]
+        # The host part of the step: noise levels from the CPU generator, in the order the updates use them, and
+        # the EMA's decay for the images seen so far.
+        fakes = [cfg.fake.sigma] * cfg.train.fake_updates_per_step
+        sigma_configs = [cfg.objective.sigma, *fakes] if self.generator_first else [*fakes, cfg.objective.sigma]
         where = "cpu" if self.step_graph is not None else self.device  # The graph copies them into its buffers.
-        sigmas = [sample_sigma(config, cfg.train.batch_size, self.sigma_rng, where) for config in sigma_configs]
-        stats = self.step_graph(sigmas) if self.step_graph is not None else self._iteration(sigmas)
+        inputs = [sample_sigma(config, cfg.train.batch_size, self.sigma_rng, where) for config in sigma_configs]
+        beta = 1.0
+        if self.ema:
+            beta = ema_beta(cfg.train.batch_size, cfg.train.ema_halflife_kimg, cfg.train.ema_rampup_ratio,
+                            nimg=self.step_count * cfg.train.batch_size)
+        inputs.append(host_scalar(beta, where))
+        stats = self.step_graph(inputs) if self.step_graph is not None else self._iteration(inputs)
         self.step_count += 1
         last = self.step_count == cfg.train.max_steps
         if self.defer_checks and (self.step_count % cfg.train.tick_every == 0 or last):
             self.check_nonfinite()
         return stats
 
-    def _iteration(self, sigmas: list[torch.Tensor]) -> dict:
-        """The device work of one iteration, given its noise levels (one per fake update, then the generator's)."""
-        cfg = self.config
+    def _warmup_lr(self, update: int) -> float | None:
+        """The learning rate of this step's `update`-th fake update (-1: its generator update) during a warm-up,
+        None otherwise. Counted as DMD2 counts iterations: one per fake update, the generator update sharing the
+        iteration of the fake update next to it."""
+        train = self.config.train
+        if not train.lr_warmup_iterations:
+            return None
+        k = train.fake_updates_per_step
+        iteration = self.step_count * k + (update if update >= 0 else 0 if self.generator_first else k - 1)
+        base = train.generator_learning_rate if update < 0 else train.fake_learning_rate
+        return base * warmup_factor(iteration, train.lr_warmup_iterations)
+
+    def _iteration(self, inputs: list[torch.Tensor]) -> dict:
+        """The device work of one iteration, given its host inputs: the noise levels of each update in the order they
+        run (train.update_order), then the EMA's decay beta (a 1-element tensor)."""
+        sigmas, beta = inputs[:-1], inputs[-1]
         outcomes = []
-        for sigma_fake in sigmas[:-1]:
-            z, cond, sigma, noise = self._draw(sigma_fake)
-            augmentation = None
-            if cfg.fake.augment_p:  # Drawn for the global batch, like the noise, so any split sees the same.
-                augmentation = draw_augmentation(cfg.train.batch_size, cfg.fake.augment_p, self.rng, self.device)
-
-            def fake_loss(part):
-                c = cond[part] if cond is not None else None
-                with torch.no_grad(), autocast(self.precision, self.device), training_mode(self.generator, False):
-                    x_g = self.generator(z[part], c).float()
-                labels = None
-                if augmentation is not None:
-                    x_g, labels = augment(x_g, augmentation[part]), augmentation[part].labels()
-                with autocast(self.precision, self.device):
-                    return fake_score_loss(self.fake_train, x_g, sigma[part], noise[part], c, cfg.fake.sigma_data,
-                                           augment_labels=labels).float().mean()
-
-            loss_fake, grad_fake, outcome = self._update(fake_loss, self.fake_train, self.fake, self.opt_fake,
-                                                         self.scaler_fake)
+        if self.generator_first:
+            loss_gen, grad_gen, outcome, drawn = self._generator_update(sigmas[0])
+            outcomes.append(outcome)
+            loss_fake, grad_fake = self._fake_updates(sigmas[1:], outcomes, reuse=drawn)
+        else:
+            loss_fake, grad_fake = self._fake_updates(sigmas[:-1], outcomes)
+            loss_gen, grad_gen, outcome, _ = self._generator_update(sigmas[-1])
             outcomes.append(outcome)
 
-        # Generator update: the fake score's parameters are frozen, its inputs still carry gradients.
-        trainable = [p for p in self.fake.parameters() if p.requires_grad]  # Restored as they were (LoRA, frozen).
-        self.fake.requires_grad_(False)
-        try:
-            z, cond, sigma, noise = self._draw(sigmas[-1])
-
-            def generator_loss(part):
-                c = cond[part] if cond is not None else None
-                with autocast(self.precision, self.device):
-                    x_g = self.generator_train(z[part], c).float()
-                    return self.objective.generator_loss(x_g, sigma[part], noise[part], self.teacher, self.fake,
-                                                         c).float().mean()
-
-            with training_mode(self.fake, False):
-                loss_gen, grad_gen, outcome = self._update(generator_loss, self.generator_train, self.generator,
-                                                           self.opt_generator, self.scaler_generator)
-            outcomes.append(outcome)
-        finally:
-            for parameter in trainable:
-                parameter.requires_grad_(True)
-
+        cfg = self.config
         if self.defer_checks:
             skipped = (~torch.stack(outcomes).all()).long()
             self._nonfinite_streak.mul_(skipped).add_(skipped)  # Back to 0 after a good step.
@@ -312,9 +326,69 @@ class Trainer:
             if self.consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
                 self._stop_nonfinite(self.consecutive_nonfinite, self.step_count + 1)
         if self.ema:
-            self.ema.update(self.generator)
+            self.ema.update(self.generator, beta.reshape(()))
         return {"loss_generator": loss_gen, "loss_fake": loss_fake,
                 "grad_norm_generator": grad_gen, "grad_norm_fake": grad_fake}
+
+    def _fake_updates(self, sigmas: list[torch.Tensor], outcomes: list, reuse=None):
+        """One fake-score update per noise-level tensor; `reuse`: (latents, conditions, samples per micro-batch) of the
+        generator update just made, whose samples the first of them trains on. Returns the last loss and grad norm."""
+        cfg = self.config
+        for index, sigma_fake in enumerate(sigmas):
+            if reuse is not None and index == 0:
+                z, cond, samples = reuse
+                noise = torch.randn((cfg.train.batch_size, *self.data_shape), generator=self.rng, device=self.device)
+                sigma = sigma_fake
+            else:
+                (z, cond, sigma, noise), samples = self._draw(sigma_fake), None
+            augmentation = None
+            if cfg.fake.augment_p:  # Drawn for the global batch, like the noise, so any split sees the same.
+                augmentation = draw_augmentation(cfg.train.batch_size, cfg.fake.augment_p, self.rng, self.device)
+
+            def fake_loss(round_index, part):
+                c = cond[part] if cond is not None else None
+                if samples is not None:
+                    x_g = samples[round_index]
+                else:
+                    with torch.no_grad(), autocast(self.precision, self.device), training_mode(self.generator, False):
+                        x_g = self.generator(z[part], c).float()
+                labels = None
+                if augmentation is not None:
+                    x_g, labels = augment(x_g, augmentation[part]), augmentation[part].labels()
+                with autocast(self.precision, self.device):
+                    return fake_score_loss(self.fake_train, x_g, sigma[part], noise[part], c, cfg.fake.sigma_data,
+                                           augment_labels=labels).float().mean()
+
+            loss_fake, grad_fake, outcome = self._update(fake_loss, self.fake_train, self.fake, self.opt_fake,
+                                                         self.scaler_fake, self._warmup_lr(index))
+            outcomes.append(outcome)
+        return loss_fake, grad_fake
+
+    def _generator_update(self, sigma: torch.Tensor):
+        """The generator update: the fake score's parameters are frozen, its inputs still carry gradients. Returns
+        (loss, grad norm, outcome, (latents, conditions, this rank's samples per micro-batch, detached))."""
+        trainable = [p for p in self.fake.parameters() if p.requires_grad]  # Restored as they were (LoRA, frozen).
+        self.fake.requires_grad_(False)
+        samples = []
+        try:
+            z, cond, sigma, noise = self._draw(sigma)
+
+            def generator_loss(round_index, part):
+                c = cond[part] if cond is not None else None
+                with autocast(self.precision, self.device):
+                    x_g = self.generator_train(z[part], c).float()
+                    if self.generator_first:  # The next fake update trains on these.
+                        samples.append(x_g.detach())
+                    return self.objective.generator_loss(x_g, sigma[part], noise[part], self.teacher, self.fake,
+                                                         c).float().mean()
+
+            with training_mode(self.fake, False):
+                loss, grad_norm, outcome = self._update(generator_loss, self.generator_train, self.generator,
+                                                        self.opt_generator, self.scaler_generator, self._warmup_lr(-1))
+        finally:
+            for parameter in trainable:
+                parameter.requires_grad_(True)
+        return loss, grad_norm, outcome, (z, cond, samples)
 
     def check_nonfinite(self) -> None:
         """Under deferred checks: stop the run (NonFiniteError) if the device counted train.max_consecutive_nonfinite

@@ -1,4 +1,12 @@
-"""Noise-level distributions of the generator and fake-score steps, built from config."""
+"""Noise-level distributions of the generator and fake-score steps, built from config.
+
+Each follows the official code it names (file and line in docs/presets.md):
+- `karras`: SiD's generator loss (`sid_loss.py`): t ~ U(0, t_max) and sigma = karras_sigma(1 - t), so t = 0 is
+  sigma_min and t_max = 0.8 reaches sigma 24.4 (median 0.97).
+- `karras_index`: DMD2 (`edm_guidance.py`): a uniform integer index into a Karras grid ordered from sigma_min (index
+  0) up to sigma_max, between int(min_fraction N) and int(max_fraction N) inclusive (capped at N - 1).
+- `lognormal`: EDM's training distribution, SiD's fake-score loss.
+"""
 
 from __future__ import annotations
 
@@ -18,16 +26,22 @@ def karras_grid(num: int, sigma_min: float, sigma_max: float, rho: float) -> tor
     return karras_sigma(torch.linspace(0, 1, num, dtype=torch.float64), sigma_min, sigma_max, rho)
 
 
+def karras_index_range(config: KarrasIndexSigmaConfig) -> tuple[int, int]:
+    """The lowest and highest index (inclusive) drawn from the ascending grid, as DMD2 computes them."""
+    low = int(config.min_fraction * config.num_levels)
+    high = min(int(config.max_fraction * config.num_levels), config.num_levels - 1)
+    return low, max(low, high)
+
+
 def sample_sigma(config, batch: int, generator: torch.Generator | None, device="cpu") -> torch.Tensor:
     """Draw `batch` noise levels (float32, on `device`) from a sigma config."""
     if isinstance(config, KarrasSigmaConfig):
-        u = torch.rand(batch, generator=generator, dtype=torch.float64) * config.t_max
-        sigma = karras_sigma(u, config.sigma_min, config.sigma_max, config.rho)
+        t = torch.rand(batch, generator=generator, dtype=torch.float64) * config.t_max
+        sigma = karras_sigma(1 - t, config.sigma_min, config.sigma_max, config.rho)
     elif isinstance(config, KarrasIndexSigmaConfig):
-        grid = karras_grid(config.num_levels, config.sigma_min, config.sigma_max, config.rho)
-        low = int(config.min_fraction * config.num_levels)
-        high = max(low + 1, int(config.max_fraction * config.num_levels))
-        sigma = grid[torch.randint(low, high, (batch,), generator=generator)]
+        ascending = karras_grid(config.num_levels, config.sigma_min, config.sigma_max, config.rho).flip(0)
+        low, high = karras_index_range(config)
+        sigma = ascending[torch.randint(low, high + 1, (batch,), generator=generator)]
     elif isinstance(config, LogNormalSigmaConfig):
         sigma = (torch.randn(batch, generator=generator, dtype=torch.float64) * config.std_log + config.mean_log).exp()
     else:  # pragma: no cover - config validation rules this out
