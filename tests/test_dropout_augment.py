@@ -216,29 +216,43 @@ def test_xflip_and_yflip_equal_torch_flip():
     torch.testing.assert_close(out[1], images[1].flip(1), atol=1e-5, rtol=0)
 
 
+EDM_PIVOT = -0.049  # Pixels from the image centre, on each axis, of the point EDM rotates and scales about.
+
+
 def test_geometric_ops_move_the_image_as_documented():
     images = smooth_images(size=32)
     interior = (slice(None), slice(6, -6), slice(6, -6))
-    aug = identity_augmentation(2)  # A quarter turn each way: content below the centre moves right (k=1).
+    aug = identity_augmentation(2)  # A quarter turn each way: content below the centre moves right (k=1)...
     aug.rotate = torch.tensor([math.pi / 2, -math.pi / 2])
-    out = augment(images, aug)
-    torch.testing.assert_close(out[0][interior], images[0].rot90(1, (1, 2))[interior], atol=0.01, rtol=0)
-    torch.testing.assert_close(out[1][interior], images[1].rot90(-1, (1, 2))[interior], atol=0.01, rtol=0)
+    out = augment(images, aug)  # ...about EDM_PIVOT, 0.07 pixels from rot90's result: up to 0.031 on these images.
+    torch.testing.assert_close(out[0][interior], images[0].rot90(1, (1, 2))[interior], atol=0.04, rtol=0)
+    torch.testing.assert_close(out[1][interior], images[1].rot90(-1, (1, 2))[interior], atol=0.04, rtol=0)
     aug = identity_augmentation(2)  # Whole-pixel translations: 4 right and 2 down, 3 up.
     aug.translate = torch.tensor([[4.0, 2.0], [0.0, -3.0]]) / (32 * TRANSLATE_STD)
     out = augment(images, aug)
     torch.testing.assert_close(out[0, :, 2:, 4:], images[0, :, :-2, :-4], atol=1e-5, rtol=0)
     torch.testing.assert_close(out[1, :, :-3], images[1, :, 3:], atol=1e-5, rtol=0)
     ramp = (torch.arange(32.0) - 15.5).expand(1, 1, 32, 32)  # x measured from the centre
+    middle = (0, 0, slice(8, -8), slice(8, -8))
     aug = identity_augmentation(1)
-    aug.scale = torch.tensor([5.0])  # 2^(0.2 * 5) = 2: twice the size, so the ramp is half as steep.
-    torch.testing.assert_close(augment(ramp, aug)[0, 0, 8:-8, 8:-8], ramp[0, 0, 8:-8, 8:-8] / 2, atol=0.02, rtol=0)
+    aug.scale = torch.tensor([5.0])  # 2^(0.2 * 5) = 2: twice the size about EDM_PIVOT, so the ramp is half as steep.
+    torch.testing.assert_close(augment(ramp, aug)[middle], (ramp[middle] + EDM_PIVOT) / 2, atol=2e-3, rtol=0)
     aug = identity_augmentation(1)
     aug.aniso = torch.tensor([5.0])  # Stretched 2x along x, squeezed 2x along y.
-    torch.testing.assert_close(augment(ramp, aug)[0, 0, 8:-8, 8:-8], ramp[0, 0, 8:-8, 8:-8] / 2, atol=0.02, rtol=0)
+    torch.testing.assert_close(augment(ramp, aug)[middle], (ramp[middle] + EDM_PIVOT) / 2, atol=2e-3, rtol=0)
     tilted = ramp.transpose(2, 3)  # y measured from the centre
-    torch.testing.assert_close(augment(tilted, aug)[0, 0, 12:-12, 12:-12], 2 * tilted[0, 0, 12:-12, 12:-12],
-                               atol=0.05, rtol=0)
+    middle = (0, 0, slice(12, -12), slice(12, -12))
+    torch.testing.assert_close(augment(tilted, aug)[middle], 2 * tilted[middle] - EDM_PIVOT, atol=2e-3, rtol=0)
+
+
+def test_rotations_pivot_where_edms_do():
+    """A half turn maps the image centre to twice EDM_PIVOT (module docstring), on both axes."""
+    ramp = (torch.arange(32.0) - 15.5).expand(1, 1, 32, 32)
+    middle = (0, 0, slice(8, -8), slice(8, -8))
+    aug = identity_augmentation(1)
+    aug.rotate = torch.tensor([math.pi])
+    for image in (ramp, ramp.transpose(2, 3)):
+        torch.testing.assert_close(augment(image, aug)[middle], 2 * EDM_PIVOT - image[middle], atol=2e-3, rtol=0)
 
 
 def test_augmented_batches_do_not_depend_on_how_they_are_split():
