@@ -130,6 +130,10 @@ def test_each_step_moves_only_its_own_network(tiny, lora_rank):
         trainer = Trainer(config, copy.deepcopy(networks), CPU, "fp32")
         idle = trainer.opt_fake if moving == "generator" else trainer.opt_generator
         idle.step = lambda *args, **kwargs: None
+        if moving == "generator":  # A fake score equal to the teacher gives SiD's generator no gradient at all.
+            with torch.no_grad():
+                for parameter in trainer.fake.parameters():
+                    parameter.add_(1e-3 * torch.randn_like(parameter))
         modules = {"teacher": trainer.teacher, "generator": trainer.generator, "fake": trainer.fake}
         before = {key: snapshot(module) for key, module in modules.items()}
         stats = trainer.step()
