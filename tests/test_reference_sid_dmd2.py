@@ -15,8 +15,8 @@ Constants between the official losses and onestep's per-sample losses (mean over
   are onestep's / D. DMD2 fake score: loss_fake_mean = mean(onestep) / D, gradients / D (its weight
   sigma^-2 + sigma_data^-2 is EDM's lambda).
 SiD's networks receive all-zero augment labels where onestep passes none: the same, EDM's map_augment has no bias.
-DMD2's generator is G(z) = D(80 z, 80) (its --conditioning_sigma default), and so is the one compared here; onestep's
-dmd presets set generator.sigma_init to 2.5, SiD's value.
+DMD2's generator is G(z) = D(80 z, 80) (its --conditioning_sigma default), and so is the one compared here, as in
+onestep's imagenet64-cond-dmd preset (the CIFAR-10 and digits dmd presets keep SiD's 2.5).
 """
 
 from __future__ import annotations
