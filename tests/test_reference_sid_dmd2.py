@@ -300,3 +300,21 @@ def test_lr_warmup_matches_dmd2(processes):
         iterations = range(0, recorded.numel(), every)
         ours = torch.tensor([warmup_factor(i, warmup_iterations) for i in iterations], dtype=torch.float64)
         torch.testing.assert_close(ours, recorded[::every], rtol=1e-12, atol=1e-15, msg=lambda m: f"{network}: {m}")
+
+
+def test_imagenet_dmd_preset_is_dmd2s_recorded_recipe():
+    # The settings DMD2's own argument parser produced for experiments/imagenet/imagenet_lr2e-6_scratch.sh.
+    recipe, processes = DMD2_META["recipe_settings"], int(DMD2_META["recipe_nproc_per_node"])
+    config = resolve_config("imagenet64-cond-dmd")
+    train = config.train
+    assert config.generator.sigma_init == recipe["conditioning_sigma"]
+    assert config.generator.dropout == 0 and config.fake.dropout == 0  # main/edm/edm_network.py builds dropout 0.
+    assert train.batch_size == recipe["batch_size"] * processes and train.batch_gpu == recipe["batch_size"]
+    assert train.generator_learning_rate == recipe["generator_lr"] and train.fake_learning_rate == recipe["guidance_lr"]
+    assert train.fake_updates_per_step == recipe["dfake_gen_update_ratio"]
+    assert train.update_order == "generator_first"
+    assert train.grad_clip == recipe["max_grad_norm"]
+    assert train.lr_warmup_iterations == pytest.approx(recipe["warmup_step"] / processes, rel=1e-6)
+    assert (train.optimizer, tuple(train.betas), train.weight_decay) == ("adamw", (0.9, 0.999), 0.01)
+    assert train.ema_halflife_kimg is None and not recipe["gan_classifier"]
+    assert config.fake.sigma_data == recipe["sigma_data"]
