@@ -91,13 +91,9 @@ def build(name: str) -> torch.nn.Module:
     return net.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny convolutions gain nothing from threads, and on a busy 2-core machine spinning threads make them 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# conftest.py: tiny convolutions gain nothing from threads, and on a busy 2-core machine spinning threads make them
+# 100x slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,9 @@ import torch
 
 from onestep_cli.denoisers.edm import EDMLoadError, convert_snapshot, load_edm_snapshot, load_edm_weights
 from onestep_cli.denoisers.edm.layers import UNetBlock
-from test_edm_networks import CONFIGS, build, make_inputs, single_thread  # noqa: F401  (autouse fixture)
+from test_edm_networks import CONFIGS, build, make_inputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny convolutions run faster on one thread.
 
 
 def _reconstruct_persistent_obj(meta):  # pragma: no cover - only its name is written, as EDM's hook

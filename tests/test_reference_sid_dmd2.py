@@ -46,13 +46,7 @@ GRID_RTOL = 1e-5  # onestep's Karras levels (float64, then float32) vs DMD2's (f
 COSINE_MIN, REL_ERROR_MAX = 0.99999, 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny convolutions gain nothing from threads, and on a busy 2-core machine spinning threads make them slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny convolutions run faster on one thread.
 
 
 def load_fixture(name: str) -> tuple[dict, dict]:

@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import json
-import re
 import shlex
 import sys
 import types
@@ -35,6 +32,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from fixture_helpers import compact_json, fill_parameters, flat_state  # Beside this script, on its sys.path.
 
 RECIPE = "experiments/imagenet/imagenet_lr2e-6_scratch.sh"
 NUM_DRAWS = 200_000  # Noise levels drawn per distribution.
@@ -70,31 +69,6 @@ def import_train_edm(checkout: Path):
     sys.path.insert(0, str(checkout))
     import main.edm.train_edm as train_edm  # noqa: E402  (DMD2's code, from the checkout)
     return train_edm
-
-
-def fill_parameters(net: torch.nn.Module, generator: torch.Generator, base: torch.nn.Module | None = None,
-                    scale: float = 1.0) -> None:
-    """Random float16-representable parameters of sane scale; with `base`, base's plus `scale` times such noise."""
-    base_params = dict(base.named_parameters()) if base is not None else {}
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            values = torch.randn(param.shape, generator=generator)
-            if param.ndim >= 2:
-                values *= (1 / param[0].numel()) ** 0.5  # unit-variance outputs for unit-variance inputs
-            elif "norm" in name and name.endswith("weight") and base is None:
-                values = 1 + 0.2 * values
-            else:
-                values *= 0.2
-            if base is not None:
-                values = base_params[name] + scale * values
-            param.copy_(values.half().float())
-
-
-def flat_state(net: torch.nn.Module) -> torch.Tensor:
-    """The state dict's values flattened in order, as float16 (exact: every value was chosen float16-representable)."""
-    flat = torch.cat([tensor.flatten() for tensor in net.state_dict().values()])
-    assert torch.equal(flat.half().float(), flat)
-    return flat.half()
 
 
 def flat_grad(net: torch.nn.Module) -> torch.Tensor:
@@ -255,16 +229,6 @@ def record_warmup(train_edm, args, num_processes: int) -> dict[str, torch.Tensor
             schedulers[name].step()
     return {f"warmup/{name}_p{num_processes}": torch.tensor(values, dtype=torch.float64)
             for name, values in factors.items()}
-
-
-def compact_json(data) -> str:
-    """Indented JSON with short lists on one line."""
-    text = json.dumps(data, indent=1)
-    short_list = re.compile(r"\[(?:[^\[\]{}]|\[[^\[\]{}\n]*\])*\]")
-    for _ in range(2):
-        text = short_list.sub(lambda m: json.dumps(json.loads(m.group())) if len(m.group()) < 400 else m.group(),
-                              text)
-    return text + "\n"
 
 
 def main() -> None:

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import re
 import sys
 import textwrap
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from fixture_helpers import compact_json, fill_parameters, flat_state  # Beside this script, on its sys.path.
 
 NUM_DRAWS = 200_000  # Noise levels drawn per distribution.
 NUM_QUANTILES = 10_001  # Order statistics kept of them: the empirical CDF to 1e-4, well inside KS <= 0.01.
@@ -87,31 +87,6 @@ def record_sigma_distributions(loss_fn) -> dict[str, torch.Tensor]:
     torch.manual_seed(101)
     loss_fn(fake_score=fake_score_probe, images=images, labels=None, augment_pipe=None)
     return {"sigma/generator": quantiles(true_probe.sigmas[0]), "sigma/fake": quantiles(fake_score_probe.sigmas[0])}
-
-
-def fill_parameters(net: torch.nn.Module, generator: torch.Generator, base: torch.nn.Module | None = None,
-                    scale: float = 1.0) -> None:
-    """Random float16-representable parameters of sane scale; with `base`, base's plus `scale` times such noise."""
-    base_params = dict(base.named_parameters()) if base is not None else {}
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            values = torch.randn(param.shape, generator=generator)
-            if param.ndim >= 2:
-                values *= (1 / param[0].numel()) ** 0.5  # unit-variance outputs for unit-variance inputs
-            elif "norm" in name and name.endswith("weight") and base is None:
-                values = 1 + 0.2 * values
-            else:
-                values *= 0.2
-            if base is not None:
-                values = base_params[name] + scale * values
-            param.copy_(values.half().float())
-
-
-def flat_state(net: torch.nn.Module) -> torch.Tensor:
-    """The state dict's values flattened in order, as float16 (exact: every value was chosen float16-representable)."""
-    flat = torch.cat([tensor.flatten() for tensor in net.state_dict().values()])
-    assert torch.equal(flat.half().float(), flat)
-    return flat.half()
 
 
 def grad_or_zeros(param: torch.Tensor) -> torch.Tensor:
@@ -235,16 +210,6 @@ def record_ema(loop_source: str) -> tuple[dict, dict]:
     settings = dict(EMA_SETTINGS, iterations=EMA_ITERATIONS, nimg_before_update=nimgs, module="Linear(4,3),Linear(3,2)",
                     source=block)
     return tensors, settings
-
-
-def compact_json(data) -> str:
-    """Indented JSON with short lists on one line."""
-    text = json.dumps(data, indent=1)
-    short_list = re.compile(r"\[(?:[^\[\]{}]|\[[^\[\]{}\n]*\])*\]")
-    for _ in range(2):
-        text = short_list.sub(lambda m: json.dumps(json.loads(m.group())) if len(m.group()) < 400 else m.group(),
-                              text)
-    return text + "\n"
 
 
 def main() -> None:
