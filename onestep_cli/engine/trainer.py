@@ -103,9 +103,8 @@ def training_mode(module: torch.nn.Module, training: bool):
             m.training = mode
 
 
-def host_scalar(value: float, device) -> torch.Tensor:
-    """A 1-element float32 tensor on `device`, copied without a host sync (from pinned memory) on CUDA."""
-    tensor = torch.tensor([value], dtype=torch.float32)
+def from_host(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on `device`; on CUDA copied from pinned memory, asynchronously: no host sync per step."""
     if torch.device(device).type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
@@ -274,12 +273,12 @@ class Trainer:
         fakes = [cfg.fake.sigma] * cfg.train.fake_updates_per_step
         sigma_configs = [cfg.objective.sigma, *fakes] if self.generator_first else [*fakes, cfg.objective.sigma]
         where = "cpu" if self.step_graph is not None else self.device  # The graph copies them into its buffers.
-        inputs = [sample_sigma(config, cfg.train.batch_size, self.sigma_rng, where) for config in sigma_configs]
+        inputs = [sample_sigma(config, cfg.train.batch_size, self.sigma_rng) for config in sigma_configs]
         beta = 1.0
         if self.ema:
             beta = ema_beta(cfg.train.batch_size, cfg.train.ema_halflife_kimg, cfg.train.ema_rampup_ratio,
                             nimg=self.step_count * cfg.train.batch_size)
-        inputs.append(host_scalar(beta, where))
+        inputs = [from_host(x, where) for x in [*inputs, torch.tensor([beta])]]
         stats = self.step_graph(inputs) if self.step_graph is not None else self._iteration(inputs)
         self.step_count += 1
         last = self.step_count == cfg.train.max_steps

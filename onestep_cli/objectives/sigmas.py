@@ -33,8 +33,8 @@ def karras_index_range(config: KarrasIndexSigmaConfig) -> tuple[int, int]:
     return low, max(low, high)
 
 
-def sample_sigma(config, batch: int, generator: torch.Generator | None, device="cpu") -> torch.Tensor:
-    """Draw `batch` noise levels (float32, on `device`) from a sigma config."""
+def sample_sigma(config, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw `batch` noise levels (float32, on the CPU) from a sigma config."""
     if isinstance(config, KarrasSigmaConfig):
         t = torch.rand(batch, generator=generator, dtype=torch.float64) * config.t_max
         sigma = karras_sigma(1 - t, config.sigma_min, config.sigma_max, config.rho)
@@ -46,7 +46,4 @@ def sample_sigma(config, batch: int, generator: torch.Generator | None, device="
         sigma = (torch.randn(batch, generator=generator, dtype=torch.float64) * config.std_log + config.mean_log).exp()
     else:  # pragma: no cover - config validation rules this out
         raise TypeError(f"Unknown sigma distribution {config!r}")
-    sigma = sigma.float()
-    if torch.device(device).type == "cuda":  # From pinned memory the copy is asynchronous: no host sync per draw.
-        return sigma.pin_memory().to(device, non_blocking=True)
-    return sigma.to(device)
+    return sigma.float()
