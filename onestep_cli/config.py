@@ -526,6 +526,9 @@ def describe_validation_error(exc: ValidationError, data: dict) -> str:
                    f"expected one of {err['ctx']['expected_tags']}.")
         elif err["type"] == "literal_error":
             msg = f"Key '{key}' has value {given!r}, which is not accepted; expected one of {err['ctx']['expected']}."
+        elif err["type"] == "value_error" and isinstance(given, dict):
+            # A check across a whole section: its sentence names the keys; the section's dump would bury it.
+            msg = err["msg"].removeprefix("Value error, ") + "."
         else:
             msg = f"Key '{key}' has value {given!r}: {err['msg']}."
         lines.append(msg)

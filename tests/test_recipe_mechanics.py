@@ -115,7 +115,7 @@ def test_the_ema_starts_as_the_generator_and_ramps_its_half_life_up():
     run = digits_trainer("digits-sid", "train.ema_halflife_kimg=500")
     initial = [p.detach().clone() for p in run.ema.module.parameters()]
     run.step()
-    for ema, generator, start in zip(run.ema.module.parameters(), run.generator.parameters(), initial):
+    for ema, generator in zip(run.ema.module.parameters(), run.generator.parameters()):
         torch.testing.assert_close(ema, generator, rtol=0, atol=0)  # Half-life 0 at 0 images: a copy.
     assert any(not torch.equal(e, s) for e, s in zip(run.ema.module.parameters(), initial))
     previous = [p.detach().clone() for p in run.ema.module.parameters()]
@@ -182,3 +182,10 @@ def test_a_run_saved_with_the_old_fake_sigma_keys_still_loads(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
     loaded = RunDir(tmp_path).read_config()
     assert (loaded.fake.sigma.kind, loaded.fake.sigma.mean_log, loaded.fake.sigma.std_log) == ("lognormal", -1.0, 1.5)
+
+
+def test_a_check_across_a_section_reads_as_its_own_sentence():
+    with pytest.raises(ConfigError) as error:
+        resolve_config("digits-sid", overrides=["train.batch_gpu=16", "train.grad_accumulation=2"])
+    assert str(error.value) == ("Invalid configuration: train.batch_gpu=16 and train.grad_accumulation=2 both set the "
+                                "micro-batch; set only one (batch_gpu derives the accumulation rounds).")
