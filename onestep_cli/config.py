@@ -83,7 +83,7 @@ class DiffusersTeacherConfig(Strict):
     """A text-to-image diffusers pipeline (SD 1.5/2.1, SDXL, PixArt-α/Σ), distilled in its VAE's latent space."""
 
     kind: Literal["diffusers"] = "diffusers"
-    path: str  # Local diffusers folder (with model_index.json), or a hub id already in the local HF cache.
+    path: str  # Local diffusers folder (with model_index.json), a hub id already in the local HF cache, or '@assets/...'.
     revision: str | None = None  # Hub revision in the cache; None: the cached main.
     variant: str | None = None  # Weight-file variant, e.g. 'fp16'.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # Frozen teacher's weights; trained copies stay fp32.
@@ -99,6 +99,11 @@ class DiffusersTeacherConfig(Strict):
             raise ValueError(f"teacher.image_size must be two positive pixel counts (H, W), got {list(size)}")
         return size
 
+    @property
+    def resolved_path(self) -> str:
+        """The folder or hub id to load: '@assets/...' resolved inside the package, anything else as given."""
+        return str(resolve_asset_path(self.path)) if self.path.startswith(ASSET_PREFIX) else self.path
+
 
 TeacherConfig = Annotated[Union[GMMTeacherConfig, EDMTeacherConfig, DiffusersTeacherConfig],
                           Field(discriminator="kind")]
@@ -107,7 +112,7 @@ TeacherConfig = Annotated[Union[GMMTeacherConfig, EDMTeacherConfig, DiffusersTea
 class PromptsConfig(Strict):
     """Training prompts of a text-to-image teacher, encoded once into `prompts.safetensors` in the run directory."""
 
-    path: Path | None = None  # .txt (one per line), .jsonl ('prompt' or 'caption' key) or COCO captions .json.
+    path: Path | None = None  # .txt (one per line), .jsonl ('prompt'/'caption' key) or COCO .json; '@assets/...' too.
     cache_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # Cached embeddings' dtype; None: encoder's.
 
 

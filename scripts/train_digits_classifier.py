@@ -6,6 +6,11 @@ to one pixel, so that the judge does not depend on exact pixel placement. CPU, a
 
     PYTHONPATH=. python scripts/train_digits_classifier.py --out onestep_cli/assets/digits_classifier \
         --log docs/logs/digits_classifier_train.jsonl
+
+The 32x32 judge of prompt_accuracy (a few CPU minutes):
+
+    PYTHONPATH=. python scripts/train_digits_classifier.py --resolution 32 --channels 16 --max-shift 4 \
+        --out onestep_cli/assets/digits_classifier32 --log docs/logs/digits_classifier32_train.jsonl
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, required=True, help="Output folder for model.safetensors + config.json.")
     p.add_argument("--log", type=Path, required=True, help="Per-epoch JSONL log.")
     p.add_argument("--resolution", type=int, default=8, help="Image resolution, pixels.")
+    p.add_argument("--channels", type=int, default=32, help="Channels of the first conv stage (the second has twice "
+                   "as many).")
     p.add_argument("--epochs", type=int, default=60, help="Passes over the training split.")
     p.add_argument("--batch", type=int, default=64, help="Images per step.")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine decay to zero).")
@@ -59,7 +66,7 @@ def main(argv=None) -> None:
     train_idx, test_idx = split_indices(len(labels), test_fraction=0.25, seed=0)
     x_train, y_train, x_test, y_test = images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
 
-    model = DigitsClassifier(resolution=args.resolution)
+    model = DigitsClassifier(resolution=args.resolution, channels=args.channels)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     steps_per_epoch = -(-len(y_train) // args.batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * steps_per_epoch)

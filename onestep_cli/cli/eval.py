@@ -33,7 +33,8 @@ def eval_command(
     source: Path = typer.Argument(..., help="Run directory, checkpoint folder, image folder, samples folder or .npz."),
     metrics: str = typer.Option("swd,mode_coverage", "--metrics",
                                 help="Comma-separated: swd, mode_coverage, fid, kid, precision, recall, is, "
-                                     "fd_clip, fd_dinov2, clip_score, aesthetic, imagereward, pickscore, hpsv2."),
+                                     "fd_clip, fd_dinov2, clip_score, aesthetic, imagereward, pickscore, hpsv2; "
+                                     "digits: fd_digits, class_accuracy, prompt_accuracy."),
     ref: Optional[str] = typer.Option(None, "--ref", help="Image metrics: reference statistics (.npz with mu/sigma), "
                                       "an image folder or .npz of images. swd/mode_coverage: a run, preset or config "
                                       "naming the teacher."),

@@ -1,12 +1,14 @@
-"""Register `fd_digits` and `class_accuracy` with the metrics registry, so `onestep eval` offers them."""
+"""Register `fd_digits`, `class_accuracy` and `prompt_accuracy` with the metrics registry, so `onestep eval` offers them."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ..metrics import FeatureExtractor, FeatureSpace, mean_score_metric, register_feature_space, register_metric
+from ..metrics import (FeatureExtractor, FeatureSpace, Metric, MetricContext, MetricError, MetricResult,
+                       mean_score_metric, register_feature_space, register_metric)
 from ..metrics.reference import ReferenceStats
+from . import prompt_following
 from .metrics import (_real_digit_stats, _shipped_classifier_info, classifier_features, classifier_predictions,
                       prepare, shipped_classifier)
 
@@ -56,3 +58,59 @@ register_feature_space(FeatureSpace("digits", "features of the shipped digits cl
 register_feature_space(FeatureSpace("digits_correct", "digits classifier agrees with the sample's class", DigitsCorrect))
 register_metric(mean_score_metric("class_accuracy", "digits_correct",
                                   "fraction of class-conditional samples the digits classifier assigns to their class"))
+
+
+class DigitsPromptChecks(FeatureExtractor):
+    """The `PromptChecks` of each digits image against its prompt, as six columns; every prompt is parsed (and a
+    prompt the grammar cannot read refused) before any image is read."""
+
+    space = key = "digits_prompt"
+    needs_prompts = True
+
+    def __init__(self, context: MetricContext):
+        try:
+            prompt_following.parse_prompts(context.prompts or [])
+        except ValueError as exc:
+            raise MetricError(f"prompt_accuracy reads digits prompts; {exc}") from exc
+        self.provenance = prompt_following.classifier32_info()
+
+    def extract(self, images, prompts=None):
+        floats = torch.tensor(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        try:
+            checks = prompt_following.check_prompts(floats, prompt_following.parse_prompts(prompts))
+        except ValueError as exc:  # A resolution other than the classifier's: a sentence, not a traceback.
+            raise MetricError(str(exc)) from exc
+        return checks.as_columns()
+
+
+def _prompt_accuracy(features, reference, ctx) -> MetricResult:
+    checks = prompt_following.PromptChecks.from_columns(features[DigitsPromptChecks.space])
+    value, provenance = prompt_following.summarise(checks)
+    return MetricResult("prompt_accuracy", value, provenance)
+
+
+def _attribute_agreement(name: str, asked: str, asks: str):
+    """The finish of `name`: the fraction of images on the side of the class median their prompt asks for."""
+    def finish(features, reference, ctx) -> MetricResult:
+        checks = prompt_following.PromptChecks.from_columns(features[DigitsPromptChecks.space])
+        _, provenance = prompt_following.summarise(checks)
+        if provenance[name] is None:
+            raise MetricError(f"{name} counts images whose prompt asks {asks}, and none of these "
+                              f"{provenance['num_images']} prompts does; leave {name} out or use prompts that ask it.")
+        return MetricResult(name, provenance[name], {**provenance, "counted": provenance[asked]})
+    return finish
+
+
+register_feature_space(FeatureSpace(DigitsPromptChecks.space, "digit, weight and slant of each digits image against "
+                                    "its prompt", DigitsPromptChecks, needs_prompts=True))
+register_metric(Metric("prompt_accuracy", "image", "fraction of digits images the 32x32 digits classifier assigns to "
+                       "the digit their prompt names (weight and slant agreement in the provenance)",
+                       spaces=(DigitsPromptChecks.space,), needs_prompts=True, finish=_prompt_accuracy))
+register_metric(Metric("weight_agreement", "image", "fraction of digits images asked thin (bold) whose ink mass is "
+                       "below (above) the real digits' median for that digit",
+                       spaces=(DigitsPromptChecks.space,), needs_prompts=True,
+                       finish=_attribute_agreement("weight_agreement", "weight_counted", "for thin or bold strokes")))
+register_metric(Metric("slant_agreement", "image", "fraction of digits images asked slanted left (right) whose slant "
+                       "is below (above) the real digits' median for that digit",
+                       spaces=(DigitsPromptChecks.space,), needs_prompts=True,
+                       finish=_attribute_agreement("slant_agreement", "slant_counted", "for a left or right slant")))

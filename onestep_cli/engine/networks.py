@@ -9,7 +9,8 @@ from typing import Callable
 
 import torch
 
-from ..config import ConfigError, DiffusersTeacherConfig, EDMTeacherConfig, GMMTeacherConfig, RunConfig
+from ..config import (ConfigError, DiffusersTeacherConfig, EDMTeacherConfig, GMMTeacherConfig, RunConfig,
+                      resolve_asset_path)
 from ..denoisers.base import Denoiser
 from ..denoisers.generator import OneStepGenerator
 from ..denoisers.gmm import GaussianMixtureDenoiser
@@ -197,7 +198,7 @@ def load_text_teacher(config: DiffusersTeacherConfig):
     from ..denoisers.diffusers import DiffusersLoadError, load_diffusers_teacher
 
     try:
-        return load_diffusers_teacher(config.path, torch_dtype=DTYPES[config.dtype], null=config.null_condition,
+        return load_diffusers_teacher(config.resolved_path, torch_dtype=DTYPES[config.dtype], null=config.null_condition,
                                       image_size=config.image_size, variant=config.variant,
                                       revision=config.revision)
     except DiffusersLoadError as error:
@@ -274,7 +275,7 @@ def encode_training_prompts(config: RunConfig, pipeline, run_dir: Path | None):
     if config.prompts.path is None:
         raise ConfigError("A text-to-image teacher needs training prompts: set prompts.path to a .txt (one prompt per "
                           "line), .jsonl or COCO captions .json file, e.g. --set prompts.path=prompts.txt.")
-    texts = read_prompts(config.prompts.path)
+    texts = read_prompts(resolve_asset_path(config.prompts.path))
     dtype = DTYPES[config.prompts.cache_dtype] if config.prompts.cache_dtype else None
     if run_dir is not None:
         # Under torchrun rank 0 writes the cache first and the other ranks then read it, never two writers at once.

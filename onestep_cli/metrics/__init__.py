@@ -239,5 +239,6 @@ def compute_metrics(names: list[str], samples, teacher=None, context: MetricCont
     return {name: results[name] for name in names}
 
 
-# Domain metrics of the shipped digits teacher (fd_digits, class_accuracy); imported last, they use the registry above.
+# Domain metrics of the shipped digits teachers (fd_digits, class_accuracy, prompt_accuracy); imported last, they use
+# the registry above.
 from ..digits import registration as _digits_registration  # noqa: E402,F401
