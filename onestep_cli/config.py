@@ -83,7 +83,7 @@ class DiffusersTeacherConfig(Strict):
     """A text-to-image diffusers pipeline (SD 1.5/2.1, SDXL, PixArt-α/Σ), distilled in its VAE's latent space."""
 
     kind: Literal["diffusers"] = "diffusers"
-    path: str  # Local diffusers folder (with model_index.json), a hub id already in the local HF cache, or '@assets/...'.
+    path: str  # Local diffusers folder (with model_index.json), a hub id in the local HF cache, or '@assets/...'.
     revision: str | None = None  # Hub revision in the cache; None: the cached main.
     variant: str | None = None  # Weight-file variant, e.g. 'fp16'.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # Frozen teacher's weights; trained copies stay fp32.

@@ -34,7 +34,8 @@ def eval_command(
     metrics: str = typer.Option("swd,mode_coverage", "--metrics",
                                 help="Comma-separated: swd, mode_coverage, fid, kid, precision, recall, is, "
                                      "fd_clip, fd_dinov2, clip_score, aesthetic, imagereward, pickscore, hpsv2; "
-                                     "digits: fd_digits, class_accuracy, prompt_accuracy."),
+                                     "digits: fd_digits, class_accuracy, prompt_accuracy, weight_agreement, "
+                                     "slant_agreement."),
     ref: Optional[str] = typer.Option(None, "--ref", help="Image metrics: reference statistics (.npz with mu/sigma), "
                                       "an image folder or .npz of images. swd/mode_coverage: a run, preset or config "
                                       "naming the teacher."),

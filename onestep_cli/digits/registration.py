@@ -1,4 +1,5 @@
-"""Register `fd_digits`, `class_accuracy` and `prompt_accuracy` with the metrics registry, so `onestep eval` offers them."""
+"""Register the digits metrics (`fd_digits`, `class_accuracy`; `prompt_accuracy`, `weight_agreement` and
+`slant_agreement` for text-to-image digits) with the metrics registry, so `onestep eval` offers them."""
 
 from __future__ import annotations
 

@@ -198,9 +198,9 @@ def load_text_teacher(config: DiffusersTeacherConfig):
     from ..denoisers.diffusers import DiffusersLoadError, load_diffusers_teacher
 
     try:
-        return load_diffusers_teacher(config.resolved_path, torch_dtype=DTYPES[config.dtype], null=config.null_condition,
-                                      image_size=config.image_size, variant=config.variant,
-                                      revision=config.revision)
+        return load_diffusers_teacher(config.resolved_path, torch_dtype=DTYPES[config.dtype],
+                                      null=config.null_condition, image_size=config.image_size,
+                                      variant=config.variant, revision=config.revision)
     except DiffusersLoadError as error:
         raise DiffusersLoadError(f"{error}{' ' + config.hint if config.hint else ''}") from None
 
