@@ -43,11 +43,7 @@ def run_demo(out_dir: Path, objectives: list[str], steps: int = DEMO_STEPS, num:
     out_dir = Path(out_dir)
     runs = []
     for objective in objectives:
-        preset = DEMO_PRESET.format(objective=objective)
-        run_dir = out_dir / preset
-        log(f"[demo] distilling preset {preset} for {steps} steps into {run_dir}")
-        config = resolve_config(preset, overrides=[f"train.max_steps={steps}", "eval.metrics=[]", *CPU_SCALE])
-        distill(config, run_dir, log=log, progress=False)
+        run_dir = distil_preset(out_dir, DEMO_PRESET.format(objective=objective), steps, CPU_SCALE, log)
         log(f"[demo] evaluating {', '.join(metrics)} of the one-step student on seeds 0-{num - 1}")
         store_result(evaluate(run_dir, metrics, num=num), run_dir)
         runs.append(run_dir)
@@ -62,6 +58,15 @@ def run_demo(out_dir: Path, objectives: list[str], steps: int = DEMO_STEPS, num:
     report_dir = out_dir / "report"
     write_report(comparison, report_dir, grid_seeds=list(range(16)), html=True, log=log)
     return {"comparison": comparison, "runs": runs, "report": report_dir, "wall_seconds": time.time() - start}
+
+
+def distil_preset(out_dir: Path, preset: str, steps: int, cpu_scale: list[str], log) -> Path:
+    """Distil `preset` for `steps` updates at the demo's CPU scale into out_dir/preset, without in-training eval."""
+    run_dir = out_dir / preset
+    log(f"[demo] distilling preset {preset} for {steps} steps into {run_dir}")
+    config = resolve_config(preset, overrides=[f"train.max_steps={steps}", "eval.metrics=[]", *cpu_scale])
+    distill(config, run_dir, log=log, progress=False)
+    return run_dir
 
 
 def teacher_samples(run_dir: Path, num: int, out_dir: Path, log) -> Path:

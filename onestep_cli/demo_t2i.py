@@ -11,9 +11,9 @@ import json
 import time
 from pathlib import Path
 
-from .config import resolve_asset_path, resolve_config
+from .config import resolve_asset_path
+from .demo import distil_preset
 from .engine.loading import load_generator_source
-from .engine.loop import distill
 from .evaluation import evaluate, store_result
 
 T2I_PRESET = "digits-t2i-{objective}"
@@ -36,11 +36,7 @@ def run_t2i_demo(out_dir: Path, objectives: list[str], steps: int = T2I_STEPS, s
     prompts = resolve_asset_path(HELDOUT_PROMPTS)
     runs = []
     for objective in objectives:
-        preset = T2I_PRESET.format(objective=objective)
-        run_dir = out_dir / preset
-        log(f"[demo] distilling preset {preset} for {steps} steps into {run_dir}")
-        config = resolve_config(preset, overrides=[f"train.max_steps={steps}", "eval.metrics=[]", *T2I_CPU_SCALE])
-        distill(config, run_dir, log=log, progress=False)
+        run_dir = distil_preset(out_dir, T2I_PRESET.format(objective=objective), steps, T2I_CPU_SCALE, log)
         log(f"[demo] evaluating {', '.join(metrics)} of the one-step student on the held-out prompts")
         store_result(evaluate(run_dir, metrics, seeds=seeds, prompts=prompts), run_dir)
         runs.append(run_dir)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from onestep_cli.digits import t2i_teacher as kit
+from onestep_cli.engine.ema import ema_beta
 
 SMOKE = dict(vae_channels="8,8,8", text_hidden=8, text_layers=1, unet_channels="8,16", vae_steps=2, denoiser_steps=3,
              batch_size=4, vae_batch_size=4, samples_per_digit=1, check_steps=2)  # Tiny sizes for tests.
@@ -196,7 +197,7 @@ def denoiser_stage(args, vae, images: torch.Tensor, prompts, tokenizer, log: Log
             group["lr"] = args.lr * min((step + 1) / max(args.lr_warmup_steps, 1), 1)
         optimizer.step()
         step += 1
-        decay = kit.ema_decay(args.batch_size, step * args.batch_size, args.ema_halflife_kimg, args.ema_rampup_ratio)
+        decay = ema_beta(args.batch_size, args.ema_halflife_kimg, args.ema_rampup_ratio, step * args.batch_size)
         with torch.no_grad():
             torch._foreach_lerp_(averaged, trained, 1 - decay)
         loss_sum += loss.detach()

@@ -81,14 +81,18 @@ def shipped_classifier() -> DigitsClassifier:
     return load_classifier(SHIPPED_CLASSIFIER)
 
 
+def classifier_info(folder, name: str) -> dict:
+    """Provenance of a saved digits classifier: `name`, its weights' SHA-256, held-out accuracy and resolution."""
+    config = read_classifier_config(folder)
+    digest = hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+    training = config.get("training", {})
+    return {"classifier": name, "classifier_sha256": digest, "classifier_test_accuracy": training.get("test_accuracy"),
+            "classifier_resolution": config["init_kwargs"]["resolution"]}
+
+
 @functools.lru_cache(maxsize=1)
 def _shipped_classifier_info() -> dict:
-    config = read_classifier_config(SHIPPED_CLASSIFIER)
-    digest = hashlib.sha256((SHIPPED_CLASSIFIER / WEIGHTS_NAME).read_bytes()).hexdigest()
-    training = config.get("training", {})
-    return {"classifier": "onestep digits classifier (onestep_cli/assets/digits_classifier)",
-            "classifier_sha256": digest, "classifier_test_accuracy": training.get("test_accuracy"),
-            "classifier_resolution": config["init_kwargs"]["resolution"]}
+    return classifier_info(SHIPPED_CLASSIFIER, "onestep digits classifier (onestep_cli/assets/digits_classifier)")
 
 
 @functools.lru_cache(maxsize=1)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..engine.ema import ema_beta
 from . import captions
 from . import t2i_teacher as kit
 
@@ -325,8 +326,8 @@ def train_pixart_teacher(options: TrainingOptions, log) -> dict:
             group["lr"] = options.lr * min((step + 1) / max(options.lr_warmup_steps, 1), 1)
         optimizer.step()
         step += 1
-        decay = kit.ema_decay(options.batch_size, step * options.batch_size, options.ema_halflife_kimg,
-                              options.ema_rampup_ratio)
+        decay = ema_beta(options.batch_size, options.ema_halflife_kimg, options.ema_rampup_ratio,
+                         step * options.batch_size)
         with torch.no_grad():
             torch._foreach_lerp_(averaged, trained, 1 - decay)
         loss_sum += loss.detach()

@@ -19,7 +19,6 @@ neither side).
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -27,9 +26,9 @@ import numpy as np
 import torch
 
 from .captions import ATTRIBUTE_RESOLUTION, DigitPrompt, PromptGrammarError, ink_mass, parse_prompt, slant
-from .classifier import WEIGHTS_NAME, DigitsClassifier, load_classifier, read_classifier_config
+from .classifier import DigitsClassifier, load_classifier
 from .data import NUM_CLASSES, NUM_DIGITS, load_digits_images
-from .metrics import classifier_predictions, prepare
+from .metrics import classifier_info, classifier_predictions, prepare
 
 RESOLUTION = 32  # The digits text-to-image teachers' resolution, and the judge's.
 SHIPPED_CLASSIFIER32 = Path(__file__).resolve().parent.parent / "assets" / "digits_classifier32"
@@ -47,11 +46,8 @@ def shipped_classifier32() -> DigitsClassifier:
 @functools.lru_cache(maxsize=1)
 def classifier32_info() -> dict:
     """Provenance of the shipped 32x32 classifier: its name, weights' SHA-256 and held-out accuracy."""
-    config = read_classifier_config(SHIPPED_CLASSIFIER32)
-    return {"classifier": "onestep digits classifier 32x32 (onestep_cli/assets/digits_classifier32)",
-            "classifier_sha256": hashlib.sha256((SHIPPED_CLASSIFIER32 / WEIGHTS_NAME).read_bytes()).hexdigest(),
-            "classifier_test_accuracy": config.get("training", {}).get("test_accuracy"),
-            "classifier_resolution": config["init_kwargs"]["resolution"]}
+    return classifier_info(SHIPPED_CLASSIFIER32,
+                           "onestep digits classifier 32x32 (onestep_cli/assets/digits_classifier32)")
 
 
 @functools.lru_cache(maxsize=1)

@@ -268,12 +268,6 @@ def denoising_loss(unet, text_encoder, scheduler, latents: torch.Tensor, input_i
     return F.mse_loss(prediction.float(), noise)
 
 
-def ema_decay(batch_size: int, num_images: int, halflife_kimg: float, rampup_ratio: float) -> float:
-    """EDM's EMA: a half-life of min(halflife_kimg, rampup_ratio x images seen), as a per-step decay."""
-    halflife_images = min(halflife_kimg * 1000, num_images * rampup_ratio)
-    return 0.5 ** (batch_size / max(halflife_images, 1e-8))
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The pipeline folder.
 
