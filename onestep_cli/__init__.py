@@ -1,6 +1,8 @@
 """onestep: distil pretrained diffusion models into one-step generators, then sample, evaluate and compare them."""
 
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["__version__", "distill"]
 
 
 def distill(config, out_dir, **kwargs):

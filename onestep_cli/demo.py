@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from .config import resolve_asset_path, resolve_config
-from .engine.loading import load_generator_source
+from .runs.loading import load_generator_source
 from .engine.loop import distill
-from .engine.run_dir import RunDir
-from .evaluation import evaluate, store_result
+from .runs.run_dir import RunDir
+from .eval.evaluate import evaluate, store_result
 from .sample_io import to_uint8_images
 from .sampling import generate_teacher, seed_labels
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .config import resolve_asset_path
 from .demo import distil_preset
-from .engine.loading import load_generator_source
-from .evaluation import evaluate, store_result
+from .runs.loading import load_generator_source
+from .eval.evaluate import evaluate, store_result
 
 T2I_PRESET = "digits-t2i-{objective}"
 T2I_METRICS = ["prompt_accuracy", "weight_agreement", "slant_agreement"]
@@ -57,7 +57,8 @@ def run_t2i_demo(out_dir: Path, objectives: list[str], steps: int = T2I_STEPS, s
 def teacher_prompt_samples(run_dir: Path, prompts: Path, seeds: list[int], out: Path, log) -> Path:
     """A folder of the run's guided teacher's images of every prompt and seed (Heun, 25 evaluations)."""
     from .denoisers.diffusers import read_prompts
-    from .sampling import generate_text_to_image, teacher_sampler, write_prompt_samples
+    from .sample_io import write_prompt_samples
+    from .sampling import generate_text_to_image, teacher_sampler
 
     log(f"[demo] sampling the guided teacher (Heun, {2 * TEACHER_STEPS - 1} evaluations) on the held-out prompts")
     loaded = load_generator_source(run_dir)

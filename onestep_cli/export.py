@@ -31,7 +31,7 @@ EXPORT_FORMAT = "onestep-generator-1"
 
 def export_run(source: str | Path, out: str | Path, format: str = "diffusers") -> dict:
     """Write the (EMA) generator of a run directory or checkpoint folder to `out`; returns what was written."""
-    from .engine.loading import load_generator_source
+    from .runs.loading import load_generator_source
 
     if format not in FORMATS:
         raise ConfigError(f"--format {format!r} is not known; use one of {', '.join(FORMATS)}.")

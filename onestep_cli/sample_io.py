@@ -300,70 +300,8 @@ def _seeds_from_names(names: list[str], meta: dict) -> list[int] | None:
         return None
 
 
-def generator_source(generator, seeds: list[int], shape, label_dim: int = 0, batch_size: int = 256,
-                     device="cpu", precision: str = "fp32", description: str = "generator") -> ImageSource:
-    """Images generated in memory, batch by batch, one seed per image (no PNG round trip); quantised to uint8
-    exactly as `write_samples` does, so the numbers match those of the written files."""
-    from .sampling import generation_autocast, seed_labels, seeded_latents
-
-    if not is_image_shape(shape):
-        raise SourceError(f"{description} makes samples of shape {tuple(shape)}, not images.")
-    device = torch.device(device)
-
-    @torch.no_grad()
-    def read(start: int, stop: int) -> np.ndarray:
-        # `generate` for one batch, without its float32 copy to the host.
-        z, cond = seeded_latents(seeds[start:stop], shape, label_dim, device)
-        with generation_autocast(precision, device):
-            images = generator(z, cond).float()
-        return as_uint8_nhwc(images, description)  # Quantised on `device`: elementwise, the same bits as on the CPU.
-
-    def labels(start: int, stop: int) -> np.ndarray:  # The classes `generate` drew for these seeds.
-        return seed_labels(seeds[start:stop], shape, label_dim)
-
-    return ImageSource(description, len(seeds), (int(shape[1]), int(shape[2])), None, list(seeds),
-                       {"precision": precision}, read, labels if label_dim else None)
-
-
-def text_to_image_source(generator, pipeline, prompts: list[str], seeds: list[int], shape, device="cpu",
-                         precision: str = "fp32", description: str = "generator") -> ImageSource:
-    """Images of every (prompt, seed) pair generated in memory in `sampling.prompt_major_pairs` order, as
-    `sampling.generate_text_to_image` makes them; each batch's prompts are encoded with it, so no condition of the
-    whole prompt list is held. `pipeline` is the run's DiffusersTeacher (text encoders and VAE)."""
-    from .sampling import prompt_major_pairs, text_to_image_batch
-
-    pairs = prompt_major_pairs(len(prompts), seeds)
-
-    def read(start: int, stop: int) -> np.ndarray:
-        chunk = pairs[start:stop]
-        cond = pipeline.encoder.encode([prompts[index] for index, _ in chunk])
-        images = text_to_image_batch(generator, pipeline, cond, [seed for _, seed in chunk], shape, device, precision)
-        return as_uint8_nhwc(images, description)
-
-    scale = int(getattr(pipeline.pipeline, "vae_scale_factor", 8))  # Pixels per latent pixel, as the pipeline's.
-    return ImageSource(description, len(pairs), (int(shape[-2]) * scale, int(shape[-1]) * scale), None,
-                       [seed for _, seed in pairs], {"precision": precision}, read)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Prompts
-
-
-def read_prompts(path: Path) -> list[str]:
-    """One prompt per line of a text file (a final newline is not an extra prompt), or a JSON list of strings."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Prompts file {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        prompts = json.loads(text)
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise SourceError(f"{path} must hold a JSON list of strings, one prompt per image.")
-        return prompts
-    prompts = text.split("\n")
-    if prompts and prompts[-1] == "":
-        prompts.pop()
-    return [p.rstrip("\r") for p in prompts]
+# Prompts of text-to-image samples
 
 
 def recorded_images(meta: dict) -> dict[str, dict]:
@@ -394,3 +332,40 @@ def pair_prompts(source: ImageSource, prompts: list[str], prompts_path: str | No
             "pairing": "line i <-> i-th image in sorted file-name order" if source.names
             else "line i <-> i-th image (generation / array order)",
             "first_pair": [keys[0], prompts[0]], "pairs_sha256": digest.hexdigest()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text-to-image sample folders
+
+
+def image_grid(images: torch.Tensor, columns: int, padding: int = 2):
+    """uint8 [H', W', 3] array tiling `images` ([-1, 1], [N, 3, H, W]) row by row, `columns` per row."""
+    tiles = to_uint8_images(images)
+    count, height, width, channels = tiles.shape
+    rows = -(-count // columns)
+    grid = np.full((rows * (height + padding) + padding, columns * (width + padding) + padding, channels), 255,
+                   dtype=np.uint8)
+    for n, tile in enumerate(tiles):
+        top, left = padding + (n // columns) * (height + padding), padding + (n % columns) * (width + padding)
+        grid[top:top + height, left:left + width] = tile
+    return grid
+
+
+def write_prompt_samples(images: torch.Tensor, prompts: list[str], seeds: list[int], out_dir, meta: dict) -> list:
+    """PNG per (prompt, seed) as `p{prompt index:04d}-s{seed:06d}.png`, `grid.png` (a row per prompt, a column per
+    seed) and `samples.json` (with each file's prompt and seed)."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records, written = [], []
+    for n, image in enumerate(to_uint8_images(images)):
+        index, seed = divmod(n, len(seeds))
+        name = f"p{index:04d}-s{seeds[seed]:06d}.png"
+        Image.fromarray(image).save(out_dir / name)
+        records.append({"file": name, "prompt": prompts[index], "seed": seeds[seed]})
+        written.append(out_dir / name)
+    Image.fromarray(image_grid(images, columns=len(seeds))).save(out_dir / "grid.png")
+    (out_dir / SAMPLES_META).write_text(json.dumps({**meta, "num": len(records), "prompts": prompts,
+                                                    "images": records}, indent=1, default=str))
+    return written

@@ -10,6 +10,7 @@ import torch
 
 from .denoisers.base import Denoiser
 from .objectives.sigmas import karras_grid
+from .sample_io import ImageSource, SourceError, as_uint8_nhwc, is_image_shape
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -165,43 +166,46 @@ def teacher_sampler(teacher: Denoiser, num_steps: int, sigma_min: float, sigma_m
     return lambda z, cond: heun_sample(teacher, z, num_steps, cond, sigma_min=sigma_min, sigma_max=sigma_max)
 
 
-def image_grid(images: torch.Tensor, columns: int, padding: int = 2):
-    """uint8 [H', W', 3] array tiling `images` ([-1, 1], [N, 3, H, W]) row by row, `columns` per row."""
-    import numpy as np
-
-    from .sample_io import to_uint8_images
-
-    tiles = to_uint8_images(images)
-    count, height, width, channels = tiles.shape
-    rows = -(-count // columns)
-    grid = np.full((rows * (height + padding) + padding, columns * (width + padding) + padding, channels), 255,
-                   dtype=np.uint8)
-    for n, tile in enumerate(tiles):
-        top, left = padding + (n // columns) * (height + padding), padding + (n % columns) * (width + padding)
-        grid[top:top + height, left:left + width] = tile
-    return grid
+# ---------------------------------------------------------------------------------------------------------------------
+# Generated images as an evaluation source, batch by batch, without writing files
 
 
-def write_prompt_samples(images: torch.Tensor, prompts: list[str], seeds: list[int], out_dir, meta: dict) -> list:
-    """PNG per (prompt, seed) as `p{prompt index:04d}-s{seed:06d}.png`, `grid.png` (a row per prompt, a column per
-    seed) and `samples.json` (with each file's prompt and seed)."""
-    import json
-    from pathlib import Path
+def generator_source(generator, seeds: list[int], shape, label_dim: int = 0, batch_size: int = 256,
+                     device="cpu", precision: str = "fp32", description: str = "generator") -> ImageSource:
+    """Images generated in memory, batch by batch, one seed per image (no PNG round trip); quantised to uint8
+    exactly as `write_samples` does, so the numbers match those of the written files."""
+    if not is_image_shape(shape):
+        raise SourceError(f"{description} makes samples of shape {tuple(shape)}, not images.")
+    device = torch.device(device)
 
-    from PIL import Image
+    @torch.no_grad()
+    def read(start: int, stop: int) -> np.ndarray:
+        # `generate` for one batch, without its float32 copy to the host.
+        z, cond = seeded_latents(seeds[start:stop], shape, label_dim, device)
+        with generation_autocast(precision, device):
+            images = generator(z, cond).float()
+        return as_uint8_nhwc(images, description)  # Quantised on `device`: elementwise, the same bits as on the CPU.
 
-    from .sample_io import SAMPLES_META, to_uint8_images
+    def labels(start: int, stop: int) -> np.ndarray:  # The classes `generate` drew for these seeds.
+        return seed_labels(seeds[start:stop], shape, label_dim)
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records, written = [], []
-    for n, image in enumerate(to_uint8_images(images)):
-        index, seed = divmod(n, len(seeds))
-        name = f"p{index:04d}-s{seeds[seed]:06d}.png"
-        Image.fromarray(image).save(out_dir / name)
-        records.append({"file": name, "prompt": prompts[index], "seed": seeds[seed]})
-        written.append(out_dir / name)
-    Image.fromarray(image_grid(images, columns=len(seeds))).save(out_dir / "grid.png")
-    (out_dir / SAMPLES_META).write_text(json.dumps({**meta, "num": len(records), "prompts": prompts,
-                                                    "images": records}, indent=1, default=str))
-    return written
+    return ImageSource(description, len(seeds), (int(shape[1]), int(shape[2])), None, list(seeds),
+                       {"precision": precision}, read, labels if label_dim else None)
+
+
+def text_to_image_source(generator, pipeline, prompts: list[str], seeds: list[int], shape, device="cpu",
+                         precision: str = "fp32", description: str = "generator") -> ImageSource:
+    """Images of every (prompt, seed) pair generated in memory in `sampling.prompt_major_pairs` order, as
+    `sampling.generate_text_to_image` makes them; each batch's prompts are encoded with it, so no condition of the
+    whole prompt list is held. `pipeline` is the run's DiffusersTeacher (text encoders and VAE)."""
+    pairs = prompt_major_pairs(len(prompts), seeds)
+
+    def read(start: int, stop: int) -> np.ndarray:
+        chunk = pairs[start:stop]
+        cond = pipeline.encoder.encode([prompts[index] for index, _ in chunk])
+        images = text_to_image_batch(generator, pipeline, cond, [seed for _, seed in chunk], shape, device, precision)
+        return as_uint8_nhwc(images, description)
+
+    scale = int(getattr(pipeline.pipeline, "vae_scale_factor", 8))  # Pixels per latent pixel, as the pipeline's.
+    return ImageSource(description, len(pairs), (int(shape[-2]) * scale, int(shape[-1]) * scale), None,
+                       [seed for _, seed in pairs], {"precision": precision}, read)

@@ -204,8 +204,8 @@ def compare(args) -> None:
     import torch
     from PIL import Image
 
-    from onestep_cli.metrics import MetricContext
-    from onestep_cli.metrics.imagereward import ImageRewardScore
+    from onestep_cli.eval import MetricContext
+    from onestep_cli.eval.imagereward import ImageRewardScore
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

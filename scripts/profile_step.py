@@ -30,7 +30,7 @@ from onestep_cli.bench import Options  # noqa: E402
 from onestep_cli.bench.rows import ROWS  # noqa: E402
 from onestep_cli.bench.run import _prepare, _time  # noqa: E402
 from onestep_cli.denoisers.edm.layers import GroupNorm  # noqa: E402
-from onestep_cli.engine.precision import set_tf32  # noqa: E402
+from onestep_cli.runtime.precision import set_tf32  # noqa: E402
 
 # (kind, substrings of the lower-cased kernel name), first match wins: Triton kernels first, since their names
 # list the ops they fuse ("_to_copy", "native_group_norm").

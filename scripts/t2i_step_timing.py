@@ -29,7 +29,7 @@ def time_preset_steps(preset: str, pipeline: Path, out: Path, batch: int, steps:
     PEAK_BF16_FLOPS."""
     from onestep_cli.bench import PEAK_BF16_FLOPS
     from onestep_cli.config import resolve_config
-    from onestep_cli.engine.networks import build_networks
+    from onestep_cli.runs.networks import build_networks
     from onestep_cli.engine.trainer import Trainer
 
     prompts = out / "prompts.txt"

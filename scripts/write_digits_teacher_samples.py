@@ -12,7 +12,7 @@ import argparse
 
 from onestep_cli.config import resolve_asset_path, resolve_config
 from onestep_cli.demo import DEMO_SAMPLES, TEACHER_SAMPLES, write_teacher_samples
-from onestep_cli.engine.networks import build_networks
+from onestep_cli.runs.networks import build_networks
 
 
 def main(argv=None) -> None:

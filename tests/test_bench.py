@@ -19,7 +19,7 @@ import torch
 from onestep_cli.bench import DEFAULT_ROWS, ROWS, Options, count_row, run_benchmarks
 from onestep_cli.bench.tracking import VARIANTS, tracking_check
 from onestep_cli.denoisers.edm.layers import GroupNorm
-from onestep_cli.engine.precision import compile_failure
+from onestep_cli.runtime.precision import compile_failure
 
 ONESTEP = str(Path(sys.executable).parent / "onestep")
 ENV = {**os.environ, "COLUMNS": "250", "OMP_NUM_THREADS": "1"}  # Two cores are shared: one thread per process.

@@ -23,8 +23,8 @@ from rich.console import Console
 from onestep_cli.bench import ROWS, Options, run_benchmarks
 from onestep_cli.bench.eval_rows import TINY_IMAGEREWARD_VIT, build_scorer, imagereward_shapes
 from onestep_cli.cli.bench import results_table
-from onestep_cli.metrics.imagereward import vision_config_from_state
-from onestep_cli.metrics.weights import WEIGHT_SETS
+from onestep_cli.eval.imagereward import vision_config_from_state
+from onestep_cli.eval.weights import WEIGHT_SETS
 from test_metrics_tiny_models import IR_VISION, official_imagereward_state
 
 EVAL_ROWS = ["fid50k-cifar10", "imagereward-b64", "pickscore-b64"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from onestep_cli.config import ConfigError, resolve_config
-from onestep_cli.engine.distributed import DistEnv
-from onestep_cli.engine.networks import build_networks
+from onestep_cli.runtime.distributed import DistEnv
+from onestep_cli.runs.networks import build_networks
 from onestep_cli.engine.trainer import NonFiniteError, Trainer
 from host_data import tensors_from_host_data
 from poisoned_teacher import PoisonedTeacher

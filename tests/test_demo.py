@@ -10,7 +10,7 @@ import yaml
 
 from onestep_cli import demo
 from onestep_cli.config import resolve_asset_path, resolve_config
-from onestep_cli.engine.networks import build_networks
+from onestep_cli.runs.networks import build_networks
 from onestep_cli.sample_io import to_uint8_images
 from onestep_cli.sampling import generate_teacher, seed_labels
 from test_cli import onestep

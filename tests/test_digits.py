@@ -15,7 +15,7 @@ from onestep_cli.config import list_presets, resolve_config
 from onestep_cli.digits.classifier import load_classifier, read_classifier_config
 from onestep_cli.digits.data import NUM_CLASSES, load_digits_images, split_indices
 from onestep_cli.digits.metrics import class_accuracy, fd_digits, frechet_distance, gaussian_fit
-from onestep_cli.engine.networks import build_teacher
+from onestep_cli.runs.networks import build_teacher
 from onestep_cli.sampling import generate_teacher, seeded_latents
 
 DIGITS_PRESETS = ["digits-sim", "digits-sid", "digits-dmd", "digits-di"]

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from onestep_cli import demo_t2i
 from onestep_cli.cli.app import app
 from onestep_cli.config import resolve_asset_path, resolve_config
-from onestep_cli.engine.run_dir import RunDir
+from onestep_cli.runs.run_dir import RunDir
 from test_cli import onestep
 
 pytest.importorskip("diffusers")

@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from onestep_cli.config import ConfigError, resolve_config
-from onestep_cli.engine.checkpoint import PAUSE_ENV, read_sharded
-from onestep_cli.engine import distributed
-from onestep_cli.engine.distributed import _slurm_rendezvous, launcher_env
+from onestep_cli.runs.checkpoint import PAUSE_ENV, read_sharded
+from onestep_cli.runtime import distributed
+from onestep_cli.runtime.distributed import _slurm_rendezvous, launcher_env
 from onestep_cli.engine.launch import LaunchPlan
-from onestep_cli.engine.networks import build_networks
+from onestep_cli.runs.networks import build_networks
 from onestep_cli.engine.parallel import per_process_batch
 
 ONESTEP = str(Path(sys.executable).parent / "onestep")

@@ -18,7 +18,7 @@ from onestep_cli.denoisers.edm import EDMPrecond
 from onestep_cli.denoisers.edm.augment import (AUGMENT_DIM, SYM6, TRANSLATE_STD, Augmentation, augment,
                                                draw_augmentation, identity_augmentation)
 from onestep_cli.denoisers.edm.layers import UNetBlock
-from onestep_cli.engine.networks import build_networks
+from onestep_cli.runs.networks import build_networks
 from onestep_cli.engine.trainer import Trainer, training_mode
 from onestep_cli.objectives import fake_score_loss
 

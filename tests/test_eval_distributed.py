@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from onestep_cli.metrics.image_eval import shard_bounds
+from onestep_cli.eval.image_eval import shard_bounds
 
 ONESTEP = str(Path(sys.executable).parent / "onestep")
 ENV = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}  # Two cores are shared: one thread per process.

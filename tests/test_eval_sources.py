@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from onestep_cli.evaluation import evaluate
-from onestep_cli.metrics import MetricError
-from onestep_cli.metrics.weights import MissingWeightsError
+from onestep_cli.eval.evaluate import evaluate
+from onestep_cli.eval import MetricError
+from onestep_cli.eval.weights import MissingWeightsError
 from onestep_cli.sample_io import SourceError, to_uint8_images, write_samples
 from test_metrics_tiny_models import random_images, tiny_weights  # noqa: F401
 
@@ -39,8 +39,8 @@ def image_run(tmp_path_factory) -> Path:
     """A run directory whose generator (a tiny EDM SongUNet copy of a tiny teacher) makes 8x8 RGB images."""
     from onestep_cli.config import validate_config
     from onestep_cli.denoisers.edm import build_precond, save_edm_weights
-    from onestep_cli.engine.networks import build_networks
-    from onestep_cli.engine.run_dir import RunDir
+    from onestep_cli.runs.networks import build_networks
+    from onestep_cli.runs.run_dir import RunDir
 
     root = tmp_path_factory.mktemp("image-run")
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def reference_folder(tmp_path_factory) -> Path:
 
 
 def generated(run: Path, seeds=SEEDS) -> torch.Tensor:
-    from onestep_cli.engine.loading import load_generator_source
+    from onestep_cli.runs.loading import load_generator_source
     from onestep_cli.sampling import generate
 
     loaded = load_generator_source(run)
@@ -95,8 +95,8 @@ def test_folder_npz_and_in_memory_generator_give_identical_numbers(tmp_path, ima
 
 
 def test_same_seeds_same_numbers_and_seed_subsets_reproduce(image_run, reference_folder, tiny_weights, in_memory):
-    from onestep_cli.engine.loading import load_generator_source
-    from onestep_cli.sample_io import generator_source
+    from onestep_cli.runs.loading import load_generator_source
+    from onestep_cli.sampling import generator_source
 
     common = dict(seeds=SEEDS, ref=str(reference_folder), weights=tiny_weights, device="cpu")
     assert evaluate(image_run, IMAGE_METRICS, batch_size=4, **common)["metrics"] == in_memory["metrics"]
@@ -272,7 +272,7 @@ def test_cli_missing_weights_and_unknown_metric_exit_nonzero(tmp_path):
 def test_compiled_generator_gives_the_same_numbers(image_run, reference_folder, tiny_weights, in_memory):
     """`onestep eval --compile`: the compiled generator's images score as the eager one's (uint8 quantisation may flip
     a rare pixel, hence the tolerance); where torch.compile cannot run it generates eager and says compiled: false."""
-    from onestep_cli.engine.precision import compile_failure
+    from onestep_cli.runtime.precision import compile_failure
 
     result = evaluate(image_run, ["fid", "kid"], seeds=SEEDS, ref=str(reference_folder), weights=tiny_weights,
                       device="cpu", batch_size=4, compile_generator=True)

@@ -17,9 +17,9 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as tvf
 
-from onestep_cli.metrics import MetricContext, MetricError, compute_metrics
-from onestep_cli.metrics.hpsv2 import HPS_ARCHITECTURE, HPSv2Score
-from onestep_cli.metrics.weights import MissingWeightsError
+from onestep_cli.eval import MetricContext, MetricError, compute_metrics
+from onestep_cli.eval.hpsv2 import HPS_ARCHITECTURE, HPSv2Score
+from onestep_cli.eval.weights import MissingWeightsError
 from test_eval_sources import onestep, write_folder
 from test_metrics_tiny_models import random_images
 

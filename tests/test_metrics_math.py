@@ -8,9 +8,9 @@ import scipy.linalg
 import scipy.stats
 import torch
 
-from onestep_cli.metrics.distances import (feature_stats, frechet_distance, inception_score,
+from onestep_cli.eval.distances import (feature_stats, frechet_distance, inception_score,
                                            kernel_inception_distance, stats_sha256, trace_sqrt_product)
-from onestep_cli.metrics.inception import tf1_bilinear_resize
+from onestep_cli.eval.inception import tf1_bilinear_resize
 
 
 def scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:

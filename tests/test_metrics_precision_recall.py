@@ -14,11 +14,11 @@ import scipy.spatial.distance
 import torch
 from PIL import Image
 
-from onestep_cli.metrics import MetricContext, MetricError
-from onestep_cli.metrics.image_eval import extract_all
-from onestep_cli.metrics.inception import InceptionFeatures
-from onestep_cli.metrics.precision_recall import finish_precision, finish_recall, knn_radii, manifold_fraction
-from onestep_cli.metrics.reference import ReferenceStats
+from onestep_cli.eval import MetricContext, MetricError
+from onestep_cli.eval.image_eval import extract_all
+from onestep_cli.eval.inception import InceptionFeatures
+from onestep_cli.eval.precision_recall import finish_precision, finish_recall, knn_radii, manifold_fraction
+from onestep_cli.eval.reference import ReferenceStats
 from onestep_cli.sample_io import folder_source
 from test_metrics_tiny_models import random_images, write_tiny_inception
 

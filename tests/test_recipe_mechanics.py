@@ -13,11 +13,11 @@ import yaml
 
 import onestep_cli.engine.trainer as trainer_module
 from onestep_cli.config import ConfigError, SIMObjectiveConfig, resolve_config
-from onestep_cli.engine.networks import build_networks
+from onestep_cli.runs.networks import build_networks
 from onestep_cli.engine.parallel import batch_split
-from onestep_cli.engine.run_dir import RunDir
+from onestep_cli.runs.run_dir import RunDir
 from onestep_cli.engine.trainer import Trainer, use_cuda_graph
-from onestep_cli.engine.distributed import DistEnv
+from onestep_cli.runtime.distributed import DistEnv
 from onestep_cli.objectives import build_objective, fake_score_loss
 
 CPU = torch.device("cpu")

@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 
 from onestep_cli import distill
 from onestep_cli.config import resolve_config
-from onestep_cli.engine.checkpoint import PAUSE_ENV, find_latest_checkpoint, list_checkpoints, verify_checkpoint
+from onestep_cli.runs.checkpoint import PAUSE_ENV, find_latest_checkpoint, list_checkpoints, verify_checkpoint
 from onestep_cli.engine.loop import NonFiniteError
-from onestep_cli.engine.networks import build_networks
+from onestep_cli.runs.networks import build_networks
 from poisoned_teacher import PoisonedTeacher
 
 ONESTEP = str(Path(sys.executable).parent / "onestep")

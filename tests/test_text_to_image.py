@@ -23,9 +23,10 @@ from test_metrics_tiny_models import tiny_weights  # noqa: F401
 from onestep_cli.cli.app import app  # noqa: E402
 from onestep_cli.config import resolve_config, validate_config  # noqa: E402
 from onestep_cli.denoisers.generator import OneStepGenerator  # noqa: E402
-from onestep_cli.engine.loading import load_generator_source  # noqa: E402
+from onestep_cli.runs.loading import load_generator_source  # noqa: E402
 from onestep_cli.engine.loop import distill  # noqa: E402
-from onestep_cli.engine.networks import blocks, build_networks  # noqa: E402
+from onestep_cli.denoisers.blocks import blocks  # noqa: E402
+from onestep_cli.runs.networks import build_networks  # noqa: E402
 from onestep_cli.engine.trainer import Trainer, make_optimizer  # noqa: E402
 from onestep_cli.sampling import generate_text_to_image  # noqa: E402
 
@@ -317,7 +318,7 @@ def test_eval_generates_prompt_images_in_memory_as_sample_writes_them(tiny, sd_r
 # train.cuda_graph with prompts: their conditions live on the training device, so the step has no host round trip.
 
 def test_prompt_draws_are_the_same_rows_placed_on_the_device_or_kept_on_the_host(tiny, monkeypatch):
-    from onestep_cli.engine.networks import PromptSampler
+    from onestep_cli.denoisers.diffusers.training import PromptSampler
 
     config = tiny_config(tiny, "pixart-sim")
     sampler = build_networks(config).sample_condition

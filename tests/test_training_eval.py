@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from onestep_cli.digits.images_npz import write_digits_npz
-from onestep_cli.evaluation import evaluate
+from onestep_cli.eval.evaluate import evaluate
 from test_cli import onestep
 
 

@@ -82,7 +82,7 @@ def numerics_check(batch: int = 64, device: str = "cuda") -> list[dict]:
     against strict fp32 (TF32 off), for each bf16 variant: autocast with float32 GroupNorm (before issue 7), 16-bit
     GroupNorm (after), and after + channels_last (CUDA)."""
     from ..denoisers.edm.layers import GroupNorm
-    from ..engine.precision import set_tf32, use_channels_last
+    from ..runtime.precision import set_tf32, use_channels_last
     from .rows import build_network
 
     device = torch.device(device)

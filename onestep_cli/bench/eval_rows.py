@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..engine.precision import resolve_device, resolve_precision
+from ..runtime.precision import resolve_device, resolve_precision
 from .count import count_work
 from .rows import Row, build_network
 from .run import GENERATOR_SIGMA_INIT, PEAK_BF16_FLOPS, Options, _free, _time
@@ -124,9 +124,9 @@ def _measure_fid(row: Row, options: Options, device: torch.device, precision: st
     --batch B` computes it (generator_source + compute_image_metrics), timed from the first generated image to the
     Fréchet distance. Loading the networks, the reference statistics and a warm-up batch come first, untimed."""
     from ..denoisers.generator import OneStepGenerator
-    from ..metrics import FEATURE_SPACES, MetricContext, MissingWeightsError, get_metric
-    from ..metrics.image_eval import compute_image_metrics
-    from ..sample_io import generator_source
+    from ..eval import FEATURE_SPACES, MetricContext, MissingWeightsError, get_metric
+    from ..eval.image_eval import compute_image_metrics
+    from ..sampling import generator_source
 
     num = QUICK_FID_IMAGES if options.tiny else FID_IMAGES
     setup_start = time.perf_counter()
@@ -198,9 +198,9 @@ def _timed(function: Callable, totals: dict, key: str) -> Callable:
 def _random_reference(inception, resolution: tuple[int, int], num: int, batch: int, folder: Path):
     """Statistics of `num` random images, in EDM's reference format (an .npz of mu and sigma), opened as --ref opens
     a statistics file."""
-    from ..metrics.distances import feature_stats
-    from ..metrics.image_eval import extract_all
-    from ..metrics.reference import Reference
+    from ..eval.distances import feature_stats
+    from ..eval.image_eval import extract_all
+    from ..eval.reference import Reference
     from ..sample_io import array_source
 
     images = np.random.default_rng(0).integers(0, 256, (num, *resolution, 3), dtype=np.uint8)
@@ -261,7 +261,7 @@ def build_scorer(name: str, tiny: bool = False, device: torch.device | str = "cp
     rng = torch.Generator().manual_seed(seed)
     stand_in = "Tiny stand-in of " if tiny else ""
     if name == "imagereward":
-        from ..metrics.imagereward import (MAX_PROMPT_TOKENS, ImageRewardModel, text_config_from_med,
+        from ..eval.imagereward import (MAX_PROMPT_TOKENS, ImageRewardModel, text_config_from_med,
                                            vision_config_from_state)
 
         vision = vision_config_from_state(imagereward_shapes(**(TINY_IMAGEREWARD_VIT if tiny else IMAGEREWARD_VIT)))
@@ -279,7 +279,7 @@ def build_scorer(name: str, tiny: bool = False, device: torch.device | str = "cp
     if name == "pickscore":
         from transformers import CLIPConfig, CLIPModel
 
-        from ..metrics.transformers_models import PICKSCORE_MAX_TOKENS, pickscore
+        from ..eval.transformers_models import PICKSCORE_MAX_TOKENS, pickscore
 
         config = CLIPConfig(**(TINY_PICKSCORE_CLIP if tiny else PICKSCORE_CLIP))
         with device:

@@ -17,8 +17,8 @@ import torch
 from ..config import TrainConfig, validate_config
 from ..denoisers.edm.layers import GroupNorm
 from ..denoisers.generator import OneStepGenerator
-from ..engine.networks import build_networks
-from ..engine.precision import (autocast, compile_blocks, resolve_device, resolve_precision, set_tf32,
+from ..runs.networks import build_networks
+from ..runtime.precision import (autocast, compile_blocks, resolve_device, resolve_precision, set_tf32,
                                 use_channels_last)
 from ..engine.trainer import Trainer
 from ..sampling import heun_sample

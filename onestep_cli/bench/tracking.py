@@ -64,8 +64,8 @@ def train_once(preset: str, overrides: list[str], steps: int, seed: int, precisi
     their resolutions and the first steps' generator losses. `precision` is passed to the Trainer as is, so bf16 can
     be checked on a CPU too, where the command line refuses it for speed, not correctness."""
     from ..engine.loop import GeneratorEvaluator
-    from ..engine.networks import build_networks
-    from ..engine.precision import resolve_device, resolve_precision, set_tf32
+    from ..runs.networks import build_networks
+    from ..runtime.precision import resolve_device, resolve_precision, set_tf32
     from ..engine.trainer import Trainer
 
     family_overrides = FAMILIES[family(preset)][1]

@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from .. import __version__
+from ..version import __version__
 from .bench import bench_command
 from .compare import compare_command
 from .convert import convert_command

@@ -9,9 +9,9 @@ import typer
 from rich.console import Console
 
 from ..config import ConfigError
-from ..engine.checkpoint import CheckpointError
+from ..runs.checkpoint import CheckpointError
 from ..denoisers.edm import EDMLoadError
-from ..metrics import MetricError
+from ..eval import MetricError
 
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)

@@ -22,7 +22,7 @@ def compare_command(
 ):
     """Compare sources: a table of metrics and of config differences; under --out, metric-vs-kimg plots, a grid of
     every image generator on the same seeds and report.html holding them all (opens offline)."""
-    from ..engine.precision import resolve_device
+    from ..runtime.precision import resolve_device
     from ..report import compare, render_config_table, render_rich_table, to_json, write_report
     from ..sampling import parse_seeds
 

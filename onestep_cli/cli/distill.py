@@ -51,7 +51,7 @@ def _distill(preset, config_file, overrides, out, gpus, nnodes, node_rank, maste
         else:
             stdout.print(config_to_yaml(config), highlight=False, markup=False, end="")
         return 0
-    from ..engine.distributed import launcher_env
+    from ..runtime.distributed import launcher_env
 
     launcher = launcher_env()
     if launcher is None and (gpus > 1 or nnodes > 1):

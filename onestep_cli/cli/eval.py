@@ -72,8 +72,8 @@ def eval_command(
     master_port: int = typer.Option(29500, "--master-port", help="Free TCP port on node 0 for the rendezvous."),
 ):
     """Evaluate samples; runs keep the result under RUN/eval/."""
-    from ..engine.distributed import PeerFailure, launcher_env
-    from ..evaluation import evaluate, store_result
+    from ..runtime.distributed import PeerFailure, launcher_env
+    from ..eval.evaluate import evaluate, store_result
 
     names = [m.strip() for m in metrics.split(",") if m.strip()]
     if precision not in ("fp32", "bf16", "fp16"):
@@ -143,7 +143,7 @@ def _log(message: str) -> None:
 def _relaunch(plan, command: list[str], source: Path, names: list[str], save_stats: Path | None, device: str) -> int:
     """Check what can be checked before any process starts, then run `command` in every process of `plan`."""
     from ..engine.launch import check_devices, run_torchrun
-    from ..evaluation import check_splittable
+    from ..eval.evaluate import check_splittable
 
     check_splittable(source, names, save_stats)
     if device.startswith("cuda:"):

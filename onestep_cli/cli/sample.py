@@ -38,8 +38,8 @@ def sample_command(
 ):
     """Write samples: PNG per seed for images (per prompt and seed for text-to-image runs, plus grid.png),
     samples.npz otherwise, plus samples.json."""
-    from ..engine.loading import load_generator_source
-    from ..engine.precision import resolve_device
+    from ..runs.loading import load_generator_source
+    from ..runtime.precision import resolve_device
     from ..sample_io import write_samples
     from ..sampling import generate, generate_teacher, seed_labels
 
@@ -65,7 +65,8 @@ def sample_command(
 
 def _sample_text(loaded, source, prompts, seed_list, seeds, out, teacher, steps, batch, device, as_json):
     from ..denoisers.diffusers import read_prompts
-    from ..sampling import generate_text_to_image, teacher_sampler, write_prompt_samples
+    from ..sample_io import write_prompt_samples
+    from ..sampling import generate_text_to_image, teacher_sampler
 
     if loaded.pipeline is None:
         raise ValueError(f"--prompts needs a text-to-image run (teacher.kind: diffusers); {source} distils a "

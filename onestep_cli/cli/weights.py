@@ -14,7 +14,7 @@ weights_app = typer.Typer(help="The metric weight cache (ONESTEP_HOME): list, pa
 
 
 def _keys(keys: Optional[List[str]], everything: bool = True) -> list[str]:
-    from ..metrics.weights import WEIGHT_SETS, get_weight_set
+    from ..eval.weights import WEIGHT_SETS, get_weight_set
 
     if not keys:
         return list(WEIGHT_SETS) if everything else []
@@ -31,7 +31,7 @@ def _default(ctx: typer.Context):
 @reports_errors
 def list_command(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
     """Every weight set, the metrics that need it, and whether it is here."""
-    from ..metrics.weights import WEIGHT_SETS, status, weights_home
+    from ..eval.weights import WEIGHT_SETS, status, weights_home
 
     rows = [status(key) for key in WEIGHT_SETS]
     if as_json:
@@ -54,7 +54,7 @@ def list_command(as_json: bool = typer.Option(False, "--json", help="Print one J
 def path_command(key: str = typer.Argument(..., help="Weight set key (see `onestep weights list`)."),
                  as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
     """Where a weight set's files are (or must be put)."""
-    from ..metrics.weights import status
+    from ..eval.weights import status
 
     row = status(_keys([key])[0])
     if as_json:
@@ -77,7 +77,7 @@ def verify_command(keys: Optional[List[str]] = typer.Argument(None, help="Weight
 
 @reports_errors
 def _verify(keys: Optional[List[str]], as_json: bool) -> bool:
-    from ..metrics.weights import status, verify
+    from ..eval.weights import status, verify
 
     chosen = _keys(keys)
     if not keys:
@@ -102,8 +102,8 @@ def fetch_command(keys: Optional[List[str]] = typer.Argument(None, help="Weight 
                   everything: bool = typer.Option(False, "--all", help="Every weight set."),
                   force: bool = typer.Option(False, "--force", help="Download again even if present.")):
     """Download weight sets into the cache (needs internet; pinned hashes are checked, others recorded)."""
-    from ..metrics import MetricError
-    from ..metrics.weights import fetch
+    from ..eval import MetricError
+    from ..eval.weights import fetch
 
     if not keys and not everything:
         raise MetricError("Name the weight sets to fetch (see `onestep weights list`) or pass --all.")

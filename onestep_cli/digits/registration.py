@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..metrics import (FeatureExtractor, FeatureSpace, Metric, MetricContext, MetricError, MetricResult,
+from ..eval import (FeatureExtractor, FeatureSpace, Metric, MetricContext, MetricError, MetricResult,
                        mean_score_metric, register_feature_space, register_metric)
-from ..metrics.reference import ReferenceStats
+from ..eval.reference import ReferenceStats
 from . import prompt_following
 from .metrics import (_real_digit_stats, _shipped_classifier_info, classifier_features, classifier_predictions,
                       prepare, shipped_classifier)
@@ -54,11 +54,6 @@ def _real_digits_reference(extractor) -> ReferenceStats:
     return ReferenceStats(mu, sigma, None, {"reference": "sklearn load_digits, all 1797 images"})
 
 
-register_feature_space(FeatureSpace("digits", "features of the shipped digits classifier", DigitsFeatures,
-                                    distribution=True, default_reference=_real_digits_reference))
-register_feature_space(FeatureSpace("digits_correct", "digits classifier agrees with the sample's class", DigitsCorrect))
-register_metric(mean_score_metric("class_accuracy", "digits_correct",
-                                  "fraction of class-conditional samples the digits classifier assigns to their class"))
 
 
 class DigitsPromptChecks(FeatureExtractor):
@@ -102,16 +97,25 @@ def _attribute_agreement(name: str, asked: str, asks: str):
     return finish
 
 
-register_feature_space(FeatureSpace(DigitsPromptChecks.space, "digit, weight and slant of each digits image against "
-                                    "its prompt", DigitsPromptChecks, needs_prompts=True))
-register_metric(Metric("prompt_accuracy", "image", "fraction of digits images the 32x32 digits classifier assigns to "
-                       "the digit their prompt names (weight and slant agreement in the provenance)",
-                       spaces=(DigitsPromptChecks.space,), needs_prompts=True, finish=_prompt_accuracy))
-register_metric(Metric("weight_agreement", "image", "fraction of digits images asked thin (bold) whose ink mass is "
-                       "below (above) the real digits' median for that digit",
-                       spaces=(DigitsPromptChecks.space,), needs_prompts=True,
-                       finish=_attribute_agreement("weight_agreement", "weight_counted", "for thin or bold strokes")))
-register_metric(Metric("slant_agreement", "image", "fraction of digits images asked slanted left (right) whose slant "
-                       "is below (above) the real digits' median for that digit",
-                       spaces=(DigitsPromptChecks.space,), needs_prompts=True,
-                       finish=_attribute_agreement("slant_agreement", "slant_counted", "for a left or right slant")))
+def register() -> None:
+    """The `onestep.metrics` entry point: add the digits feature spaces and metrics to the registry."""
+    register_feature_space(FeatureSpace("digits", "features of the shipped digits classifier", DigitsFeatures,
+                                        distribution=True, default_reference=_real_digits_reference))
+    register_feature_space(FeatureSpace("digits_correct", "digits classifier agrees with the sample's class",
+                                        DigitsCorrect))
+    register_metric(mean_score_metric("class_accuracy", "digits_correct", "fraction of class-conditional samples the "
+                                      "digits classifier assigns to their class"))
+    register_feature_space(FeatureSpace(DigitsPromptChecks.space, "digit, weight and slant of each digits image "
+                                        "against its prompt", DigitsPromptChecks, needs_prompts=True))
+    checks = (DigitsPromptChecks.space,)
+    register_metric(Metric("prompt_accuracy", "image", "fraction of digits images the 32x32 digits classifier "
+                           "assigns to the digit their prompt names (weight and slant agreement in the provenance)",
+                           spaces=checks, needs_prompts=True, finish=_prompt_accuracy))
+    register_metric(Metric("weight_agreement", "image", "fraction of digits images asked thin (bold) whose ink mass "
+                           "is below (above) the real digits' median for that digit", spaces=checks,
+                           needs_prompts=True, finish=_attribute_agreement("weight_agreement", "weight_counted",
+                                                                           "for thin or bold strokes")))
+    register_metric(Metric("slant_agreement", "image", "fraction of digits images asked slanted left (right) whose "
+                           "slant is below (above) the real digits' median for that digit", spaces=checks,
+                           needs_prompts=True, finish=_attribute_agreement("slant_agreement", "slant_counted",
+                                                                           "for a left or right slant")))

@@ -14,7 +14,7 @@ import torch
 
 from ..config import ConfigError, RunConfig
 from .parallel import batch_split
-from .run_dir import RunDir
+from ..runs.run_dir import RunDir
 
 # Seconds torch.distributed.run gives workers to checkpoint and exit after forwarding SIGTERM/SIGUSR1 to them.
 SHUTDOWN_TIMEOUT_S = 600

@@ -16,18 +16,18 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
-from ..metrics import MetricContext, check_metric_names, compute_metrics
+from ..eval import MetricContext, check_metric_names, compute_metrics
 from ..sample_io import is_image_shape
 from ..sampling import generate_with_labels
-from . import distributed
-from .checkpoint import checkpoint_name, find_latest_checkpoint, remove_partial_checkpoints
+from ..runtime import distributed
+from ..runs.checkpoint import checkpoint_name, find_latest_checkpoint, remove_partial_checkpoints
 from .cuda_graph import WARMUP_STEPS
-from .distributed import DistEnv, barrier, broadcast_object, on_main, print0
-from .networks import Networks, build_networks
+from ..runtime.distributed import DistEnv, barrier, broadcast_object, on_main, print0
+from ..runs.networks import Networks, build_networks
 from .parallel import batch_split, resolve_parallelism, training_state_bytes
-from .precision import resolve_precision, set_tf32
+from ..runtime.precision import resolve_precision, set_tf32
 from .progress import Progress
-from .run_dir import RunDir
+from ..runs.run_dir import RunDir
 from .signals import StopRequest
 from .trainer import NonFiniteError, Trainer, training_mode
 
@@ -55,7 +55,7 @@ class GeneratorEvaluator:
         self.image_metrics = is_image_shape(trainer.data_shape)
         self.context = None
         if self.image_metrics:
-            from ..metrics.reference import open_reference
+            from ..eval.reference import open_reference
 
             ref = self.config.resolved_ref
             self.context = MetricContext(reference=open_reference(ref) if ref is not None else None,
@@ -240,7 +240,7 @@ def export_generator(trainer: Trainer, run: RunDir) -> Path:
     """Inference weights of the (EMA) generator: export/generator.safetensors + export/config.yaml (rank 0)."""
     from safetensors.torch import save_file
 
-    from .run_dir import write_atomic
+    from ..runs.run_dir import write_atomic
 
     module = trainer.sampling_generator
     if trainer.sharded:  # Gather the shards (every rank takes part); rank 0 receives the full tensors.

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from .distributed import DistEnv
-from .networks import blocks
-from .precision import param_dtype
+from ..runtime.distributed import DistEnv
+from ..denoisers.blocks import blocks
+from ..runtime.precision import param_dtype
 
 # `parallelism: auto` shards with FSDP when the estimated training state takes more than this share of one GPU,
 # leaving the rest for activations (SiD/SIM backpropagate through three networks).

@@ -32,16 +32,17 @@ from ..config import ConfigError, RunConfig
 from ..denoisers.edm.augment import augment, draw_augmentation
 from ..objectives import build_objective, fake_score_loss
 from ..objectives.sigmas import sample_sigma
-from .checkpoint import (CheckpointError, begin_save, commit, gather_hashes, hash_files, is_sharded, read_checkpoint,
+from ..runs.checkpoint import (CheckpointError, begin_save, commit, gather_hashes, hash_files, is_sharded, read_checkpoint,
                          read_rng, read_sharded, unflatten_optimizer, write_full, write_rng, write_sharded)
 from .cuda_graph import StepGraph
-from .distributed import SINGLE, DistEnv, all_gather_object, all_reduce
+from ..runtime.distributed import SINGLE, DistEnv, all_gather_object, all_reduce
 from .ema import EMA, ema_beta
 from .lr_schedule import warmup_factor
-from .networks import Networks, PromptSampler
+from ..denoisers.diffusers.training import PromptSampler
+from ..runs.networks import Networks
 from .parallel import batch_split, gradient_sync, wrap
-from .precision import autocast, compile_blocks, make_scaler, use_channels_last
-from .run_dir import RunDir
+from ..runtime.precision import autocast, compile_blocks, make_scaler, use_channels_last
+from ..runs.run_dir import RunDir
 
 
 class NonFiniteError(RuntimeError):

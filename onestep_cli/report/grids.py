@@ -54,8 +54,8 @@ def model_images(source: Source, seeds: list[int], num_prompts: int = GRID_PROMP
     from ..config import ConfigError
     from ..denoisers.diffusers import DiffusersLoadError
     from ..denoisers.edm import EDMLoadError
-    from ..engine.checkpoint import CheckpointError
-    from ..engine.loading import load_generator_source
+    from ..runs.checkpoint import CheckpointError
+    from ..runs.loading import load_generator_source
     from ..sample_io import is_image_shape
     from ..sampling import generate
 
@@ -77,7 +77,7 @@ def model_images(source: Source, seeds: list[int], num_prompts: int = GRID_PROMP
 def sample_grids(comparison: Comparison, seeds: list[int] = GRID_SEEDS, num_prompts: int = GRID_PROMPTS,
                  device="cpu", batch_size: int = GRID_BATCH, log: Callable[[str], None] | None = None) -> Grids:
     """Each source's grid on `seeds`, in the comparison's order; `log` hears of every source skipped."""
-    from ..sampling import image_grid
+    from ..sample_io import image_grid
 
     seeds = list(seeds)
     if not seeds:
@@ -142,7 +142,7 @@ def write_grids(grids: Grids, out_dir: str | Path) -> GridFiles:
 
 def _cached_prompts(source: Source, num_prompts: int) -> list[str]:
     from ..denoisers.diffusers import PromptFileError, load_prompt_cache
-    from ..engine.networks import PROMPT_CACHE
+    from ..denoisers.diffusers.training import PROMPT_CACHE
 
     run_dir = source.path if source.kind == "run" else source.path.parent.parent
     cache = run_dir / PROMPT_CACHE

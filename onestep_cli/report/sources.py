@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-import yaml
 
-from ..engine.run_dir import flatten
+from ..runs.run_dir import RunDir, RunFormatError, flatten, read_jsonl
 
 SourceKind = Literal["run", "checkpoint", "eval"]
 EXPECTED = ("a run directory (with config.yaml), a checkpoint directory (RUN/checkpoints/step-N with state.json) "
@@ -103,14 +102,10 @@ def _load_eval_file(path: Path) -> Source:
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.yaml"
     try:
-        data = yaml.safe_load(_read_text(path))
-    except yaml.YAMLError as exc:
-        raise ReportError(f"{path} is not valid YAML ({exc}); expected the run's resolved config.") from None
-    if not isinstance(data, dict):
-        raise ReportError(f"{path} holds {type(data).__name__}; expected the run's config, a mapping (teacher:, ...).")
-    return flatten(data)
+        return flatten(RunDir(run_dir).read_raw_config())
+    except RunFormatError as error:
+        raise ReportError(str(error)) from None
 
 
 def _read_metrics(path: Path) -> list[_Record]:
@@ -182,19 +177,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSON-lines file."""
-    lines = _read_text(path).split("\n")
-    out = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
-                break  # An unterminated last line is a record a live run is still writing.
-            raise ReportError(f"{path} line {number} is not valid JSON ({exc}); expected an object per line.") from None
-        if not isinstance(obj, dict):
-            raise ReportError(f"{path} line {number} holds a JSON {type(obj).__name__}; expected an object.")
-        out.append((number, obj))
-    return out
+    """(line number, object) for each record of a run's JSON-lines file, read as the run directory reads it."""
+    try:
+        return read_jsonl(path)
+    except RunFormatError as error:
+        raise ReportError(str(error)) from None

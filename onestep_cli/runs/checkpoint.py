@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .distributed import SINGLE, DistEnv, all_gather_object, barrier, broadcast_object
+from ..runtime.distributed import SINGLE, DistEnv, all_gather_object, barrier, broadcast_object
 
 PREFIX = "step-"
 PARTIAL_PREFIX = ".partial-"

@@ -9,18 +9,18 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .config import ConfigError, PRESET_DIR, resolve_config
-from .engine import distributed
-from .engine.loading import is_generator_source, load_generator_source
-from .engine.networks import build_teacher
-from .engine.run_dir import RunDir
-from .metrics import (DEFAULT_FID_MODE, FEATURE_SPACES, MetricContext, MetricError, check_metric_names,
+from ..version import __version__
+from ..config import ConfigError, PRESET_DIR, resolve_config
+from ..runtime import distributed
+from ..runs.loading import is_generator_source, load_generator_source
+from ..runs.networks import build_teacher
+from ..runs.run_dir import RunDir
+from . import (DEFAULT_FID_MODE, FEATURE_SPACES, MetricContext, MetricError, check_metric_names,
                       compute_metrics, get_metric, needs_explicit_reference)
-from .sample_io import (SAMPLES_META, SAMPLES_NPZ, SourceError, folder_source, format_seeds, generator_source,
-                        is_image_shape, list_image_files, npz_image_source, read_prompts, read_samples,
-                        recorded_prompts)
-from .sampling import generate
+from ..denoisers.diffusers.prompts import read_prompts
+from ..sample_io import (SAMPLES_META, SAMPLES_NPZ, SourceError, folder_source, format_seeds, is_image_shape,
+                         list_image_files, npz_image_source, read_samples, recorded_prompts)
+from ..sampling import generate, generator_source
 
 DEFAULT_NUM = 2000  # Samples generated for low-dimensional metrics when neither --num nor --seeds is given.
 DEFAULT_IMAGE_NUM = 50000  # Images generated for image metrics by default: the EDM protocol (seeds 0-49999).
@@ -117,14 +117,12 @@ def _join_processes(device_choice: str | torch.device) -> tuple[distributed.Dist
 def _text_to_image_images(loaded, source, prompts, num, seeds, device, precision, description):
     """A text-to-image run's images of every prompt of --prompts with every seed (default: seed 0), generated in
     memory in `onestep sample --prompts` order, and the prompt of each image."""
-    from .denoisers.diffusers import read_prompts as read_prompt_file
-    from .sample_io import text_to_image_source
-    from .sampling import prompt_major_pairs
+    from ..sampling import prompt_major_pairs, text_to_image_source
 
     if prompts is None:
         raise MetricError(f"{source} is a text-to-image run: give the prompts to draw with --prompts FILE (.txt, "
                           ".jsonl or COCO .json); each prompt is drawn with every seed of --seeds (default 0).")
-    texts = read_prompt_file(prompts)
+    texts = read_prompts(prompts)
     seeds = seeds if seeds is not None else [0]
     loaded.pipeline.pipeline.vae.to(device)
     images = text_to_image_source(loaded.generator, loaded.pipeline, texts, seeds, loaded.data_shape, device,
@@ -137,7 +135,7 @@ def _text_to_image_images(loaded, source, prompts, num, seeds, device, precision
 def _compile_generator(generator: torch.nn.Module, device: torch.device) -> bool:
     """`--compile`: the generator's blocks compiled as train.compile does, then NHWC on CUDA (together the fastest
     one-step sampling measured, docs/benchmarks.md; eager NHWC is slower, so only when compiled)."""
-    from .engine.precision import compile_blocks, use_channels_last
+    from ..runtime.precision import compile_blocks, use_channels_last
 
     compiled = compile_blocks([generator], device, setting="--compile")
     if compiled:  # Blocks compile at their first call, so the layout set now is the one they are traced with.
@@ -192,8 +190,8 @@ def open_image_source(path: Path):
 def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, batch_size, device, precision,
                      weights, options, save_stats, env: distributed.DistEnv,
                      compile_generator: bool = False) -> dict | None:
-    from .metrics.image_eval import compute_image_metrics
-    from .metrics.reference import open_reference, write_reference_stats
+    from .image_eval import compute_image_metrics
+    from .reference import open_reference, write_reference_stats
 
     common = _common()
     if is_generator_source(source):

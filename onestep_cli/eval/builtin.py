@@ -1,38 +1,21 @@
-"""Metrics behind one entry point: `compute_metrics(names, samples, teacher, context)` returns values with provenance.
-
-Two registries: METRICS (name -> Metric) and FEATURE_SPACES (name -> FeatureSpace). Every distribution space `X`
-also offers the metric `fd_X` (Fréchet distance in that space). Other packages add their own with
-`register_metric` / `register_feature_space` (see docs/metrics.md).
-"""
+"""The built-in metrics: sliced Wasserstein distance and mode coverage of the analytic mixture; FID, KID, precision,
+recall, IS and the Fréchet distance of any distribution feature space; CLIP, aesthetic, ImageReward, PickScore and
+HPSv2 scores."""
 
 from __future__ import annotations
 
-import difflib
-
 import torch
 
-from .. import __version__
 from ..denoisers.gmm import GaussianMixtureDenoiser
-from .base import (DEFAULT_FID_MODE, FID_MODES, FeatureExtractor, FeatureSpace, Metric, MetricContext, MetricError,
-                   MetricResult)
+from .base import FeatureSpace, Metric, MetricContext, MetricError, MetricResult
 from .distances import (IS_SPLITS, KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS, feature_stats, frechet_distance,
                         inception_score, kernel_inception_distance)
 from .lowdim import mode_coverage, sliced_wasserstein
 from .precision_recall import finish_precision, finish_recall
-from .weights import MissingWeightsError, WeightsError
 
 SWD_PROJECTIONS = 512
 REFERENCE_SEED = 0  # Seed of the exact teacher samples the swd compares against.
 FD_PREFIX = "fd_"
-
-__all__ = ["METRICS", "FEATURE_SPACES", "Metric", "FeatureSpace", "FeatureExtractor", "MetricContext", "MetricError",
-           "MetricResult", "MissingWeightsError", "WeightsError", "FID_MODES", "DEFAULT_FID_MODE", "compute_metrics",
-           "check_metric_names", "get_metric", "is_image_metric", "needs_explicit_reference", "register_metric",
-           "register_feature_space", "mean_score_metric"]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Low-dimensional metrics of the analytic mixture
 
 
 def _need_mixture(name: str, teacher) -> GaussianMixtureDenoiser:
@@ -94,7 +77,7 @@ def _is(features, reference, ctx) -> MetricResult:
     return MetricResult("is", mean, {"std_over_splits": std, "num_splits": IS_SPLITS})
 
 
-def _fd(space: str):
+def frechet_finish(space: str):
     def finish(features, reference, ctx) -> MetricResult:
         mu, sigma = feature_stats(features[space])
         ref = reference[space]
@@ -115,7 +98,7 @@ def mean_score_metric(name: str, space: str, description: str, needs_prompts: bo
     return Metric(name, "image", description, spaces=(space,), needs_prompts=needs_prompts, finish=finish)
 
 
-def _spaces():
+def builtin_spaces() -> list[FeatureSpace]:
     from .clip import AestheticScore, CLIPImageFeatures, CLIPScore
     from .hpsv2 import HPSv2Score
     from .imagereward import ImageRewardScore
@@ -136,25 +119,7 @@ def _spaces():
     ]
 
 
-METRICS: dict[str, Metric] = {}
-FEATURE_SPACES: dict[str, FeatureSpace] = {}
-
-
-def register_metric(metric: Metric, replace: bool = False) -> None:
-    """Add a metric to METRICS (an error if the name is taken, unless `replace`)."""
-    if metric.name in METRICS and not replace:
-        raise ValueError(f"Metric '{metric.name}' is already registered.")
-    METRICS[metric.name] = metric
-
-
-def register_feature_space(space: FeatureSpace, replace: bool = False) -> None:
-    """Add a feature space; a distribution space `X` also makes `fd_X` available."""
-    if space.name in FEATURE_SPACES and not replace:
-        raise ValueError(f"Feature space '{space.name}' is already registered.")
-    FEATURE_SPACES[space.name] = space
-
-
-for _metric in [
+BUILTIN_METRICS = [
     Metric("swd", "lowdim", "sliced Wasserstein-2 distance to exact teacher samples (analytic mixture)", compute=_swd),
     Metric("mode_coverage", "lowdim", "fraction of mixture components covered", compute=_mode_coverage),
     Metric("fid", "image", "Fréchet Inception Distance", spaces=("inception",), needs_reference=True, finish=_fid),
@@ -171,74 +136,4 @@ for _metric in [
     mean_score_metric("imagereward", "imagereward", "ImageReward v1.0 with the prompt", needs_prompts=True),
     mean_score_metric("pickscore", "pickscore", "PickScore_v1 with the prompt", needs_prompts=True),
     mean_score_metric("hpsv2", "hpsv2", "HPS v2.1 (or v2.0) raw cosine with the prompt", needs_prompts=True),
-]:
-    register_metric(_metric)
-for _space in _spaces():
-    register_feature_space(_space)
-
-
-def get_metric(name: str) -> Metric:
-    """The registered metric, or the Fréchet distance `fd_<space>` of a distribution feature space."""
-    if name in METRICS:
-        return METRICS[name]
-    space = FEATURE_SPACES.get(name[len(FD_PREFIX):]) if name.startswith(FD_PREFIX) else None
-    if space is not None and space.distribution:
-        return Metric(name, "image", f"Fréchet distance in {space.name} features", spaces=(space.name,),
-                      needs_reference=True, finish=_fd(space.name))
-    available = list(METRICS) + [f"{FD_PREFIX}{s}" for s, fs in FEATURE_SPACES.items() if fs.distribution]
-    hint = difflib.get_close_matches(name, available, n=1)
-    did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
-    raise MetricError(f"Unknown metric '{name}'.{did_you_mean} Available: {', '.join(available)}.")
-
-
-def check_metric_names(names: list[str]) -> None:
-    for name in names:
-        get_metric(name)
-
-
-def is_image_metric(name: str) -> bool:
-    return get_metric(name).kind == "image"
-
-
-def needs_explicit_reference(metric: Metric) -> bool:
-    """Whether `metric` needs --ref: it compares distributions and some space it reads has no default reference."""
-    return metric.needs_reference and any(FEATURE_SPACES[s].default_reference is None for s in metric.spaces)
-
-
-def compute_metrics(names: list[str], samples, teacher=None, context: MetricContext | None = None
-                    ) -> dict[str, MetricResult]:
-    """Compute each named metric on `samples`: a float tensor [num, ...] for low-dimensional metrics; for image
-    metrics, images ([-1, 1] float [N, C, H, W] or uint8) or an ImageSource. Non-finite samples are an error."""
-    check_metric_names(names)
-    ctx = context if context is not None else MetricContext()
-    if teacher is not None:
-        ctx.teacher = teacher
-    metrics = [get_metric(name) for name in names]
-    results: dict[str, MetricResult] = {}
-    lowdim = [m for m in metrics if m.kind == "lowdim"]
-    images = [m for m in metrics if m.kind == "image"]
-    if lowdim:
-        if not isinstance(samples, torch.Tensor):
-            raise MetricError(f"Metric '{lowdim[0].name}' needs the samples as a tensor, not {type(samples).__name__}.")
-        if not torch.isfinite(samples).all():
-            bad = int((~torch.isfinite(samples.reshape(samples.shape[0], -1))).any(dim=1).sum())
-            raise MetricError(f"{bad} of {samples.shape[0]} samples contain NaN or inf; metrics would be meaningless.")
-        for metric in lowdim:
-            results[metric.name] = metric.compute(samples, ctx)
-    if images:
-        from ..sample_io import ImageSource, array_source
-        from .image_eval import compute_image_metrics
-
-        source = samples if isinstance(samples, ImageSource) else array_source(samples, "samples",
-                                                                                labels=ctx.labels)
-        image_results, _, _ = compute_image_metrics(images, source, ctx, FEATURE_SPACES)
-        results.update(image_results)
-    for name, result in results.items():
-        result.provenance = {"metric": name, "onestep": __version__, "backend": f"onestep {__version__}",
-                             **result.provenance}
-    return {name: results[name] for name in names}
-
-
-# Domain metrics of the shipped digits teachers (fd_digits, class_accuracy, prompt_accuracy); imported last, they use
-# the registry above.
-from ..digits import registration as _digits_registration  # noqa: E402,F401
+]

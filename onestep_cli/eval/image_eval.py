@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine.distributed import SINGLE, DistEnv, gather_rows
+from ..runtime.distributed import SINGLE, DistEnv, gather_rows
 from .base import FeatureExtractor, Metric, MetricContext, MetricError, MetricResult
 
 

@@ -82,7 +82,7 @@ def compile_blocks(networks: list[nn.Module], device: torch.device, setting: str
     depth. Returns False, with a warning naming `setting` (the option that asked for it), and leaves the networks
     eager when torch.compile does not work here.
     """
-    from .networks import blocks
+    from ..denoisers.blocks import blocks
 
     failure = compile_failure(device)
     if failure is not None:

@@ -52,7 +52,7 @@ def _full_precision_matmul(device: torch.device):
         if device.type != "cuda":
             yield
             return
-        saved = torch.backends.cuda.matmul.allow_tf32  # The flag the engine sets (engine.precision.set_tf32).
+        saved = torch.backends.cuda.matmul.allow_tf32  # The flag the engine sets (runtime.precision.set_tf32).
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
             yield

@@ -1,0 +1,164 @@
+"""Text-to-image training on a diffusers teacher: the guided teacher, float32 copies of its network as generator and
+fake score (full or LoRA), and the training prompts' conditions drawn per sample."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ...config import ConfigError, DiffusersTeacherConfig, RunConfig, resolve_asset_path
+from ..base import Denoiser
+from ..generator import OneStepGenerator
+
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]  # Attention and MLP projections.
+PROMPT_CACHE = "prompts.safetensors"  # In the run directory.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PromptSampler:
+    """Draws a batch of training prompts' conditions uniformly with replacement, from the run's training RNG.
+
+    `place(device)` moves the conditions to the training device when they fit in DEVICE_BYTES: then a draw is a
+    gather there, with no host synchronisation (and the step can be a CUDA graph). Larger prompt sets stay on the
+    CPU and each draw copies its rows over (one host sync per draw).
+    """
+
+    DEVICE_BYTES = 4 * 2**30  # About 4000 PixArt (T5, 120 tokens) or 27000 SDXL (77 tokens) prompts.
+
+    def __init__(self, conditions):
+        self.conditions = conditions  # Conditioning [num_prompts, ...], on the CPU until placed.
+
+    @property
+    def nbytes(self) -> int:
+        return sum(value.numel() * value.element_size() for _, value in self.conditions.items())
+
+    def place(self, device: torch.device) -> None:
+        """Keep the conditions on `device` if they fit in DEVICE_BYTES, else on the CPU."""
+        if self.nbytes <= self.DEVICE_BYTES:
+            self.conditions = self.conditions.to(device)
+
+    def draws_on_host(self, device: torch.device) -> bool:
+        """Whether a draw for `device` goes through the CPU (a host sync and a copy each step)."""
+        return self.conditions.embeds.device.type != torch.device(device).type  # "cuda" and "cuda:0" are one.
+
+    def __call__(self, batch: int, generator: torch.Generator, device: torch.device):
+        index = torch.randint(len(self.conditions), (batch,), generator=generator, device=generator.device)
+        if not self.draws_on_host(index.device):
+            return self.conditions[index]
+        return self.conditions[index.to(self.conditions.embeds.device)].to(device)
+
+
+def load_text_teacher(config: DiffusersTeacherConfig):
+    """The DiffusersTeacher of a `teacher: {kind: diffusers}` section (on the CPU; the engine moves what it uses)."""
+    from . import DiffusersLoadError, load_diffusers_teacher
+
+    try:
+        return load_diffusers_teacher(config.resolved_path, torch_dtype=DTYPES[config.dtype],
+                                      null=config.null_condition, image_size=config.image_size,
+                                      variant=config.variant, revision=config.revision)
+    except DiffusersLoadError as error:
+        raise DiffusersLoadError(f"{error}{' ' + config.hint if config.hint else ''}") from None
+
+
+def text_latent_shape(pipeline, config: DiffusersTeacherConfig) -> tuple[int, int, int]:
+    """Latent (C, H, W) of the generated images: teacher.image_size / the VAE's factor, or the network's native."""
+    channels, height, width = pipeline.latent_shape
+    if config.image_size is None:
+        return channels, height, width
+    factor = pipeline.denoiser.vae_scale_factor
+    if any(side % factor for side in config.image_size):
+        raise ConfigError(f"teacher.image_size {list(config.image_size)} must be a multiple of the VAE's factor "
+                          f"{factor} on each side, e.g. {[side // factor * factor for side in config.image_size]}.")
+    return channels, config.image_size[0] // factor, config.image_size[1] // factor
+
+
+def add_lora(denoiser, rank: int) -> None:
+    """Freeze `denoiser`'s network and give it trainable rank-`rank` LoRA adapters (peft; alpha = rank).
+
+    peft's generic injection works on every diffusers network (PixArt's transformer has no `add_adapter`)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    denoiser.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                       target_modules=LORA_TARGETS), denoiser.model)
+
+
+@dataclass
+class TextToImageNetworks:
+    teacher: Denoiser  # The guided frozen teacher.
+    generator: OneStepGenerator
+    fake: Denoiser
+    data_shape: tuple[int, int, int]  # Latent (C, H, W).
+    sample_condition: Callable | None  # A PromptSampler of the training prompts; None when not asked for.
+    pipeline: object  # The DiffusersTeacher: VAE and text encoders, for sampling.
+
+
+def text_to_image_networks(config: RunConfig, run_dir: Path | None = None, prompts: bool = True
+                           ) -> TextToImageNetworks:
+    """Guided frozen teacher; generator and fake score as float32 copies of its network (full, or LoRA adapters).
+
+    Generator: `G(z, c) = D_gen(sigma_init z, sigma_init, c)` (no guidance: the teacher's is distilled into it).
+    Fake score: guided with `fake.guidance_scale` in both of its uses, as SiD-LSG's kappa1 = kappa2 = kappa3.
+    """
+    from . import GuidedDenoiser
+
+    refused = [f"{key}={value}" for key, value in (("generator.dropout", config.generator.dropout),
+                                                   ("fake.dropout", config.fake.dropout)) if value is not None]
+    if config.fake.augment_p:
+        refused.append(f"fake.augment_p={config.fake.augment_p}")
+    if refused:
+        these, them = ("these apply", "them") if len(refused) > 1 else ("this applies", "it")
+        raise ConfigError(f"{', '.join(refused)}: {these} only to EDM teachers (teacher.kind: edm); a diffusers "
+                          "network has no single dropout of its residual blocks to set and no augmentation input. "
+                          f"Remove {them} (dropout: null, augment_p: 0).")
+    teacher_config = config.teacher
+    pipeline = load_text_teacher(teacher_config)
+    data_shape = text_latent_shape(pipeline, teacher_config)
+    sample_condition = None
+    if prompts:
+        sample_condition = PromptSampler(encode_training_prompts(config, pipeline, run_dir).conditions)
+    torch.manual_seed(config.train.seed)
+    copies = []
+    for rank in (config.generator.lora_rank, config.fake.lora_rank):
+        network = copy.deepcopy(pipeline.denoiser).float()
+        network.requires_grad_(True)
+        if rank:
+            add_lora(network, rank)
+        copies.append(network.train())
+    generator_denoiser, fake_denoiser = copies
+    pipeline.denoiser.requires_grad_(False).eval()
+    teacher = pipeline.guided(teacher_config.guidance_scale)
+    fake = GuidedDenoiser(fake_denoiser, config.fake.guidance_scale)
+    generator = OneStepGenerator(generator_denoiser, config.generator.sigma_init)
+    return TextToImageNetworks(teacher, generator, fake, data_shape, sample_condition, pipeline)
+
+
+def encode_training_prompts(config: RunConfig, pipeline, run_dir: Path | None):
+    """The training prompts' PromptCache: read from (or written to) `run_dir/prompts.safetensors`, else in memory."""
+    from . import PromptCache, read_prompts
+    from .prompts import cache_key
+
+    if config.prompts.path is None:
+        raise ConfigError("A text-to-image teacher needs training prompts: set prompts.path to a .txt (one prompt per "
+                          "line), .jsonl or COCO captions .json file, e.g. --set prompts.path=prompts.txt.")
+    texts = read_prompts(resolve_asset_path(config.prompts.path))
+    dtype = DTYPES[config.prompts.cache_dtype] if config.prompts.cache_dtype else None
+    if run_dir is not None:
+        # Under torchrun rank 0 writes the cache first and the other ranks then read it, never two writers at once.
+        group = torch.distributed.is_available() and torch.distributed.is_initialized()
+        first = not group or torch.distributed.get_rank() == 0
+        if not first:
+            torch.distributed.barrier()
+        cache = pipeline.encode_prompts(texts, Path(run_dir) / PROMPT_CACHE, dtype=dtype)
+        if group and first:
+            torch.distributed.barrier()
+        return cache
+    conditions, empty = pipeline.encoder.encode(texts), pipeline.encoder.encode([""])
+    if dtype is not None:
+        conditions, empty = conditions.to(dtype=dtype), empty.to(dtype=dtype)
+    return PromptCache(prompts=texts, conditions=conditions, empty=empty, key=cache_key(texts, pipeline.encoder))
