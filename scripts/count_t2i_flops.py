@@ -1,8 +1,8 @@
 """FLOPs of one PixArt-alpha XL/2 (512 px) and one SDXL UNet (1024 px) forward, counted on the meta device (no
-weights, no memory), and of the pixart-sim and sdxl-sim SIM steps built from them, for the FLOP utilisation in
-docs/benchmarks.md (issue 7).
+weights, no memory), and of the pixart-sim and sdxl-sim SIM steps built from them: the model FLOPs per image that a
+FLOP utilisation of those presets' training steps divides by. Needs diffusers; CPU, seconds:
 
-Usage: python scripts/count_t2i_flops.py [--text-tokens 120]
+    python scripts/count_t2i_flops.py [--text-tokens 120]
 
 torch.utils.flop_counter counts the matrix products and attention (multiply-add = 2 FLOPs); element-wise work is
 not counted, as in onestep_cli/bench/count.py. The step's passes, in forward equivalents F (a backward pass that
@@ -25,7 +25,7 @@ def pixart_forward_flops(text_tokens: int) -> float:
     import diffusers
 
     with torch.device("meta"):
-        transformer = diffusers.PixArtTransformer2DModel(  # PixArt-XL-2-512x512, as scripts/pixart_step.py builds it.
+        transformer = diffusers.PixArtTransformer2DModel(  # PixArt-XL-2-512x512's transformer config.
             sample_size=64, num_layers=28, patch_size=2, attention_head_dim=72, num_attention_heads=16,
             caption_channels=4096, in_channels=4, cross_attention_dim=1152, out_channels=8, attention_bias=True,
             activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
@@ -44,7 +44,7 @@ def sdxl_forward_flops() -> float:
     import diffusers
 
     with torch.device("meta"):
-        unet = diffusers.UNet2DConditionModel(  # SDXL base 1.0, as scripts/sdxl_step.py builds it.
+        unet = diffusers.UNet2DConditionModel(  # SDXL base 1.0's UNet config.
             sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),

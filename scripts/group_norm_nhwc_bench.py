@@ -5,12 +5,14 @@ compilation of `layers.group_norm_channels_last` on channels_last. Prints millis
 x twice and writes y; backward reads x and dy twice each and writes dx: 8 reads or writes of 2 bytes per element in
 all). CUDA only.
 
-    python3 scripts/group_norm_nhwc_bench.py [--network ddpmpp-cifar10|adm-imagenet64|hand-picked] [--batch 256]
+    python3 scripts/group_norm_nhwc_bench.py [--network ddpmpp-cifar10|adm-imagenet64] [--batch 256]
         [--block-elements 16384,65536]
         [--variant blocks=131072,warps=16 --variant stages=1,unroll=4 ...]
 
-A `--variant` times ours with some of the module's launch settings changed: blocks (BLOCK_ELEMENTS), tile
-(TILE_ELEMENTS), warps (REDUCTION_WARPS), stages (REDUCTION_STAGES), unroll (REDUCTION_UNROLL).
+Rerun it after changing the kernels (onestep_cli/denoisers/edm/group_norm_nhwc.py), or to choose their launch
+settings on another GPU: a `--variant` times ours with some of the module's launch settings changed: blocks
+(BLOCK_ELEMENTS), tile (TILE_ELEMENTS), warps (REDUCTION_WARPS), stages (REDUCTION_STAGES), unroll
+(REDUCTION_UNROLL).
 """
 
 from __future__ import annotations
@@ -26,11 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from onestep_cli.bench.rows import NETWORKS, group_norm_shapes  # noqa: E402
 from onestep_cli.denoisers.edm import group_norm_nhwc as kernels  # noqa: E402
 from onestep_cli.denoisers.edm.layers import group_norm_channels_last  # noqa: E402
-
-# (channels, height, width, groups) that the tables of the fourth and fifth sessions (stages N, P, R, S) used: picked
-# by hand as DDPM++'s; four of the six are (128, 256 at 32x32; 256 at 16x16; 512 at 8x8).
-HAND_PICKED_SHAPES = [(128, 32, 32, 32), (256, 32, 32, 32), (256, 16, 16, 32), (384, 16, 16, 32), (512, 8, 8, 32),
-                      (256, 4, 4, 32)]
 
 
 def aten(x, weight, bias):
@@ -88,8 +85,8 @@ def milliseconds(function, x, weight, bias, upstream, iters: int = 50) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--network", default="ddpmpp-cifar10", choices=[*NETWORKS, "hand-picked"],
-                        help="Whose GroupNorm shapes (every norm of one forward), or the earlier sessions' list.")
+    parser.add_argument("--network", default="ddpmpp-cifar10", choices=list(NETWORKS),
+                        help="Whose GroupNorm shapes (every norm of one forward).")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--block-elements", default=str(kernels.BLOCK_ELEMENTS),
                         help="Comma-separated sizes of the reduction kernels' blocks to time ours with.")
@@ -107,8 +104,7 @@ def main() -> None:
     for i, variant in enumerate(args.variant):
         print(f"ours {chr(ord('A') + i)}: {variant}")
     print(f"{'C x HxW':>12} | " + " | ".join(f"{name:>22}" for name in variants))
-    shapes = HAND_PICKED_SHAPES if args.network == "hand-picked" else group_norm_shapes(args.network)
-    for channels, height, width, groups in shapes:
+    for channels, height, width, groups in group_norm_shapes(args.network):
         assert groups == 32, "the ATen and inductor columns normalise over 32 groups"
         shape = (args.batch, channels, height, width)
         cells = []

@@ -9,7 +9,8 @@ the limit and the kinds say which.
     python3 scripts/profile_step.py --row sid-cifar10 --batch 128 [--cuda-graph] [--compile] [--channels-last]
         [--fused-optimizer] [--no-nhwc-kernels] --out results.json
 
-Prints one summary table and the 25 longest kernels; --out also writes them as JSON. CUDA only.
+Prints one summary table and the 25 longest kernels; --out also writes them as JSON. CUDA only. `onestep bench` says
+how fast a row runs; this says where its time goes, before and after a change to the step or its kernels.
 """
 
 from __future__ import annotations
@@ -19,16 +20,14 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onestep_cli.bench import Options  # noqa: E402
-from onestep_cli.bench.rows import ROWS  # noqa: E402
-from onestep_cli.bench.run import _prepare, _time  # noqa: E402
+from onestep_cli.bench import DEFAULT_ROWS, ROWS, Options, prepare_row  # noqa: E402
+from onestep_cli.bench.timing import time_iterations  # noqa: E402
 from onestep_cli.denoisers.edm.layers import GroupNorm  # noqa: E402
 from onestep_cli.runtime.precision import set_tf32  # noqa: E402
 
@@ -89,7 +88,8 @@ def print_kernels(kernels: dict[str, float], top: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--row", default="sid-cifar10", choices=sorted(ROWS))
+    parser.add_argument("--row", default="sid-cifar10", choices=DEFAULT_ROWS, help="An engine row of "
+                        "`onestep bench` (the evaluation rows are not steps).")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--precision", default="bf16")
     for flag in ("cuda-graph", "compile", "channels-last", "fused-optimizer"):
@@ -98,10 +98,7 @@ def main() -> None:
                         "activations normalised by ATen (eager) or inductor (compiled), not our Triton kernels.")
     parser.add_argument("--iters", type=int, default=10, help="Timed iterations without the profiler.")
     parser.add_argument("--profiled", type=int, default=3, help="Iterations under the profiler.")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--ready", type=Path, default=None, help="After the warm-up (compilation), create this file "
-                        "and wait for --go to exist before timing: lets another process compile meanwhile.")
-    parser.add_argument("--go", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="Also write the results here as JSON.")
     args = parser.parse_args()
 
     device = torch.device("cuda")
@@ -111,13 +108,9 @@ def main() -> None:
                       channels_last=args.channels_last, fused_optimizer=args.fused_optimizer, batch=args.batch)
     batch = args.batch or row.batch
     set_tf32(True)
-    iterate, _, captured = _prepare(row, batch, args.precision, options, device)
-    first, _ = _time(iterate, device, warmup=3, iters=0)
-    if args.ready:
-        args.ready.touch()
-        while not args.go.exists():
-            time.sleep(0.5)
-    _, seconds = _time(iterate, device, warmup=1, iters=args.iters)
+    iterate, _, captured = prepare_row(row, batch, args.precision, options, device)
+    first, _ = time_iterations(iterate, device, warmup=3, iters=0)
+    _, seconds = time_iterations(iterate, device, warmup=1, iters=args.iters)
     wall = statistics.median(seconds)
 
     kernels = kernel_seconds(iterate, args.profiled)

@@ -1,4 +1,4 @@
-"""Benchmark rows of the evaluation paths (issue 5): the whole FID-50k of a CIFAR-10-size one-step generator through
+"""Benchmark rows of the evaluation paths: the whole FID-50k of a CIFAR-10-size one-step generator through
 the code `onestep eval RUN --metrics fid` runs, and one batch of the text-to-image scorers (ImageReward, PickScore).
 
 Networks are randomly initialised at the real sizes, so nothing is downloaded: EDM's DDPM++ CIFAR-10 as the
@@ -24,8 +24,8 @@ import torch
 
 from ..runtime.precision import resolve_device, resolve_precision
 from .count import count_work
-from .rows import Row, build_network
-from .run import GENERATOR_SIGMA_INIT, PEAK_BF16_FLOPS, Options, _free, _time
+from .rows import GENERATOR_SIGMA_INIT, Options, Row, build_network
+from .timing import device_name, free_memory, matmul_rate, peak_memory_gb, reset_peak_memory, time_iterations
 
 FID_IMAGES = 50000  # EDM's protocol: seeds 0-49999.
 REFERENCE_IMAGES = 10000  # Random images behind the reference statistics (untimed); the FID value means nothing.
@@ -64,15 +64,15 @@ _TF32_AS_EVAL = "cuDNN convolutions TF32, matrix products full float32 (torch's 
 
 
 def measure_eval_row(row: Row, options: Options, log=None) -> dict:
-    """Time one evaluation row. The dict holds the setting (row, batch, precision, device, versions, options, target)
-    and either `skipped` (a sentence), `error`, or the measurement:
+    """Time one evaluation row. The dict holds the setting (row, batch, precision, device, versions, options) and
+    either `skipped` (a sentence), `error`, or the measurement:
 
     - fid: num_images, total_s (generation, Inception features, statistics and the Fréchet distance of every image,
       in `compute_image_metrics`), generation_s, features_s, statistics_s (the rest), images_per_s (num / total),
-      setup_s (untimed: networks, reference statistics, warm-up), peak_memory_gb (CUDA), fid (meaningless), met;
+      setup_s (untimed: networks, reference statistics, warm-up), peak_memory_gb (CUDA), fid (meaningless);
     - score: images_per_s (batch / median iteration), seconds_per_iter, seconds_min, seconds_max, first_iter_s,
-      flops_per_image, flop_utilisation (of PEAK_BF16_FLOPS, though the scorers run float32), parameters,
-      peak_memory_gb (CUDA).
+      flops_per_image, matmul_flops_per_s (this device's float32 matrix-product rate under the settings the scorer
+      runs with, measured), flop_utilisation (of it), parameters, peak_memory_gb (CUDA).
     """
     log = log or (lambda message: None)
     device = resolve_device(options.device)
@@ -80,8 +80,8 @@ def measure_eval_row(row: Row, options: Options, log=None) -> dict:
     precision = resolve_precision(options.precision, device) if row.work == "fid" else "fp32"
     batch = options.batch or (QUICK_BATCH[row.work] if options.tiny else row.batch)
     result = {"row": row.name, "work": row.work, "batch": batch, "precision": precision,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "options": asdict(replace(options, batch=batch)), "target": row.target,
+              "device": device_name(device), "torch": torch.__version__,
+              "options": asdict(replace(options, batch=batch)),
               "tf32": _TF32_AS_EVAL if device.type == "cuda" else "not applicable (CPU)"}
     log(f"{row.name}: batch {batch}, {precision}{' generation' if row.work == 'fid' else ''}, as `onestep eval` runs")
     try:
@@ -93,9 +93,7 @@ def measure_eval_row(row: Row, options: Options, log=None) -> dict:
     except torch.cuda.OutOfMemoryError:
         result["error"] = "out of memory"
     finally:
-        _free(device)
-    if row.target_seconds is not None and "total_s" in result and not options.tiny:
-        result["met"] = result["total_s"] < row.target_seconds
+        free_memory(device)
     return result
 
 
@@ -164,7 +162,7 @@ def _measure_fid(row: Row, options: Options, device: torch.device, precision: st
                                   cache=ctx.cache)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
         log(f"{row.name}: {num} images")
         start = time.perf_counter()
         results, _, _ = compute_image_metrics([get_metric("fid")], source, timed_ctx, spaces)
@@ -177,9 +175,8 @@ def _measure_fid(row: Row, options: Options, device: torch.device, precision: st
            "measured": f"onestep eval --metrics fid --num {num} --batch {batch} --precision {precision} --ref "
                        f"STATS: generator_source (one-step generation{' in autocast' if precision != 'fp32' else ''}"
                        f" by a random-init {row.network}{' stand-in' if options.tiny else ''}), Inception fp32 with "
-                       "EDM's resize, mean/covariance and Fréchet distance (compute_image_metrics)"}
-    if device.type == "cuda":
-        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                       "EDM's resize, mean/covariance and Fréchet distance (compute_image_metrics)",
+           **peak_memory_gb(device)}
     return out
 
 
@@ -314,9 +311,10 @@ def _clip_prompts(batch: int, tokens: int, vocab_size: int, rng: torch.Generator
 
 
 def _measure_scorer(row: Row, options: Options, device: torch.device, batch: int) -> dict:
-    """Median time of the scorer's forward on `batch` random inputs, timed as the engine rows are (run._time)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    """Median time of the scorer's forward on `batch` random inputs, timed as the engine rows are
+    (timing.time_iterations)."""
+    peak_flops = matmul_rate(device, "fp32")  # Under _as_onestep_eval's float32 settings, as the scorer runs.
+    reset_peak_memory(device)
     scorer = build_scorer(row.network, options.tiny, device)
 
     def forward(pixels, ids, mask):
@@ -331,13 +329,12 @@ def _measure_scorer(row: Row, options: Options, device: torch.device, batch: int
     inputs = scorer.inputs(batch)
     warmup = options.warmup if options.warmup is not None else SCORE_WARMUP
     iters = options.iters if options.iters is not None else SCORE_ITERS
-    first, seconds = _time(lambda: forward(*inputs), device, warmup, iters)
+    first, seconds = time_iterations(lambda: forward(*inputs), device, warmup, iters)
     median = statistics.median(seconds)
     flops = work.flops(batch)
     out = {"images_per_s": batch / median, "seconds_per_iter": median, "seconds_min": min(seconds),
            "seconds_max": max(seconds), "first_iter_s": first, "flops_per_image": flops,
-           "flop_utilisation": flops * batch / median / PEAK_BF16_FLOPS,
-           "parameters": sum(p.numel() for p in scorer.model.parameters()), "measured": scorer.measured}
-    if device.type == "cuda":
-        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+           "matmul_flops_per_s": peak_flops, "flop_utilisation": flops * batch / median / peak_flops,
+           "parameters": sum(p.numel() for p in scorer.model.parameters()), "measured": scorer.measured,
+           **peak_memory_gb(device)}
     return out

@@ -1,5 +1,6 @@
-"""The benchmark rows: issue 7's (which networks, which work: a training iteration or sampling, and the target) and
-issue 5's evaluation rows (the whole FID-50k of a CIFAR-10 generator, the text-to-image scorers; bench/eval_rows.py).
+"""The benchmark rows (which network, which work: a training step, one-step sampling, the teacher's Heun sampler, or
+an evaluation path: the whole FID-50k of a CIFAR-10 generator, the text-to-image scorers; bench/eval_rows.py), and the
+options they run under.
 
 Networks are randomly initialised with the real configurations (EDM's DDPM++ CIFAR-10 and ADM ImageNet-64), so no
 download is needed and the timings are those of the real shapes; `tiny` gives small stand-ins for the CPU check.
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import TrainConfig
 from ..denoisers.edm import EDMPrecond
 
 # EDM's train.py --arch=ddpmpp at CIFAR-10 (dropout 0.13, augmentation labels of size 9): 55.7M parameters.
@@ -30,6 +32,7 @@ TINY = {
                            num_blocks=1, attn_resolutions=[4]),
 }
 NETWORKS = {"ddpmpp-cifar10": DDPMPP_CIFAR10, "adm-imagenet64": ADM_IMAGENET64}
+GENERATOR_SIGMA_INIT = 2.5  # SiD's and our presets' sigma_init for EDM teachers.
 
 
 @dataclass(frozen=True)
@@ -42,29 +45,48 @@ class Row:
     network: str  # Key of NETWORKS; for "score" rows the scorer, imagereward or pickscore (eval_rows.build_scorer).
     objective: str | None  # sid, sim, dmd, di for "train" rows.
     batch: int  # Default batch (images per step, or per sampling call).
-    target: str  # The issue's target, as printed.
-    target_images_per_s: float | None = None  # Absolute target, when the issue gives one.
-    relative_to: str | None = None  # "at least 2x" that row's images/s measured in the same invocation.
-    target_seconds: float | None = None  # Wall-time target of a one-shot row (fid).
 
 
 EVAL_WORK = ("fid", "score")  # Rows timed by bench/eval_rows.py: evaluation as `onestep eval` runs it.
 ENGINE_ROWS = [
-    Row("sid-cifar10", "train", "ddpmpp-cifar10", "sid", 128, ">= 600 img/s (stretch 750)", 600),
-    Row("sim-cifar10", "train", "ddpmpp-cifar10", "sim", 128, ">= 600 img/s (stretch 750)", 600),
-    Row("dmd-cifar10", "train", "ddpmpp-cifar10", "dmd", 128, ">= 2x sid-cifar10", relative_to="sid-cifar10"),
-    Row("di-cifar10", "train", "ddpmpp-cifar10", "di", 128, ">= 2x sid-cifar10", relative_to="sid-cifar10"),
-    Row("sample-cifar10", "sample", "ddpmpp-cifar10", None, 1024, ">= 8000 img/s", 8000),
-    Row("heun-cifar10", "heun", "ddpmpp-cifar10", None, 1024, "report (reference 125 img/s)"),
-    Row("sid-imagenet64", "train", "adm-imagenet64", "sid", 32, "report img/s and FLOP utilisation"),
+    Row("sid-cifar10", "train", "ddpmpp-cifar10", "sid", 128),
+    Row("sim-cifar10", "train", "ddpmpp-cifar10", "sim", 128),
+    Row("dmd-cifar10", "train", "ddpmpp-cifar10", "dmd", 128),
+    Row("di-cifar10", "train", "ddpmpp-cifar10", "di", 128),
+    Row("sample-cifar10", "sample", "ddpmpp-cifar10", None, 1024),
+    Row("heun-cifar10", "heun", "ddpmpp-cifar10", None, 1024),
+    Row("sid-imagenet64", "train", "adm-imagenet64", "sid", 32),
 ]
 EVAL_ROWS = [
-    Row("fid50k-cifar10", "fid", "ddpmpp-cifar10", None, 500, "FID-50k in < 60 s", target_seconds=60),
-    Row("imagereward-b64", "score", "imagereward", None, 64, "report img/s"),
-    Row("pickscore-b64", "score", "pickscore", None, 64, "report img/s"),
+    Row("fid50k-cifar10", "fid", "ddpmpp-cifar10", None, 500),
+    Row("imagereward-b64", "score", "imagereward", None, 64),
+    Row("pickscore-b64", "score", "pickscore", None, 64),
 ]
 ROWS = {row.name: row for row in ENGINE_ROWS + EVAL_ROWS}
 DEFAULT_ROWS = [row.name for row in ENGINE_ROWS]  # The evaluation rows need the Inception file: asked for by name.
+
+
+@dataclass(frozen=True)
+class Options:
+    """How the rows run: the engine's switches plus the measurement's own settings."""
+
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16, as train.precision.
+    tf32: bool = True  # TF32 matrix units for float32 work (CUDA).
+    channels_last: bool = TrainConfig.model_fields["channels_last"].default  # As train.channels_last.
+    fused_optimizer: bool = TrainConfig.model_fields["fused_optimizer"].default  # As train.fused_optimizer.
+    compile: bool = TrainConfig.model_fields["compile"].default  # As train.compile.
+    cuda_graph: bool = TrainConfig.model_fields["cuda_graph"].default  # As train.cuda_graph (training rows).
+    batch: int | None = None  # Images per step; None: the row's default.
+    warmup: int | None = None  # Untimed iterations; None: 3 (1 for Heun).
+    iters: int | None = None  # Timed iterations; None: 10 (20 for one-step sampling, 2 for Heun).
+    heun_steps: int = 18  # EDM Heun steps (2 * steps - 1 evaluations).
+    tiny: bool = False  # Small stand-in networks (the CPU check).
+    device: str = "auto"
+
+    @classmethod
+    def quick(cls, **overrides) -> "Options":
+        """Tiny networks, a couple of iterations, CPU: checks that every row runs, says nothing about speed."""
+        return cls(**{"tiny": True, "device": "cpu", "warmup": 1, "iters": 2, "heun_steps": 2, **overrides})
 
 
 def parse_rows(text: str) -> list[Row]:
