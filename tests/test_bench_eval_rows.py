@@ -1,4 +1,4 @@
-"""`onestep bench`'s evaluation rows (issue 5): FID-50k through `onestep eval`'s code, ImageReward and PickScore at
+"""`onestep bench`'s evaluation rows: FID-50k through `onestep eval`'s code, ImageReward and PickScore at
 batch 64. On the CPU with tiny stand-ins (--quick) every row runs and prints its columns; without the Inception file
 the FID row is skipped with a sentence; the scorers are built in the configurations their loaders build.
 

@@ -1,5 +1,6 @@
-"""Benchmarks of the engine (issue 7): the real training step, one-step sampling and EDM Heun on the real networks,
-with images/s, peak memory, FLOP utilisation and each row's target. `onestep bench` is the command line."""
+"""Benchmarks of the engine: the real training step, one-step sampling and EDM Heun on the real networks, with
+images/s, peak memory, FLOP utilisation and each row's target (docs/benchmarks.md). `onestep bench` is the command
+line."""
 
 from .count import Work, count_work
 from .rows import DEFAULT_ROWS, ROWS, Row, build_network, parse_rows

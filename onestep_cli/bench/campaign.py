@@ -19,7 +19,7 @@ import torch
 from .rows import ROWS
 from .run import Options, run_benchmarks
 
-# Options before issue 7's changes: autocast's float32 GroupNorm, NCHW, per-tensor Adam.
+# The baseline options: autocast's float32 GroupNorm, NCHW, per-tensor Adam.
 BEFORE = dict(channels_last=False, fused_optimizer=False, fp32_group_norm=True)
 PLAIN = dict(channels_last=False, fused_optimizer=False)
 BEST = dict(channels_last=True, fused_optimizer=True)
@@ -79,7 +79,7 @@ def profile_step(options: Options, out: Path, rows: int = 25) -> str:
 def numerics_check(batch: int = 64, device: str = "cuda") -> list[dict]:
     """Relative error of the DDPM++ network's own output (D(x) - c_skip x = c_out F, the skip term left out: at random
     init EDM's zero-initialised output layer makes it tiny next to c_skip x) and of its gradient in the input,
-    against strict fp32 (TF32 off), for each bf16 variant: autocast with float32 GroupNorm (before issue 7), 16-bit
+    against strict fp32 (TF32 off), for each bf16 variant: autocast with float32 GroupNorm (the baseline), 16-bit
     GroupNorm (after), and after + channels_last (CUDA)."""
     from ..denoisers.edm.layers import GroupNorm
     from ..engine.precision import set_tf32, use_channels_last

@@ -1,4 +1,4 @@
-"""Benchmark rows of the evaluation paths (issue 5): the whole FID-50k of a CIFAR-10-size one-step generator through
+"""Benchmark rows of the evaluation paths: the whole FID-50k of a CIFAR-10-size one-step generator through
 the code `onestep eval RUN --metrics fid` runs, and one batch of the text-to-image scorers (ImageReward, PickScore).
 
 Networks are randomly initialised at the real sizes, so nothing is downloaded: EDM's DDPM++ CIFAR-10 as the

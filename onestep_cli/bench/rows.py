@@ -1,5 +1,5 @@
-"""The benchmark rows: issue 7's (which networks, which work: a training iteration or sampling, and the target) and
-issue 5's evaluation rows (the whole FID-50k of a CIFAR-10 generator, the text-to-image scorers; bench/eval_rows.py).
+"""The benchmark rows: the engine's (which networks, which work: a training iteration or sampling, and the target)
+and the evaluation rows (the whole FID-50k of a CIFAR-10 generator, the text-to-image scorers; bench/eval_rows.py).
 
 Networks are randomly initialised with the real configurations (EDM's DDPM++ CIFAR-10 and ADM ImageNet-64), so no
 download is needed and the timings are those of the real shapes; `tiny` gives small stand-ins for the CPU check.

@@ -43,7 +43,7 @@ class Options:
     fused_optimizer: bool = TrainConfig.model_fields["fused_optimizer"].default  # As train.fused_optimizer.
     compile: bool = TrainConfig.model_fields["compile"].default  # As train.compile.
     cuda_graph: bool = TrainConfig.model_fields["cuda_graph"].default  # As train.cuda_graph (training rows).
-    fp32_group_norm: bool = False  # Autocast's float32 GroupNorm (the layout before issue 7), for before/after rows.
+    fp32_group_norm: bool = False  # Autocast's float32 GroupNorm (GroupNorm.autocast_float32), for comparison rows.
     cudnn_benchmark: bool = False  # Let cuDNN time its convolution algorithms for each shape (CUDA).
     batch: int | None = None  # Images per step; None: the row's default.
     warmup: int | None = None  # Untimed iterations; None: 3 (1 for Heun).

@@ -1,5 +1,5 @@
-"""`onestep bench`: time the engine's training step and samplers on this device, against issue 7's targets, and the
-evaluation paths (FID-50k, ImageReward, PickScore; issue 5) as `onestep eval` runs them."""
+"""`onestep bench`: time the engine's training step and samplers on this device, against their speed targets, and the
+evaluation paths (FID-50k, ImageReward, PickScore) as `onestep eval` runs them (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
