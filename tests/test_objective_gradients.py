@@ -1,7 +1,7 @@
 """The generator objectives compute the right gradients: checked on Gaussians, where every score is exact.
 
 Teacher q = N(m, v^2 I); generator G(z) = mu + s z with learnable (mu, s); fake score = the generator's exact denoiser
-with its parameters detached (DESIGN.md §4, "Check the maths on Gaussians"). sigma is fixed per test, so no sigma
+with its parameters detached (docs/objectives.md). sigma is fixed per test, so no sigma
 sampling enters. A surrogate's gradient is the mean of per-sample gradients w.r.t. (mu, s) (= autograd of loss.mean());
 it must match the true gradient of the divergence (closed form in tests/gaussian_reference.py) within 5 Monte-Carlo
 standard errors estimated from the same per-sample gradients. Identities between objectives are checked exactly on
