@@ -10,13 +10,14 @@ from typing import Any, Literal, NamedTuple
 import yaml
 
 from ..engine.run_dir import flatten
+from ..errors import OnestepError
 
 SourceKind = Literal["run", "checkpoint", "eval"]
 EXPECTED = ("a run directory (with config.yaml), a checkpoint directory (RUN/checkpoints/step-N with state.json) "
             "or an eval result file written by `onestep eval --json`")
 
 
-class ReportError(ValueError):
+class ReportError(OnestepError, ValueError):
     """A source that cannot be read, phrased as a sentence naming the path and what was expected."""
 
 
