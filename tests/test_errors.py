@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,19 @@ def test_in_a_multi_process_run_rank_0_alone_prints_a_fixable_error():
     assert rank1.exit_code == 0 and rank1.output == ""
 
 
+def test_a_fixable_error_of_every_worker_is_printed_once(tmp_path):
+    """`--gpus 2`: both workers find eval.ref missing; one sentence, from rank 0, and the launcher's summary."""
+    missing = tmp_path / "nowhere" / "ref.npz"
+    result = subprocess.run([sys.executable, "-m", "onestep_cli", "distill", "--preset", "gmm-sim", "--gpus", "2",
+                             "--set", f"eval.ref={missing}", "--set", "eval.metrics=[swd]", "--out", tmp_path / "run"],
+                            capture_output=True, text=True, timeout=300, cwd=PACKAGE.parent,
+                            env={**os.environ, "COLUMNS": "1000", "PYTHONPATH": str(PACKAGE.parent),
+                                 "ONESTEP_DEBUG": ""})
+    assert result.returncode == 1
+    assert result.stderr.count(f"Error: eval.ref {missing} does not exist") == 1, result.stderr
+    assert "the distillation failed on rank 0" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_an_error_of_one_rank_alone_is_printed_by_that_rank(monkeypatch):
     def no_gpu(*args, **kwargs):
         raise LaunchError("Local rank 1 has no GPU: only 1 are visible on this node.")
@@ -157,3 +171,46 @@ def test_every_error_class_of_the_package_is_an_onestep_error():
             offenders.append(name)
     assert offenders == [], f"derive these from onestep_cli.errors.OnestepError (or list them in NOT_REPORTED): " \
                             f"{offenders}"
+
+
+def _raised(error: Exception) -> Exception:
+    """`error` with the traceback of a raise, as gather_rows receives a failed shard's exception."""
+    def extract_features():
+        raise error
+    try:
+        extract_features()
+    except Exception as caught:
+        return caught
+
+
+def test_a_bug_on_rank_1_prints_its_traceback_there_and_rank_1_exits_quietly(monkeypatch, capsys):
+    import pickle
+
+    from onestep_cli.engine import distributed
+
+    bug = _raised(RuntimeError("shape mismatch in rank 1's batch"))
+    monkeypatch.setattr(distributed, "all_gather_object",
+                        lambda obj, env: [(False, {}), (True, pickle.loads(pickle.dumps(obj[1])))])
+    with pytest.raises(distributed.PeerFailure, match="Rank 1 failed: shape mismatch"):
+        distributed.gather_rows(bug, distributed.DistEnv(1, 2, 1))
+    printed = capsys.readouterr().err
+    assert "Rank 1 failed with this error; rank 0 reports it" in printed and "extract_features" in printed
+    assert issubclass(distributed.PeerFailure, OnestepError)  # Its rank exits quietly; rank 0 reports the cause.
+
+
+def test_rank_0_raises_its_own_error_with_its_traceback_and_a_copy_of_another_ranks(monkeypatch, capsys):
+    import pickle
+
+    from onestep_cli.engine import distributed
+
+    own = _raised(RuntimeError("rank 0's bug"))
+    monkeypatch.setattr(distributed, "all_gather_object",
+                        lambda obj, env: [(True, pickle.loads(pickle.dumps(obj[1]))), (False, {})])
+    with pytest.raises(RuntimeError) as raised:
+        distributed.gather_rows(own, distributed.DistEnv(0, 2, 0))
+    assert raised.value is own  # Not the pickled copy, which has lost the traceback.
+    fixable = _raised(UsageError("image 30 is unreadable"))
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj, env: [(False, {}), (True, fixable)])
+    with pytest.raises(UsageError, match="image 30"):
+        distributed.gather_rows({}, distributed.DistEnv(0, 2, 0))
+    assert capsys.readouterr().err == ""  # An OnestepError is printed once, by the CLI of rank 0.

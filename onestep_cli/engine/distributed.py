@@ -19,8 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import OnestepError
-from ..errors import LaunchError
+from ..errors import LaunchError, OnestepError
 
 # Seconds a collective may wait for the slowest rank (a checkpoint of a large model, an evaluation on rank 0).
 COLLECTIVE_TIMEOUT_S = 3600
@@ -171,7 +170,9 @@ def on_main(fn, env: DistEnv):
             outcome = (None, exc)
     result, error = broadcast_object(outcome, env)
     if error is not None:
-        raise error
+        if env.is_main or isinstance(error, OnestepError):
+            raise error
+        raise PeerFailure(f"Rank 0 failed: {type(error).__name__}: {error}")  # A bug: rank 0 prints its traceback.
     return result
 
 
@@ -184,7 +185,8 @@ def all_gather_object(obj, env: DistEnv) -> list:
 
 
 class PeerFailure(OnestepError, RuntimeError):
-    """Raised by `gather_rows` on ranks other than 0 when a rank failed; rank 0 raises (and reports) that error.
+    """Raised by `gather_rows` on ranks other than 0 when a rank failed, and by `on_main` when rank 0 hit a bug; rank 0
+    raises (and reports) that error.
 
     An OnestepError although it is not the cause: it stands for an error that rank 0 reports, as a sentence or, for a
     bug, with its traceback (the failing rank has printed its own), so the rank raising it only has to exit quietly.
@@ -195,7 +197,9 @@ def _picklable(error: Exception) -> Exception:
     try:
         pickle.loads(pickle.dumps(error))
         return error
-    except Exception:  # An exception type that cannot cross processes: keep its sentence.
+    except Exception:  # An exception type that cannot cross processes: keep its sentence, and whether it is a bug.
+        if isinstance(error, OnestepError):
+            return OnestepError(str(error))
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
