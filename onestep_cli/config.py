@@ -12,13 +12,17 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import OnestepError
+
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_PRESET = "digits-sim"
 DISCRIMINATORS = ("kind", "name")  # Keys that pick a variant of a config section (teacher.kind, objective.name).
 
 
-class ConfigError(ValueError):
-    """A configuration problem, phrased as a sentence a user can act on."""
+class ConfigError(OnestepError, ValueError):
+    """A configuration problem, phrased as a sentence a user can act on (exit code 2: change the config)."""
+
+    exit_code = 2
 
 
 class Strict(BaseModel):

@@ -16,13 +16,15 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .errors import MissingFileError, OnestepError
+
 SAMPLES_NPZ = "samples.npz"
 SAMPLES_META = "samples.json"
 CLASS_LABELS = "class_labels"  # samples.json key: seed -> class index of class-conditional samples.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-class SourceError(ValueError):
+class SourceError(OnestepError, ValueError):
     """Images that cannot be read as a set: named file or array, what is wrong, what to do."""
 
 
@@ -81,7 +83,7 @@ def read_samples(path: Path) -> tuple[torch.Tensor, dict]:
     path = Path(path)
     npz = path / SAMPLES_NPZ if path.is_dir() else path
     if not npz.is_file():
-        raise FileNotFoundError(f"{path} holds no samples: expected an .npz file or a folder with {SAMPLES_NPZ}.")
+        raise MissingFileError(f"{path} holds no samples: expected an .npz file or a folder with {SAMPLES_NPZ}.")
     array = _samples_array(npz, _load_npz(npz))
     return torch.from_numpy(np.asarray(array, dtype=np.float32)), read_meta(npz.parent)
 

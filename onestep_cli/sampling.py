@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .denoisers.base import Denoiser
+from .errors import UsageError
 from .objectives.sigmas import karras_grid
 from .sample_io import ImageSource, SourceError, as_uint8_nhwc, is_image_shape
 
@@ -20,11 +21,11 @@ def parse_seeds(text: str) -> list[int]:
         part = part.strip()
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not match:
-            raise ValueError(f"Seed range '{text}' is not understood at '{part}'; write e.g. 0-49999 or 0,5,10-12.")
+            raise UsageError(f"Seed range '{text}' is not understood at '{part}'; write e.g. 0-49999 or 0,5,10-12.")
         low = int(match.group(1))
         high = int(match.group(2)) if match.group(2) is not None else low
         if high < low:
-            raise ValueError(f"Seed range '{part}' runs backwards; write the smaller seed first.")
+            raise UsageError(f"Seed range '{part}' runs backwards; write the smaller seed first.")
         seeds.extend(range(low, high + 1))
     return seeds
 

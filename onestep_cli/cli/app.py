@@ -8,6 +8,7 @@ import typer
 
 from ..version import __version__
 from .bench import bench_command
+from .common import set_debug_option
 from .compare import compare_command
 from .convert import convert_command
 from .demo import demo_command
@@ -44,8 +45,10 @@ def _version(value: bool):
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
-    pass
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+          debug: bool = typer.Option(False, "--debug", help="Show the traceback of every error, also of those reported "
+                                     "as one sentence (as ONESTEP_DEBUG=1 does).")):
+    set_debug_option(debug)
 
 
 def main():

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ..errors import MissingFileError
 from .common import reports_errors, stdout
 
 
@@ -19,6 +20,6 @@ def convert_command(
     from ..denoisers.edm import convert_snapshot
 
     if not snapshot.is_file():
-        raise FileNotFoundError(f"Snapshot {snapshot} does not exist; pass the path of an EDM/SiD .pkl file.")
+        raise MissingFileError(f"Snapshot {snapshot} does not exist; pass the path of an EDM/SiD .pkl file.")
     written = convert_snapshot(snapshot, out, key=key)
     stdout.print(f"Wrote {written}.", highlight=False)

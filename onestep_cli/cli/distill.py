@@ -11,8 +11,8 @@ from typing import Optional
 
 import typer
 
-from ..config import DEFAULT_PRESET, ConfigError, config_to_yaml, resolve_config
-from .common import print_json, reports_errors, stderr, stdout
+from ..config import DEFAULT_PRESET, config_to_yaml, resolve_config
+from .common import print_json, reports_errors, stderr, stdout, worker_command
 
 
 def _log(message: str) -> None:
@@ -62,19 +62,14 @@ def _distill(preset, config_file, overrides, out, gpus, nnodes, node_rank, maste
                    *(["--config", str(config_file)] if config_file else []),
                    *[arg for assignment in overrides for arg in ("--set", assignment)],
                    *(["--json"] if as_json else [])]  # The same command, for every worker.
-        return launch(config, out, plan, command, log=_log)
+        return launch(config, out, plan, worker_command(command), log=_log)
     if launcher is not None and launcher.rank == 0 and (gpus > 1 or nnodes > 1):
         _log(f"Note: running as one of the {launcher.world_size} processes the launcher started; --gpus/--nnodes "
              "are ignored under torchrun or srun.")
 
-    from ..engine.loop import NonFiniteError, distill
+    from ..engine.loop import distill
 
-    try:
-        summary = distill(config, out, log=_log)
-    except (ConfigError, NonFiniteError) as exc:
-        if launcher is not None and launcher.rank != 0:  # Every rank raised the same error: rank 0 reports it.
-            return 2 if isinstance(exc, ConfigError) else 1
-        raise
+    summary = distill(config, out, log=_log)  # An error every rank raises alike is printed by rank 0 (reports_errors).
     if summary.rank != 0:
         return 0
     result = {"out": str(summary.out_dir), "step": summary.step, "kimg": summary.kimg,

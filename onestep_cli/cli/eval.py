@@ -13,8 +13,9 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from ..errors import UsageError
 from ..sampling import parse_seeds
-from .common import print_json, reports_errors, stderr, stdout
+from .common import print_json, reports_errors, stderr, stdout, worker_command
 
 
 def parse_assignments(items: list[str] | None, flag: str) -> dict[str, str]:
@@ -23,7 +24,7 @@ def parse_assignments(items: list[str] | None, flag: str) -> dict[str, str]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
-            raise ValueError(f"{flag} {item!r} is not KEY=VALUE.")
+            raise UsageError(f"{flag} {item!r} is not KEY=VALUE.")
         out[key.strip()] = value.strip()
     return out
 
@@ -72,12 +73,12 @@ def eval_command(
     master_port: int = typer.Option(29500, "--master-port", help="Free TCP port on node 0 for the rendezvous."),
 ):
     """Evaluate samples; runs keep the result under RUN/eval/."""
-    from ..runtime.distributed import PeerFailure, launcher_env
     from ..eval.evaluate import evaluate, store_result
+    from ..runtime.distributed import launcher_env
 
     names = [m.strip() for m in metrics.split(",") if m.strip()]
     if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"--precision {precision!r} is not one of fp32, bf16, fp16.")
+        raise UsageError(f"--precision {precision!r} is not one of fp32, bf16, fp16.")
     seed_list = parse_seeds(seeds) if seeds else None
     weight_paths, options = parse_assignments(weights, "--weights"), parse_assignments(option, "--option")
     launcher = launcher_env()
@@ -93,23 +94,18 @@ def eval_command(
                    *[arg for item in option or [] for arg in ("--option", item)],
                    *(["--save-stats", str(save_stats)] if save_stats else []), *(["--out", str(out)] if out else []),
                    *(["--json"] if as_json else [])]  # The same command, for every worker.
-        code = _relaunch(plan, command, source, names, save_stats, device)
+        code = _relaunch(plan, worker_command(command), source, names, save_stats, device)
         if code:
             raise typer.Exit(code)
         return
     if launcher is not None and launcher.rank == 0 and (gpus > 1 or nnodes > 1):
         _log(f"Note: running as one of the {launcher.world_size} processes the launcher started; --gpus/--nnodes "
              "are ignored under torchrun or srun.")
-    try:
-        result = evaluate(source, names, num, seed_list, ref, prompts=prompts, fid_mode=fid_mode, batch_size=batch,
-                          device=device, precision=precision, weights=weight_paths, options=options,
-                          save_stats=save_stats, compile_generator=compile_generator)
     # Errors about the inputs are raised alike by every rank, and PeerFailure stands for one that rank 0 raises: rank 0
-    # reports them. The other ranks exit quietly with 0, so the launcher does not stop rank 0 before it has printed.
-    except (ValueError, FileNotFoundError, PeerFailure):
-        if launcher is not None and launcher.rank != 0:
-            return
-        raise
+    # prints them, the other ranks exit quietly (reports_errors).
+    result = evaluate(source, names, num, seed_list, ref, prompts=prompts, fid_mode=fid_mode, batch_size=batch,
+                      device=device, precision=precision, weights=weight_paths, options=options,
+                      save_stats=save_stats, compile_generator=compile_generator)
     if result is None:  # A rank other than 0: rank 0 prints and writes the result.
         return
     store_result(result, source)
@@ -147,7 +143,7 @@ def _relaunch(plan, command: list[str], source: Path, names: list[str], save_sta
 
     check_splittable(source, names, save_stats)
     if device.startswith("cuda:"):
-        raise ValueError(f"--device {device} names one GPU, but --gpus {plan.nproc_per_node} puts process i on GPU i; "
+        raise UsageError(f"--device {device} names one GPU, but --gpus {plan.nproc_per_node} puts process i on GPU i; "
                          "pass --device cuda (or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES.")
     check_devices(plan, device, warn=_log, option="--device")
     code, signal_name = run_torchrun(plan, command, _log, task="the evaluation",

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..errors import UsageError
 from ..sampling import parse_seeds
 from .common import print_json, reports_errors, stdout
 
@@ -15,11 +16,11 @@ def resolve_seeds(num: Optional[int], seeds: Optional[str]) -> list[int]:
     """--seeds wins; --num alone means seeds 0..num-1; both must agree."""
     if seeds is None:
         if num is None:
-            raise ValueError("Say how many samples: --num N (seeds 0..N-1) or --seeds A-B.")
+            raise UsageError("Say how many samples: --num N (seeds 0..N-1) or --seeds A-B.")
         return list(range(num))
     chosen = parse_seeds(seeds)
     if num is not None and num != len(chosen):
-        raise ValueError(f"--num {num} disagrees with --seeds {seeds} ({len(chosen)} seeds); give one or make them match.")
+        raise UsageError(f"--num {num} disagrees with --seeds {seeds} ({len(chosen)} seeds); give one or make them match.")
     return chosen
 
 
@@ -69,10 +70,10 @@ def _sample_text(loaded, source, prompts, seed_list, seeds, out, teacher, steps,
     from ..sampling import generate_text_to_image, teacher_sampler
 
     if loaded.pipeline is None:
-        raise ValueError(f"--prompts needs a text-to-image run (teacher.kind: diffusers); {source} distils a "
+        raise UsageError(f"--prompts needs a text-to-image run (teacher.kind: diffusers); {source} distils a "
                          f"{loaded.config.teacher.kind} teacher, so leave --prompts out.")
     if prompts is None:
-        raise ValueError(f"{source} is a text-to-image run: give the prompts to draw with --prompts FILE (.txt, "
+        raise UsageError(f"{source} is a text-to-image run: give the prompts to draw with --prompts FILE (.txt, "
                          ".jsonl or COCO .json).")
     texts = read_prompts(prompts)
     loaded.pipeline.pipeline.vae.to(device)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import OnestepError
 from .data import NUM_CLASSES, load_digits_images
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -59,7 +60,7 @@ class DigitPrompt:
     slant: str | None = None   # One of SLANTS.
 
 
-class PromptGrammarError(ValueError):
+class PromptGrammarError(OnestepError, ValueError):
     """A prompt that names no digit, or more than one; the message quotes it and shows a form that works."""
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import InputError, MissingFileError
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "onestep-digits-classifier"
@@ -76,11 +78,11 @@ def save_classifier(model: DigitsClassifier, out_dir: str | os.PathLike, trainin
 def read_classifier_config(weights_dir: str | os.PathLike = SHIPPED_CLASSIFIER) -> dict:
     path = Path(weights_dir) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass a folder written by save_classifier "
-                                f"(scripts/train_digits_classifier.py).")
+        raise MissingFileError(f"{path} does not exist; pass a folder written by save_classifier "
+                               f"(scripts/train_digits_classifier.py).")
     config = json.loads(path.read_text())
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a version-{FORMAT_VERSION} {FORMAT} config; retrain or re-export it.")
+        raise InputError(f"{path} is not a version-{FORMAT_VERSION} {FORMAT} config; retrain or re-export it.")
     return config
 
 

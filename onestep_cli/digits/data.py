@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
+
 NATIVE_RESOLUTION = 8  # Pixels of sklearn's digits.
 DEFAULT_RESOLUTION = 16  # Resolution of the shipped teacher and classifier.
 NUM_CLASSES = 10
@@ -30,7 +32,7 @@ def load_digits_images(resolution: int = DEFAULT_RESOLUTION) -> tuple[torch.Tens
     The order is sklearn's (`sklearn.datasets.load_digits`), so index i is the same digit at every resolution.
     """
     if resolution < NATIVE_RESOLUTION:
-        raise ValueError(f"resolution {resolution} is below the digits' native {NATIVE_RESOLUTION} pixels; "
+        raise InputError(f"resolution {resolution} is below the digits' native {NATIVE_RESOLUTION} pixels; "
                          f"pass {NATIVE_RESOLUTION} or more.")
     from sklearn.datasets import load_digits
 

@@ -16,6 +16,7 @@ import hashlib
 import numpy as np
 import torch
 
+from ..errors import InputError
 from .classifier import SHIPPED_CLASSIFIER, WEIGHTS_NAME, DigitsClassifier, load_classifier, read_classifier_config
 from .data import NUM_DIGITS, load_digits_images
 
@@ -52,15 +53,15 @@ def gaussian_fit(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def prepare(samples: torch.Tensor, resolution: int) -> tuple[torch.Tensor, str]:
     """Float32 `[N, 1, resolution, resolution]` in [-1, 1]; returns the images and a note of what was done."""
     if samples.ndim != 4 or samples.shape[1] != 1:
-        raise ValueError(f"digits metrics take grey images [N, 1, H, W], got shape {list(samples.shape)}.")
+        raise InputError(f"digits metrics take grey images [N, 1, H, W], got shape {list(samples.shape)}.")
     if samples.shape[-2:] != (resolution, resolution):
         # No resizing: shrinking bilinearly upsampled digits back blurs them (real 16 px digits shrunk to 8 px score
         # an fd_digits near 50), so a resized number would mislead.
-        raise ValueError(f"digits metrics measure {resolution}x{resolution} images (the classifier's resolution), got "
+        raise InputError(f"digits metrics measure {resolution}x{resolution} images (the classifier's resolution), got "
                          f"{samples.shape[-2]}x{samples.shape[-1]}. Measure samples at that resolution, or train a "
                          f"classifier at yours with scripts/train_digits_classifier.py --resolution.")
     if not torch.isfinite(samples).all():
-        raise ValueError("samples contain NaN or inf; digits metrics would be meaningless.")
+        raise InputError("samples contain NaN or inf; digits metrics would be meaningless.")
     return samples.detach().to("cpu", torch.float32).clamp(-1, 1), "clamped to [-1, 1]"
 
 
@@ -137,7 +138,7 @@ def class_accuracy(samples: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
     if labels.ndim == 2:
         labels = labels.argmax(dim=1)
     if labels.shape != (images.shape[0],):
-        raise ValueError(f"class_accuracy needs one label per sample: {images.shape[0]} samples, labels of shape "
+        raise InputError(f"class_accuracy needs one label per sample: {images.shape[0]} samples, labels of shape "
                          f"{list(labels.shape)}. Pass class indices [N] or one-hot labels [N, 10]; an unconditional "
                          "generator has no labels to check.")
     predicted = classifier_predictions(images, classifier)

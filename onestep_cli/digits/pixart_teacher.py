@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.ema import ema_beta
+from ..errors import InputError
 from . import captions
 from . import t2i_teacher as kit
 
@@ -234,15 +235,15 @@ class TrainingOptions:
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
-            raise ValueError(f"preset {self.preset!r} is not one of {sorted(PRESETS)}.")
+            raise InputError(f"preset {self.preset!r} is not one of {sorted(PRESETS)}.")
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision {self.precision!r} is neither 'fp32' nor 'bf16'.")
+            raise InputError(f"precision {self.precision!r} is neither 'fp32' nor 'bf16'.")
         if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps ({self.steps}) and batch size ({self.batch_size}) must be at least 1.")
+            raise InputError(f"steps ({self.steps}) and batch size ({self.batch_size}) must be at least 1.")
         if not 0 <= self.caption_dropout < 1:
-            raise ValueError(f"caption dropout {self.caption_dropout} is not a fraction in [0, 1); 0.1 is usual.")
+            raise InputError(f"caption dropout {self.caption_dropout} is not a fraction in [0, 1); 0.1 is usual.")
         if self.vae is not None and not (Path(self.vae) / "config.json").is_file():
-            raise ValueError(f"VAE folder {self.vae} holds no config.json; give the folder of a saved AutoencoderKL, "
+            raise InputError(f"VAE folder {self.vae} holds no config.json; give the folder of a saved AutoencoderKL, "
                              "e.g. the SD-style digits teacher's OUT/vae/.")
 
 
@@ -290,7 +291,7 @@ def train_pixart_teacher(options: TrainingOptions, log) -> dict:
     latent_mean, latent_std = kit.encode_posteriors(vae, images)
     expected = (config.latent_channels, config.latent_size, config.latent_size)
     if tuple(latent_mean.shape[1:]) != expected:
-        raise ValueError(f"the VAE makes latents of shape {list(latent_mean.shape[1:])} from 32x32 digits; the "
+        raise InputError(f"the VAE makes latents of shape {list(latent_mean.shape[1:])} from 32x32 digits; the "
                          f"transformer expects {list(expected)}. Use a digits VAE (t2i_teacher.build_vae).")
     scaling = float(vae.config.scaling_factor)
 

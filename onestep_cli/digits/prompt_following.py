@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import InputError
 from .captions import ATTRIBUTE_RESOLUTION, DigitPrompt, PromptGrammarError, ink_mass, parse_prompt, slant
 from .classifier import DigitsClassifier, load_classifier
 from .data import NUM_CLASSES, NUM_DIGITS, load_digits_images
@@ -95,10 +96,10 @@ class PromptChecks:
 
 def _grey32(images: torch.Tensor) -> torch.Tensor:
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"prompt_accuracy measures images [N, 1 or 3, H, W], got shape {list(images.shape)}.")
+        raise InputError(f"prompt_accuracy measures images [N, 1 or 3, H, W], got shape {list(images.shape)}.")
     if images.shape[-2:] != (RESOLUTION, RESOLUTION):
         # No resizing: a resized digit's ink mass and strokes are not those the captions and classifier know.
-        raise ValueError(f"prompt_accuracy judges {RESOLUTION}x{RESOLUTION} digits (its classifier's and the digits "
+        raise InputError(f"prompt_accuracy judges {RESOLUTION}x{RESOLUTION} digits (its classifier's and the digits "
                          f"text-to-image teachers' resolution), got {images.shape[-2]}x{images.shape[-1]}; generate "
                          f"or write the samples at {RESOLUTION}x{RESOLUTION}.")
     grey, _ = prepare(images.detach().float().mean(dim=1, keepdim=True), RESOLUTION)
@@ -115,7 +116,7 @@ def check_prompts(images: torch.Tensor, prompts: list[DigitPrompt]) -> PromptChe
     """The checks of `images` (`[N, 1 or 3, 32, 32]` in [-1, 1]) against their parsed `prompts`, one per image."""
     grey = _grey32(images)
     if len(prompts) != grey.shape[0]:
-        raise ValueError(f"prompt_accuracy needs one prompt per image: {grey.shape[0]} images, {len(prompts)} "
+        raise InputError(f"prompt_accuracy needs one prompt per image: {grey.shape[0]} images, {len(prompts)} "
                          "prompts.")
     asked = torch.tensor([p.digit for p in prompts], dtype=torch.int64)
     medians = attribute_medians()

@@ -6,10 +6,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..eval import (FeatureExtractor, FeatureSpace, Metric, MetricContext, MetricError, MetricResult,
                        mean_score_metric, register_feature_space, register_metric)
 from ..eval.reference import ReferenceStats
 from . import prompt_following
+from .captions import PromptGrammarError
 from .metrics import (_real_digit_stats, _shipped_classifier_info, classifier_features, classifier_predictions,
                       prepare, shipped_classifier)
 
@@ -66,7 +68,7 @@ class DigitsPromptChecks(FeatureExtractor):
     def __init__(self, context: MetricContext):
         try:
             prompt_following.parse_prompts(context.prompts or [])
-        except ValueError as exc:
+        except PromptGrammarError as exc:
             raise MetricError(f"prompt_accuracy reads digits prompts; {exc}") from exc
         self.provenance = prompt_following.classifier32_info()
 
@@ -74,7 +76,7 @@ class DigitsPromptChecks(FeatureExtractor):
         floats = torch.tensor(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         try:
             checks = prompt_following.check_prompts(floats, prompt_following.parse_prompts(prompts))
-        except ValueError as exc:  # A resolution other than the classifier's: a sentence, not a traceback.
+        except InputError as exc:  # A resolution other than the classifier's: a usage error (exit code 2).
             raise MetricError(str(exc)) from exc
         return checks.as_columns()
 

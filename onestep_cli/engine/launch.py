@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, RunConfig
+from ..errors import DeviceError
 from .parallel import batch_split
 from ..runs.run_dir import RunDir
 
@@ -67,12 +68,12 @@ def check_devices(plan: LaunchPlan, device_choice: str, warn, option: str = "tra
     `option` names where `device_choice` came from: a config key (set with --set) or a command-line flag."""
     if device_choice != "cpu" and torch.cuda.is_available():
         if plan.nproc_per_node > torch.cuda.device_count():
-            raise RuntimeError(f"--gpus {plan.nproc_per_node} asks for more GPUs than the {torch.cuda.device_count()} "
-                               "visible on this node; lower --gpus or check CUDA_VISIBLE_DEVICES.")
+            raise DeviceError(f"--gpus {plan.nproc_per_node} asks for more GPUs than the {torch.cuda.device_count()} "
+                              "visible on this node; lower --gpus or check CUDA_VISIBLE_DEVICES.")
         return
     if device_choice == "cuda":
         setting = option if option.startswith("--") else f"--set {option}"
-        raise RuntimeError(f"{option} is 'cuda' but no CUDA device is visible; use {setting}=cpu or auto.")
+        raise DeviceError(f"{option} is 'cuda' but no CUDA device is visible; use {setting}=cpu or auto.")
     reason = f"{option} is cpu" if device_choice == "cpu" else "no CUDA device is visible"
     warn(f"Warning: {reason}, so --gpus {plan.nproc_per_node} starts {plan.nproc_per_node} CPU processes "
          "communicating over gloo (useful for testing, not for speed).")

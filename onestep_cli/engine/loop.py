@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
+from ..errors import MissingFileError
 from ..eval import MetricContext, check_metric_names, compute_metrics
 from ..sample_io import is_image_shape
 from ..sampling import generate_with_labels
@@ -85,9 +86,9 @@ def distill(config: RunConfig, out_dir: Path, *, log=None, progress: bool | None
     check_metric_names(config.eval.metrics)
     reference = config.eval.resolved_ref
     if config.eval.metrics and reference is not None and not reference.exists():  # Fail before any work.
-        raise FileNotFoundError(f"eval.ref {reference} does not exist; pass reference statistics (.npz with mu and "
-                                "sigma, e.g. from `onestep eval IMAGES --save-stats FILE`), an .npz of images or a "
-                                "folder of images.")
+        raise MissingFileError(f"eval.ref {reference} does not exist; pass reference statistics (.npz with mu and "
+                               "sigma, e.g. from `onestep eval IMAGES --save-stats FILE`), an .npz of images or a "
+                               "folder of images.")
     env, device, initialised = distributed.init(config.train.device)
     try:
         return _distill(config, Path(out_dir), env, device, print0(env, log), progress if env.is_main else False,

@@ -30,6 +30,7 @@ import torch
 
 from ..config import ConfigError, RunConfig
 from ..denoisers.edm.augment import augment, draw_augmentation
+from ..errors import OnestepError
 from ..objectives import build_objective, fake_score_loss
 from ..objectives.sigmas import sample_sigma
 from ..runs.checkpoint import (CheckpointError, begin_save, commit, gather_hashes, hash_files, is_sharded, read_checkpoint,
@@ -45,8 +46,9 @@ from ..runtime.precision import autocast, compile_blocks, make_scaler, use_chann
 from ..runs.run_dir import RunDir
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with NaN or inf losses or gradients."""
+class NonFiniteError(OnestepError, RuntimeError):
+    """Too many consecutive steps with NaN or inf losses or gradients. The user's to fix: the message says which
+    settings to lower (learning rate, precision); the run's last checkpoint is intact."""
 
 
 def make_optimizer(config: RunConfig, params, lr: float, fused: bool = False,

@@ -16,9 +16,13 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 
+from ..errors import OnestepError
 
-class MetricError(ValueError):
-    """A metric that cannot be computed here, with the reason and what to do."""
+
+class MetricError(OnestepError, ValueError):
+    """A metric that cannot be computed here, with the reason and what to do (exit code 2: change the command)."""
+
+    exit_code = 2
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 
 from ..version import __version__
 from ..config import ConfigError, PRESET_DIR, resolve_config
+from ..errors import MissingFileError, UsageError
 from ..runtime import distributed
 from ..runs.loading import is_generator_source, load_generator_source
 from ..runs.networks import build_teacher
@@ -85,7 +86,7 @@ def _check_source_and_metrics(source: Path, metrics: list[str], save_stats: Path
     not a mix of both."""
     check_metric_names(metrics)
     if not Path(source).exists():
-        raise FileNotFoundError(f"Source {source} does not exist; pass a run directory, checkpoint, .npz or folder.")
+        raise MissingFileError(f"Source {source} does not exist; pass a run directory, checkpoint, .npz or folder.")
     image_names = [m for m in metrics if get_metric(m).kind == "image"]
     if image_names or save_stats is not None:
         lowdim = [m for m in metrics if m not in image_names]
@@ -163,7 +164,7 @@ def _evaluate_lowdim(source: Path, metrics, num, seeds, ref) -> dict:
         samples, meta = read_samples(source)
         if num is not None:
             if num > samples.shape[0]:
-                raise ValueError(f"--num {num} asks for more samples than {source} holds ({samples.shape[0]}).")
+                raise UsageError(f"--num {num} asks for more samples than {source} holds ({samples.shape[0]}).")
             samples = samples[:num]
         if ref:
             teacher = teacher_from_reference(ref)
@@ -212,7 +213,7 @@ def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, 
             prompt_list = None
             seeds = seeds if seeds is not None else list(range(num or DEFAULT_IMAGE_NUM))
             if num is not None and num != len(seeds):
-                raise ValueError(f"--num {num} disagrees with --seeds ({len(seeds)} seeds); give one or make them "
+                raise UsageError(f"--num {num} disagrees with --seeds ({len(seeds)} seeds); give one or make them "
                                  "match.")
             images = generator_source(loaded.generator, seeds, loaded.data_shape, loaded.label_dim, batch_size,
                                       device, precision, description=description)
@@ -223,7 +224,7 @@ def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, 
                                         "(the order of `onestep sample --prompts` file names)")
     else:
         if seeds is not None:
-            raise ValueError("--seeds chooses what a generator makes; for stored images use --num (the first N).")
+            raise UsageError("--seeds chooses what a generator makes; for stored images use --num (the first N).")
         prompt_list = read_prompts(prompts) if prompts is not None else None
         images = open_image_source(source)
         if num is not None:

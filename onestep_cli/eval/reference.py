@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import MissingFileError
 from .base import FeatureExtractor, MetricError
 from .distances import feature_stats, stats_sha256
 from .weights import file_sha256
@@ -125,8 +126,8 @@ def open_reference(path: str | Path) -> Reference:
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"Reference {path} does not exist; pass reference statistics (.npz with mu and "
-                                "sigma), a folder of images or an .npz of images.")
+        raise MissingFileError(f"Reference {path} does not exist; pass reference statistics (.npz with mu and "
+                               "sigma), a folder of images or an .npz of images.")
     if path.is_file() and path.suffix == ".npz":
         try:
             data = np.load(path, allow_pickle=False)

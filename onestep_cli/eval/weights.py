@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..errors import OnestepError
 from .base import MetricError
 
 HASH_CHUNK_BYTES = 1 << 20
@@ -26,7 +27,7 @@ FETCHED_RECORD = "fetched.json"  # What `fetch` downloaded, with the SHA-256 it 
 HASH_INDEX = "hashes.json"  # SHA-256 of files already hashed, keyed by path, size and mtime.
 
 
-class WeightsError(RuntimeError):
+class WeightsError(OnestepError, RuntimeError):
     """A weight file that cannot be used or fetched, with what to do about it."""
 
 

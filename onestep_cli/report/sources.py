@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 
+from ..errors import OnestepError
 from ..runs.run_dir import RunDir, RunFormatError, flatten, read_jsonl
 
 SourceKind = Literal["run", "checkpoint", "eval"]
@@ -15,7 +16,7 @@ EXPECTED = ("a run directory (with config.yaml), a checkpoint directory (RUN/che
             "or an eval result file written by `onestep eval --json`")
 
 
-class ReportError(ValueError):
+class ReportError(OnestepError, ValueError):
     """A source that cannot be read, phrased as a sentence naming the path and what was expected."""
 
 

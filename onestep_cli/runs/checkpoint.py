@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import OnestepError
 from ..runtime.distributed import SINGLE, DistEnv, all_gather_object, barrier, broadcast_object
 
 PREFIX = "step-"
@@ -41,7 +42,7 @@ SHARDED_INDEX = ".metadata"  # Written by torch.distributed.checkpoint: marks th
 PAUSE_ENV = "ONESTEP_DEBUG_SAVE_PAUSE_S"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(OnestepError, RuntimeError):
     """A checkpoint that cannot be read, with the folder and the reason."""
 
 

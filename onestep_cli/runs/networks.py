@@ -14,6 +14,7 @@ from ..denoisers.base import Denoiser
 from ..denoisers.generator import OneStepGenerator
 from ..denoisers.gmm import GaussianMixtureDenoiser
 from ..denoisers.mlp import MLPDenoiser
+from ..errors import MissingFileError
 
 
 @dataclass
@@ -36,7 +37,7 @@ def build_teacher(config) -> Denoiser:
         path = config.resolved_path
         if not path.exists():
             where = f" {config.hint}" if config.hint else ""
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"teacher.path {config.path} does not exist. Point it at an EDM/SiD network-snapshot .pkl or at a "
                 f"folder written by `onestep convert` (model.safetensors + config.json).{where}")
         from ..denoisers.edm import load_edm_snapshot, load_edm_weights

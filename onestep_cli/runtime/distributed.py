@@ -11,11 +11,15 @@ import datetime
 import os
 import pickle
 import subprocess
+import sys
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ..errors import LaunchError, OnestepError
 
 # Seconds a collective may wait for the slowest rank (a checkpoint of a large model, an evaluation on rank 0).
 COLLECTIVE_TIMEOUT_S = 3600
@@ -68,8 +72,8 @@ def _slurm_rendezvous(environ) -> None:
         except (OSError, subprocess.CalledProcessError):
             hosts = []
         if not hosts:
-            raise RuntimeError(f"Could not resolve the first node of SLURM node list '{nodelist}' with scontrol; "
-                               "export MASTER_ADDR=<hostname of the first node> in the job script.")
+            raise LaunchError(f"Could not resolve the first node of SLURM node list '{nodelist}' with scontrol; "
+                              "export MASTER_ADDR=<hostname of the first node> in the job script.")
         environ["MASTER_ADDR"] = hosts[0]
     # One port per job, so two jobs sharing a node do not collide.
     environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
@@ -111,8 +115,8 @@ def _local_device(device: torch.device, env: DistEnv) -> torch.device:
     if count == 1:
         return torch.device("cuda", 0)
     if env.local_rank >= count:
-        raise RuntimeError(f"Local rank {env.local_rank} has no GPU: only {count} are visible on this node. Start "
-                           "one process per GPU (--gpus N, or srun --ntasks-per-node=N).")
+        raise LaunchError(f"Local rank {env.local_rank} has no GPU: only {count} are visible on this node. Start "
+                          "one process per GPU (--gpus N, or srun --ntasks-per-node=N).")
     return torch.device("cuda", env.local_rank)
 
 
@@ -166,7 +170,9 @@ def on_main(fn, env: DistEnv):
             outcome = (None, exc)
     result, error = broadcast_object(outcome, env)
     if error is not None:
-        raise error
+        if env.is_main or isinstance(error, OnestepError):
+            raise error
+        raise PeerFailure(f"Rank 0 failed: {type(error).__name__}: {error}")  # A bug: rank 0 prints its traceback.
     return result
 
 
@@ -178,15 +184,22 @@ def all_gather_object(obj, env: DistEnv) -> list:
     return out
 
 
-class PeerFailure(RuntimeError):
-    """Raised by `gather_rows` on ranks other than 0 when a rank failed; rank 0 raises (and reports) that error."""
+class PeerFailure(OnestepError, RuntimeError):
+    """Raised by `gather_rows` on ranks other than 0 when a rank failed, and by `on_main` when rank 0 hit a bug; rank 0
+    raises (and reports) that error.
+
+    An OnestepError although it is not the cause: it stands for an error that rank 0 reports, as a sentence or, for a
+    bug, with its traceback (the failing rank has printed its own), so the rank raising it only has to exit quietly.
+    """
 
 
 def _picklable(error: Exception) -> Exception:
     try:
         pickle.loads(pickle.dumps(error))
         return error
-    except Exception:  # An exception type that cannot cross processes: keep its sentence.
+    except Exception:  # An exception type that cannot cross processes: keep its sentence, and whether it is a bug.
+        if isinstance(error, OnestepError):
+            return OnestepError(str(error))
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
@@ -205,10 +218,14 @@ def gather_rows(arrays: dict[str, np.ndarray] | Exception, env: DistEnv) -> dict
     header = _picklable(arrays) if failed else {key: (a.shape, a.dtype.str) for key, a in arrays.items()}
     headers = all_gather_object((failed, header), env)
     errors = [(rank, error) for rank, (is_error, error) in enumerate(headers) if is_error]
+    if failed and not env.is_main and not isinstance(arrays, OnestepError):
+        # A bug, not an input to fix: its traceback exists only in this process, so print it before rank 0 reports it.
+        print(f"Rank {env.rank} failed with this error; rank 0 reports it:", file=sys.stderr)
+        traceback.print_exception(type(arrays), arrays, arrays.__traceback__, file=sys.stderr)
     if errors:
         rank, error = errors[0]
         if env.is_main:
-            raise error
+            raise arrays if rank == env.rank else error  # Its own error with its traceback, or a copy of another's.
         raise PeerFailure(f"Rank {rank} failed: {error}")
     # NCCL moves CUDA tensors only; gloo moves CPU tensors.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

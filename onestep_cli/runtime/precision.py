@@ -9,12 +9,14 @@ import warnings
 import torch
 from torch import nn
 
+from ..errors import DeviceError
+
 
 def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; use --set train.device=cpu or auto.")
+        raise DeviceError("train.device is 'cuda' but no CUDA device is visible; use --set train.device=cpu or auto.")
     return torch.device(choice)
 
 
@@ -22,7 +24,7 @@ def resolve_precision(choice: str, device: torch.device) -> str:
     if choice == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if device.type == "cpu" and choice != "fp32":
-        raise RuntimeError(f"train.precision '{choice}' needs a CUDA device; CPU runs use fp32 (--set train.precision=fp32).")
+        raise DeviceError(f"train.precision '{choice}' needs a CUDA device; CPU runs use fp32 (--set train.precision=fp32).")
     return choice
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ...errors import OnestepError
 from .adapter import DiffusersDenoiser
 from .conditioning import Conditioning
 from .flow import FlowDenoiser
@@ -26,7 +27,7 @@ from .unet import UNetDenoiser
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class DiffusersLoadError(ValueError):
+class DiffusersLoadError(OnestepError, ValueError):
     """A teacher that cannot be loaded; the message names the folder or hub id and what to do."""
 
 

@@ -17,13 +17,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ...errors import OnestepError
 from .conditioning import Conditioning
 
 PROMPT_KEYS = ("prompt", "caption")
 CACHE_FORMAT = "onestep-prompt-cache-1"
 
 
-class PromptFileError(ValueError):
+class PromptFileError(OnestepError, ValueError):
     """A prompt file that cannot be read; the message names the file, the place and what to do."""
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import OnestepError
 from ..base import Denoiser, broadcast_sigma
 from .networks import DhariwalUNet, SongUNet
 
@@ -180,7 +181,7 @@ class VEPrecond(_Precond):
 PRECOND_TYPES = {"EDMPrecond": EDMPrecond, "VPPrecond": VPPrecond, "VEPrecond": VEPrecond}
 
 
-class EDMLoadError(ValueError):
+class EDMLoadError(OnestepError, ValueError):
     """A file could not be turned into an EDM denoiser; the message names the file and what to do."""
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ...errors import MissingFileError
 from .precond import PRECOND_TYPES, EDMLoadError, _Precond, build_precond
 
 try:  # numpy >= 2 moved the scalar constructor; pickles from numpy 1 still name the old module.
@@ -95,7 +96,7 @@ def load_edm_snapshot(path: str | os.PathLike, key: str = "ema") -> _Precond:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"EDM snapshot {path} does not exist; pass the path of a network-snapshot-*.pkl file.")
+        raise MissingFileError(f"EDM snapshot {path} does not exist; pass the path of a network-snapshot-*.pkl file.")
     with open(path, "rb") as file, warnings.catch_warnings():
         # torch's tensor rebuild helpers warn about TypedStorage, the type EDM's pickles store.
         warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")

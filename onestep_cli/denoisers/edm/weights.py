@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ...errors import MissingFileError
 from .precond import PRECOND_TYPES, EDMLoadError, _Precond, build_precond
 from .snapshot import load_edm_snapshot
 
@@ -44,8 +45,8 @@ def load_edm_weights(weights_dir: str | os.PathLike) -> _Precond:
     config_path, weights_path = weights_dir / CONFIG_NAME, weights_dir / WEIGHTS_NAME
     for required in (config_path, weights_path):
         if not required.is_file():
-            raise FileNotFoundError(f"{required} does not exist; pass a folder written by save_edm_weights or "
-                                    f"`onestep convert`.")
+            raise MissingFileError(f"{required} does not exist; pass a folder written by save_edm_weights or "
+                                   f"`onestep convert`.")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
