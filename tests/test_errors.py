@@ -186,7 +186,7 @@ def _raised(error: Exception) -> Exception:
 def test_a_bug_on_rank_1_prints_its_traceback_there_and_rank_1_exits_quietly(monkeypatch, capsys):
     import pickle
 
-    from onestep_cli.engine import distributed
+    from onestep_cli.runtime import distributed
 
     bug = _raised(RuntimeError("shape mismatch in rank 1's batch"))
     monkeypatch.setattr(distributed, "all_gather_object",
@@ -201,7 +201,7 @@ def test_a_bug_on_rank_1_prints_its_traceback_there_and_rank_1_exits_quietly(mon
 def test_rank_0_raises_its_own_error_with_its_traceback_and_a_copy_of_another_ranks(monkeypatch, capsys):
     import pickle
 
-    from onestep_cli.engine import distributed
+    from onestep_cli.runtime import distributed
 
     own = _raised(RuntimeError("rank 0's bug"))
     monkeypatch.setattr(distributed, "all_gather_object",
