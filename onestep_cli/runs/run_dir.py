@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError, RunConfig, config_to_yaml, upgrade_saved_config, validate_config
+from ..errors import OnestepError
 
 # Keys that may change between a run and its resumption: the length of the run, and memory/speed knobs that leave
 # the training maths unchanged (up to floating-point rounding).
@@ -28,7 +29,7 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
-class RunFormatError(ValueError):
+class RunFormatError(OnestepError, ValueError):
     """A file of a run directory that onestep did not write as it is (edited, or damaged)."""
 
 
