@@ -54,7 +54,8 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--lora-rank", type=int, default=0)
-    parser.add_argument("--build-only", action="store_true", help="Only write the pipeline and prompts (for --gpus runs).")
+    parser.add_argument("--build-only", action="store_true",
+                        help="Only write the pipeline and prompts (for --gpus runs).")
     args = parser.parse_args()
     start = time.time()
     pipeline = args.out / "pipeline"

@@ -44,7 +44,8 @@ def bench_command(
 ):
     """Run benchmark rows on random-init networks of the real sizes and print images/s, peak memory, FLOP
     utilisation and each row's target (docs/benchmarks.md). The engine switches (--tf32, --channels-last,
-    --fused-optimizer, --compile, --cuda-graph) apply to the engine rows; the evaluation rows run as `onestep eval` does."""
+    --fused-optimizer, --compile, --cuda-graph) apply to the engine rows; the evaluation rows run as `onestep eval`
+    does."""
     from ..bench import Options, parse_rows, run_benchmarks
 
     if precision not in PRECISIONS:

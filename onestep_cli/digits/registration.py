@@ -56,7 +56,8 @@ def _real_digits_reference(extractor) -> ReferenceStats:
 
 register_feature_space(FeatureSpace("digits", "features of the shipped digits classifier", DigitsFeatures,
                                     distribution=True, default_reference=_real_digits_reference))
-register_feature_space(FeatureSpace("digits_correct", "digits classifier agrees with the sample's class", DigitsCorrect))
+register_feature_space(FeatureSpace("digits_correct", "digits classifier agrees with the sample's class",
+                                    DigitsCorrect))
 register_metric(mean_score_metric("class_accuracy", "digits_correct",
                                   "fraction of class-conditional samples the digits classifier assigns to their class"))
 
