@@ -7,11 +7,7 @@ Timings are never asserted: CI has no GPU. The GPU numbers live in docs/benchmar
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,17 +17,12 @@ from onestep_cli.bench.tracking import VARIANTS, tracking_check
 from onestep_cli.denoisers.edm.layers import GroupNorm
 from onestep_cli.engine.precision import compile_failure
 
-ONESTEP = str(Path(sys.executable).parent / "onestep")
-ENV = {**os.environ, "COLUMNS": "250", "OMP_NUM_THREADS": "1"}  # Two cores are shared: one thread per process.
+WIDE = {"COLUMNS": "250"}  # The bench table unwrapped.
 
 
-def onestep(*args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([ONESTEP, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
-
-
-def test_quick_bench_runs_every_row_in_under_a_minute():
+def test_quick_bench_runs_every_row_in_under_a_minute(cli):
     start = time.time()
-    result = onestep("bench", "--quick", "--json")
+    result = cli.run("bench", "--quick", "--json", check=False, env=WIDE)
     elapsed = time.time() - start
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
@@ -43,8 +34,8 @@ def test_quick_bench_runs_every_row_in_under_a_minute():
     assert elapsed < 60
 
 
-def test_quick_bench_table_says_what_utilisation_is_measured_against():
-    result = onestep("bench", "--quick", "--rows", "dmd-cifar10,heun-cifar10")
+def test_quick_bench_table_says_what_utilisation_is_measured_against(cli):
+    result = cli.run("bench", "--quick", "--rows", "dmd-cifar10,heun-cifar10", check=False, env=WIDE)
     assert result.returncode == 0, result.stderr
     for needle in ("dmd-cifar10", "heun-cifar10", "images/s", "peak GB", "FLOP util.", "800 TFLOP/s", "H100",
                    ">= 2x sid-cifar10", "timings mean nothing"):
@@ -53,13 +44,13 @@ def test_quick_bench_table_says_what_utilisation_is_measured_against():
 
 @pytest.mark.parametrize("args, needle", [(["--rows", "sid-cifar11"], "sid-cifar11"),
                                           (["--precision", "bf8"], "bf8")])
-def test_bad_bench_arguments_are_usage_errors(args, needle):
-    result = onestep("bench", "--quick", *args)
+def test_bad_bench_arguments_are_usage_errors(cli, args, needle):
+    result = cli.run("bench", "--quick", *args, check=False, env=WIDE)
     assert result.returncode == 2 and needle in result.stderr
 
 
-def test_bf16_is_refused_on_the_cpu_with_a_sentence():
-    result = onestep("bench", "--quick", "--rows", "sample-cifar10", "--precision", "bf16")
+def test_bf16_is_refused_on_the_cpu_with_a_sentence(cli):
+    result = cli.run("bench", "--quick", "--rows", "sample-cifar10", "--precision", "bf16", check=False, env=WIDE)
     assert result.returncode == 1 and "needs a CUDA device" in result.stderr
 
 
@@ -79,8 +70,8 @@ def test_sid_step_costs_eleven_forwards_and_dmd_nine(one_thread):
     assert count_row(ROWS["heun-cifar10"], tiny=True, heun_steps=18).flops_per_image / forward == pytest.approx(35)
 
 
-def test_quick_bench_with_cuda_graph_runs_the_deferred_step_and_says_it_was_not_captured():
-    result = onestep("bench", "--quick", "--rows", "sid-cifar10", "--cuda-graph", "--json")
+def test_quick_bench_with_cuda_graph_runs_the_deferred_step_and_says_it_was_not_captured(cli):
+    result = cli.run("bench", "--quick", "--rows", "sid-cifar10", "--cuda-graph", "--json", check=False, env=WIDE)
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(result.stdout)
     assert row["options"]["cuda_graph"] and row["graph_captured"] is False and row["images_per_s"] > 0
