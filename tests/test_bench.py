@@ -20,6 +20,8 @@ from onestep_cli.engine.precision import compile_failure
 WIDE = {"COLUMNS": "250"}  # The bench table unwrapped.
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_quick_bench_runs_every_row_in_under_a_minute(cli):
     start = time.time()
     result = cli.run("bench", "--quick", "--json", check=False, env=WIDE)
@@ -34,6 +36,7 @@ def test_quick_bench_runs_every_row_in_under_a_minute(cli):
     assert elapsed < 60
 
 
+@pytest.mark.e2e
 def test_quick_bench_table_says_what_utilisation_is_measured_against(cli):
     result = cli.run("bench", "--quick", "--rows", "dmd-cifar10,heun-cifar10", check=False, env=WIDE)
     assert result.returncode == 0, result.stderr
@@ -70,6 +73,7 @@ def test_sid_step_costs_eleven_forwards_and_dmd_nine(one_thread):
     assert count_row(ROWS["heun-cifar10"], tiny=True, heun_steps=18).flops_per_image / forward == pytest.approx(35)
 
 
+@pytest.mark.e2e
 def test_quick_bench_with_cuda_graph_runs_the_deferred_step_and_says_it_was_not_captured(cli):
     result = cli.run("bench", "--quick", "--rows", "sid-cifar10", "--cuda-graph", "--json", check=False, env=WIDE)
     assert result.returncode == 0, result.stderr
@@ -109,6 +113,7 @@ def test_quick_rows_run_compiled_or_fall_back(one_thread):
     assert result["compiled"] == (failure is None) and result["images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_bf16_compiled_and_graphed_runs_track_fp32_eager_on_gmm_sid(one_thread):
     """A few hundred steps of gmm-sid: bf16 autocast (run on the CPU through the Trainer: the command line refuses
     bf16 there for speed, not correctness), torch.compile and train.cuda_graph (on the CPU: its deferred checks and
@@ -124,6 +129,7 @@ def test_bf16_compiled_and_graphed_runs_track_fp32_eager_on_gmm_sid(one_thread):
         assert variant["passed"], (name, variant["checks"])
 
 
+@pytest.mark.slow
 def test_bf16_run_tracks_fp32_eager_on_the_digits_teacher(one_thread):
     """The same check on the shipped digits teacher, short: bf16's first loss within rounding of fp32's, and the
     final fd_digits and class accuracy within the fp32 seeds' spread or the metrics' noise (docs/benchmarks.md has

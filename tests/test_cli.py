@@ -63,6 +63,8 @@ def test_missing_teacher_file_is_named(cli, tmp_path):
     assert not (tmp_path / "run").exists(), "a failed start must leave no run directory that refuses the fix"
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_distill_sample_eval_compare(cli, tmp_path):
     run = tmp_path / "run"
     summary = json.loads(cli.run("distill", "--preset", "gmm-sim", *FAST, "--out", run, "--json").stdout)
@@ -111,6 +113,8 @@ def test_presets_list_and_show(cli):
     assert yaml.safe_load(cli.run("presets", "show", "gmm-dmd").stdout)["objective"]["name"] == "dmd"
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigkill_then_same_command_resumes_to_identical_parameters(cli, tmp_path):
     args = ["distill", "--preset", "gmm-sid", "--set", "train.max_steps=240", "--set", "train.checkpoint_every=40",
             "--set", "train.keep_checkpoints=10", "--set", "eval.every_steps=80", "--set", "eval.num_samples=200"]
@@ -137,6 +141,7 @@ def test_sigkill_then_same_command_resumes_to_identical_parameters(cli, tmp_path
     assert rows == [80, 160, 240]
 
 
+@pytest.mark.e2e
 def test_changed_config_in_existing_run_is_refused(cli, tmp_path):
     run = tmp_path / "run"
     cli.run("distill", "--preset", "gmm-sim", *FAST, "--out", run)

@@ -21,6 +21,8 @@ def test_distill_without_a_preset_distils_the_digits_teacher_with_sim(cli):
     assert resolved["teacher"] == {**resolved["teacher"], "kind": "edm", "path": "@assets/digits_teacher"}
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_demo_distils_evaluates_and_compares_with_the_teacher(cli, tmp_path):
     result = cli.run("demo", "--out", tmp_path / "demo", "--steps", "3", "--num", "64")
     table = result.stdout
@@ -62,6 +64,8 @@ def test_shipped_teacher_samples_are_the_teachers_heun_samples(digits_networks):
     assert labels[check].tolist() == seed_labels(check, net.data_shape, net.label_dim).tolist()
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_teacher_samples_are_regenerated_when_the_shipped_file_is_of_another_teacher(cli, tmp_path, monkeypatch):
     other = tmp_path / "other.npz"
     with np.load(resolve_asset_path(demo.TEACHER_SAMPLES)) as data:

@@ -3,9 +3,11 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from onestep_cli.digits.data import load_digits_images
+
 
 def _eval(cli, path, metrics):
     result = cli.run("eval", path, "--metrics", metrics, "--json", check=False)
@@ -13,6 +15,8 @@ def _eval(cli, path, metrics):
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_real_digits_score_well_and_wrong_labels_score_badly(cli, tmp_path):
     images, labels = load_digits_images(8)
     images, labels = images[:600], labels[:600]

@@ -21,6 +21,8 @@ T2I_PRESETS = {"digits-t2i-sim": "digits_t2i_teacher", "digits-t2i-sid": "digits
                "digits-t2i-dmd": "digits_t2i_teacher", "digits-pixart-sim": "digits_pixart_teacher"}
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("preset", list(T2I_PRESETS))
 def test_preset_distils_the_shipped_teacher_on_the_cpu(cli, preset, tmp_path):
     config = resolve_config(preset)
@@ -33,6 +35,7 @@ def test_preset_distils_the_shipped_teacher_on_the_cpu(cli, preset, tmp_path):
     assert (tmp_path / "run" / "prompts.safetensors").is_file()
 
 
+@pytest.mark.e2e
 def test_demo_t2i_scores_students_and_teacher_on_heldout_prompts(cli, tmp_path, monkeypatch):
     prompts = tmp_path / "heldout.txt"
     held_out = resolve_asset_path(demo_t2i.HELDOUT_PROMPTS).read_text().splitlines()

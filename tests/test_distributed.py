@@ -76,6 +76,8 @@ def reference(cli, tmp_path_factory) -> Path:
     return run / "checkpoints"
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_processes_equal_one_process_and_resume_on_one(cli, tmp_path, reference):
     run = tmp_path / "two"
     result = cli.run(*args_for("train.max_steps=10"), "--gpus", 2, "--json", "--out", run)
@@ -93,6 +95,8 @@ def test_two_processes_equal_one_process_and_resume_on_one(cli, tmp_path, refere
     assert_close(reference / "step-00000020", run / "checkpoints" / "step-00000020")
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_fsdp_sharded_save_survives_sigkill_mid_save_and_resumes_on_one_process(cli, tmp_path, reference):
     run = tmp_path / "fsdp"
     args = args_for("train.max_steps=20", "train.parallelism=fsdp")
@@ -119,6 +123,8 @@ def test_fsdp_sharded_save_survives_sigkill_mid_save_and_resumes_on_one_process(
     assert_close(reference / "step-00000020", checkpoints / "step-00000020")
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigterm_to_the_launcher_checkpoints_every_rank_and_exits_zero(cli, tmp_path):
     run = tmp_path / "run"
     args = args_for("train.checkpoint_every=100000", "eval.metrics=[]")
@@ -155,6 +161,7 @@ def test_global_batch_must_split_evenly_over_processes_and_rounds(cli, tmp_path)
     assert per_process_batch(64, 2, 4) == 8
 
 
+@pytest.mark.e2e
 def test_gradient_accumulation_and_checkpointing_match_the_plain_step(tmp_path, reference):
     from onestep_cli import distill
 

@@ -55,6 +55,8 @@ def folder(cli, run, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("num, batch", [(40, BATCH), (41, BATCH), (40, 64)])  # 64: one batch, rank 1 has none.
 def test_two_processes_generate_and_measure_what_one_process_does(cli, run, num, batch):
     one = evaluate(cli, run, "--num", num, batch=batch)
@@ -65,10 +67,14 @@ def test_two_processes_generate_and_measure_what_one_process_does(cli, run, num,
     assert two["provenance"]["common"]["num_samples"] == num
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_folder_of_images_is_split_the_same_way(cli, folder):
     assert_same_result(evaluate(cli, folder), evaluate(cli, folder, gpus=2))
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_an_unreadable_image_of_rank_1_is_reported_once_by_rank_0(cli, folder, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -84,6 +90,8 @@ def test_an_unreadable_image_of_rank_1_is_reported_once_by_rank_0(cli, folder, t
     assert "the evaluation failed on rank 0" in result.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_low_dimensional_metrics_are_refused_before_any_process_starts(cli, run):
     result = cli.invoke("eval", run, "--metrics", "swd", "--gpus", "2")
     assert result.exit_code == 2

@@ -236,6 +236,7 @@ def test_image_metrics_need_a_reference_and_reject_teachers(image_run, tiny_weig
 # The command line
 
 
+@pytest.mark.e2e
 def test_cli_eval_with_prompts_records_the_pairing(cli, tmp_path, tiny_weights):
     folder = write_folder(tmp_path / "imgs", random_images(3, 16, 16), names=["b.png", "a.png", "c.png"])
     (tmp_path / "prompts.txt").write_text("a photo of a cat\na red car\nthe big dog\n")
@@ -260,6 +261,7 @@ def test_cli_missing_weights_and_unknown_metric_exit_nonzero(cli, tmp_path):
     assert unknown.exit_code == 2 and "Did you mean 'fd_dinov2'" in unknown.output
 
 
+@pytest.mark.slow
 def test_compiled_generator_gives_the_same_numbers(image_run, reference_folder, tiny_weights, in_memory):
     """`onestep eval --compile`: the compiled generator's images score as the eager one's (uint8 quantisation may flip
     a rare pixel, hence the tolerance); where torch.compile cannot run it generates eager and says compiled: false."""

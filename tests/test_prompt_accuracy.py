@@ -73,6 +73,7 @@ def _eval(cli, *args):
     return cli.invoke("eval", *args, "--metrics", "prompt_accuracy", "--device", "cpu", "--json")
 
 
+@pytest.mark.e2e
 def test_eval_cli_on_an_npz_with_prompts_and_on_a_folder_recording_them(cli, digits32, tmp_path):
     images, labels = images_labels = digits32[0][:120], digits32[1][:120]
     prompts = _captions(describe(*images_labels), "an image of a {d} that is {s}")
@@ -106,6 +107,7 @@ def test_eval_cli_names_an_unreadable_prompt_without_a_traceback(cli, digits32, 
     assert "Traceback" not in result.output
 
 
+@pytest.mark.e2e
 def test_weight_and_slant_agreement_are_metrics_of_their_own(cli, digits32, tmp_path):
     images, labels = digits32[0][:200], digits32[1][:200]
     measured = describe(images, labels)

@@ -77,6 +77,7 @@ def test_grids_have_a_row_per_model_and_a_column_per_seed(runs, tmp_path):
     assert read_png(written["grids/grid.png"]).shape == (2 * (LABEL_HEIGHT + height), width, 3)
 
 
+@pytest.mark.e2e
 def test_each_models_panel_is_what_onestep_sample_writes_for_the_same_seeds(cli, runs, tmp_path):
     seeds = list(range(3, 9))
     checkpoint = runs["fast"] / "checkpoints" / "step-00000002"
@@ -115,6 +116,7 @@ def test_no_image_generator_means_no_grids_folder(runs, tmp_path):
     assert written["report.html"].is_file()
 
 
+@pytest.mark.e2e
 def test_text_to_image_run_gets_a_row_per_cached_prompt_as_onestep_sample_draws_them(cli, tmp_path):
     pytest.importorskip("diffusers")
     pytest.importorskip("peft")
@@ -187,6 +189,7 @@ def test_report_html_escapes_what_sources_say_and_holds_tables_and_provenance(re
 # The CLI
 
 
+@pytest.mark.e2e
 def test_compare_cli_writes_grids_for_grid_seeds_and_prints_one_json_object(cli, runs, tmp_path):
     out = tmp_path / "report"
     args = ["compare", runs["fast"], runs["ring"], runs["teacher"], "--out", out, "--grid-seeds", "2-5"]

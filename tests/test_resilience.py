@@ -59,6 +59,8 @@ def assert_bitwise_equal(reference: Path, other: Path) -> None:
             assert torch.equal(ref[key], got[key]), f"{name}.{key} differs from the uninterrupted run"
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigkill_at_random_moments_and_mid_save_then_same_command_is_bitwise_uninterrupted(cli, tmp_path):
     """Also: the newest checkpoint left by the kills is then damaged, and the resume falls back past it."""
     args = [*CLI_SMALL, "--set", "train.max_steps=300", "--set", "train.checkpoint_every=25",
@@ -104,6 +106,7 @@ def test_sigkill_at_random_moments_and_mid_save_then_same_command_is_bitwise_uni
     assert steps == sorted(set(steps)) and steps[-1] == 300  # No duplicated or stale rows from the killed runs.
 
 
+@pytest.mark.e2e
 def test_sigusr1_finishes_the_step_checkpoints_and_exits_zero(cli, tmp_path):
     run = tmp_path / "run"
     args = [*CLI_SMALL, "--set", "train.checkpoint_every=100000", "--out", run]
@@ -187,6 +190,7 @@ def test_persistent_nan_stops_with_the_promised_error_and_the_last_checkpoint_in
         assert torch.isfinite(value).all()
 
 
+@pytest.mark.e2e
 def test_persistent_nan_through_the_cli_exits_nonzero(cli, tmp_path):
     # A learning rate of 1e38 overflows the weights on the first update: every later step is NaN.
     result = cli.run(*CLI_SMALL, "--set", "train.lr=1e38", "--set", "train.max_consecutive_nonfinite=3",

@@ -189,6 +189,7 @@ def sd_run(cli, tiny):
     return run
 
 
+@pytest.mark.e2e
 def test_sample_writes_an_image_per_prompt_and_seed_and_a_grid(cli, tiny, sd_run, tmp_path):
     out = tmp_path / "samples"
     result = cli.invoke("sample", sd_run, "--prompts", tiny["prompts"], "--seeds", "0-1", "--out", out, "--json")
@@ -217,6 +218,7 @@ def _pipeline_images(folder, prompt, seeds, **extra):
     return pipeline, torch.cat(images)
 
 
+@pytest.mark.e2e
 def test_export_round_trip_matches_onestep_sample(cli, tiny, sd_run, tmp_path):
     out = tmp_path / "export"
     result = cli.invoke("export", sd_run, "--out", out, "--json")
@@ -241,6 +243,7 @@ def test_export_round_trip_matches_onestep_sample(cli, tiny, sd_run, tmp_path):
     assert again.exit_code != 0 and "not empty" in again.output
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("preset", ["sdxl-dmd2", "pixart-sim"])
 def test_export_round_trip_sdxl_and_pixart_with_lora(cli, tiny, preset, tmp_path):
     """LoRA runs export merged weights; SDXL's time ids and PixArt's learned-sigma output go through diffusers."""
@@ -280,6 +283,7 @@ def test_missing_teacher_and_prompts_give_the_promised_messages(cli, tiny, tmp_p
     assert gmm_lora.exit_code != 0 and "only apply to text-to-image teachers" in " ".join(gmm_lora.output.split())
 
 
+@pytest.mark.e2e
 def test_eval_generates_prompt_images_in_memory_as_sample_writes_them(cli, tiny, sd_run, tiny_weights, tmp_path):
     """`onestep eval RUN --prompts FILE --seeds ...` on a text-to-image run: the images of every prompt with every
     seed, generated in memory, score as the PNGs `onestep sample --prompts` writes (paired in file-name order)."""

@@ -33,6 +33,8 @@ def run_with_training_metrics(cli, tmp_path_factory):
     return run, reference
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_training_records_image_metrics_with_labels_against_the_given_reference(run_with_training_metrics):
     run, reference = run_with_training_metrics
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -57,6 +59,8 @@ def test_a_missing_training_reference_is_named_before_any_step(cli, tmp_path):
     assert not (tmp_path / "run").exists(), "a refused start must leave no run directory behind"
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_eval_at_start_records_the_initial_generator_once_across_a_resume(cli, tmp_path):
     run = tmp_path / "run"
     args = ["distill", "--preset", "gmm-sid", "--out", run, "--set", "eval.every_steps=2", "--set",
@@ -68,6 +72,8 @@ def test_eval_at_start_records_the_initial_generator_once_across_a_resume(cli, t
     assert rows[0]["kimg"] == 0 and set(rows[0]["metrics"]) == {"swd", "mode_coverage"}
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_run_restarted_without_a_checkpoint_keeps_no_stale_records(cli, tmp_path):
     run = tmp_path / "run"
     args = ["distill", "--preset", "gmm-sid", "--out", run, "--set", "train.max_steps=2", "--set", "eval.every_steps=2",
