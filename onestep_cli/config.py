@@ -242,7 +242,8 @@ ObjectiveConfig = Annotated[
 
 class TrainConfig(Strict):
     batch_size: int = Field(256, gt=0)  # Images (or points) per generator update, over all processes (global batch).
-    grad_accumulation: int = Field(1, ge=1)  # Micro-batches per update on each process (per-process batch divides by it).
+    # Micro-batches per update on each process (per-process batch divides by it).
+    grad_accumulation: int = Field(1, ge=1)
     # Largest micro-batch a process computes at once (EDM's and SiD's --batch-gpu): the accumulation rounds follow from
     # batch_size / (processes x batch_gpu); None: the whole per-process share at once, or train.grad_accumulation.
     batch_gpu: int | None = Field(None, gt=0)
@@ -280,7 +281,8 @@ class TrainConfig(Strict):
     # CUDA: NHWC activations; CPU ignores it. EDM U-Nets: slower eager; with compile and cuda_graph the fastest
     # measured (our Triton GroupNorm kernels for NHWC, docs/benchmarks.md).
     channels_last: bool = False
-    fused_optimizer: bool = False  # CUDA: one fused Adam/AdamW kernel per network instead of per-tensor loops; CPU ignores it.
+    # CUDA: one fused Adam/AdamW kernel per network instead of per-tensor loops; CPU ignores it.
+    fused_optimizer: bool = False
     compile: bool = False  # torch.compile each network block (compiled once per distinct block); eager where it cannot.
     # CUDA: record the whole step once as a CUDA graph and replay it (one process, bf16/fp32; fused Adam; non-finite
     # steps skipped on the GPU and checked every tick_every steps). docs/benchmarks.md measures it. true: an error
@@ -385,7 +387,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"Config file {path} must hold a mapping of keys (teacher:, train:, ...), not {type(data).__name__}.")
+        raise ConfigError(f"Config file {path} must hold a mapping of keys (teacher:, train:, ...), "
+                          f"not {type(data).__name__}.")
     data.pop("description", None)
     return data
 

@@ -87,7 +87,8 @@ def heun_sample(denoiser: Denoiser, noise: torch.Tensor, num_steps: int = 18, co
     steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).to(noise.device)
     x_next = noise.to(torch.float64) * steps[0]
     dtype = noise.dtype
-    D = lambda x, s: denoiser(x.to(dtype), torch.full((x.shape[0],), float(s), dtype=dtype, device=x.device), cond).to(torch.float64)
+    D = lambda x, s: denoiser(x.to(dtype), torch.full((x.shape[0],), float(s), dtype=dtype, device=x.device),
+                              cond).to(torch.float64)
     for i, (t_cur, t_next) in enumerate(zip(steps[:-1], steps[1:])):
         x_cur = x_next
         gamma = min(s_churn / num_steps, 2**0.5 - 1) if s_min <= t_cur <= s_max else 0.0

@@ -134,7 +134,6 @@ def random_images(count: int, seed: int):
 
 def reference(args) -> None:
     """In the pinned environment: random-weight ImageReward from the package, its files, and its scores."""
-    import numpy as np
     import torch
     from PIL import Image
 

@@ -7,9 +7,7 @@ Timings are never asserted: CI has no GPU. The GPU numbers live in docs/benchmar
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,17 +20,14 @@ from onestep_cli.bench.tracking import VARIANTS, tracking_check
 from onestep_cli.denoisers.edm.layers import GroupNorm
 from onestep_cli.runtime.precision import compile_failure
 
-ONESTEP = str(Path(sys.executable).parent / "onestep")
-ENV = {**os.environ, "COLUMNS": "250", "OMP_NUM_THREADS": "1"}  # Two cores are shared: one thread per process.
+WIDE = {"COLUMNS": "250"}  # The bench table unwrapped.
 
 
-def onestep(*args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([ONESTEP, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
-
-
-def test_quick_bench_runs_every_row_in_under_a_minute():
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_quick_bench_runs_every_row_in_under_a_minute(cli):
     start = time.time()
-    result = onestep("bench", "--quick", "--json")
+    result = cli.run("bench", "--quick", "--json", check=False, env=WIDE)
     elapsed = time.time() - start
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
@@ -47,8 +42,9 @@ def test_quick_bench_runs_every_row_in_under_a_minute():
     assert elapsed < 60
 
 
-def test_quick_bench_table_says_what_utilisation_is_measured_against():
-    result = onestep("bench", "--quick", "--rows", "dmd-cifar10,heun-cifar10")
+@pytest.mark.e2e
+def test_quick_bench_table_says_what_utilisation_is_measured_against(cli):
+    result = cli.run("bench", "--quick", "--rows", "dmd-cifar10,heun-cifar10", check=False, env=WIDE)
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
     for needle in ("dmd-cifar10", "heun-cifar10", "images/s", "peak GB", "TFLOP/s", "FLOP util.",
@@ -61,13 +57,13 @@ def test_quick_bench_table_says_what_utilisation_is_measured_against():
 
 @pytest.mark.parametrize("args, needle", [(["--rows", "sid-cifar11"], "sid-cifar11"),
                                           (["--precision", "bf8"], "bf8")])
-def test_bad_bench_arguments_are_usage_errors(args, needle):
-    result = onestep("bench", "--quick", *args)
+def test_bad_bench_arguments_are_usage_errors(cli, args, needle):
+    result = cli.run("bench", "--quick", *args, check=False, env=WIDE)
     assert result.returncode == 2 and needle in result.stderr
 
 
-def test_bf16_is_refused_on_the_cpu_with_a_sentence():
-    result = onestep("bench", "--quick", "--rows", "sample-cifar10", "--precision", "bf16")
+def test_bf16_is_refused_on_the_cpu_with_a_sentence(cli):
+    result = cli.run("bench", "--quick", "--rows", "sample-cifar10", "--precision", "bf16", check=False, env=WIDE)
     assert result.returncode == 1 and "needs a CUDA device" in result.stderr
 
 
@@ -87,8 +83,9 @@ def test_sid_step_costs_eleven_forwards_and_dmd_nine(one_thread):
     assert count_row(ROWS["heun-cifar10"], tiny=True, heun_steps=18).flops_per_image / forward == pytest.approx(35)
 
 
-def test_quick_bench_with_cuda_graph_runs_the_deferred_step_and_says_it_was_not_captured():
-    result = onestep("bench", "--quick", "--rows", "sid-cifar10", "--cuda-graph", "--json")
+@pytest.mark.e2e
+def test_quick_bench_with_cuda_graph_runs_the_deferred_step_and_says_it_was_not_captured(cli):
+    result = cli.run("bench", "--quick", "--rows", "sid-cifar10", "--cuda-graph", "--json", check=False, env=WIDE)
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(result.stdout)
     assert row["options"]["cuda_graph"] and row["graph_captured"] is False and row["images_per_s"] > 0
@@ -126,6 +123,7 @@ def test_quick_rows_run_compiled_or_fall_back(one_thread):
     assert result["compiled"] == (failure is None) and result["images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_bf16_compiled_and_graphed_runs_track_fp32_eager_on_gmm_sid(one_thread):
     """A few hundred steps of gmm-sid: bf16 autocast (run on the CPU through the Trainer: the command line refuses
     bf16 there for speed, not correctness), torch.compile and train.cuda_graph (on the CPU: its deferred checks and
@@ -141,6 +139,7 @@ def test_bf16_compiled_and_graphed_runs_track_fp32_eager_on_gmm_sid(one_thread):
         assert variant["passed"], (name, variant["checks"])
 
 
+@pytest.mark.slow
 def test_bf16_run_tracks_fp32_eager_on_the_digits_teacher(one_thread):
     """The same check on the shipped digits teacher, short: bf16's first loss within rounding of fp32's, and the
     final fd_digits and class accuracy within the fp32 seeds' spread or the metrics' noise (docs/benchmarks.md has
@@ -190,7 +189,6 @@ def test_bench_modules_form_no_import_circle_and_share_no_private_names():
 
 
 def test_profile_kinds_name_kernels_by_what_they_do():
-    import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

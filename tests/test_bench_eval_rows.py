@@ -50,6 +50,7 @@ def quick_results(tmp_path_factory) -> tuple[list[dict], Path]:
     return json.loads(result.stdout), home
 
 
+@pytest.mark.e2e
 def test_quick_eval_rows_run_without_the_packages_the_gpu_machine_lacks(quick_results):
     rows, home = quick_results
     assert [row["row"] for row in rows] == EVAL_ROWS
@@ -68,6 +69,7 @@ def test_quick_eval_rows_run_without_the_packages_the_gpu_machine_lacks(quick_re
     assert list(home.iterdir()) == []  # The stand-in Inception reads and writes nothing in the weight cache.
 
 
+@pytest.mark.e2e
 def test_quick_eval_rows_print_what_they_timed(quick_results):
     text = rendered(quick_results[0], quick=True)
     for needle in (*EVAL_ROWS, "what was timed", "64 images in", "generation", "Inception features", "statistics",

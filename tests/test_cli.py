@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
-ONESTEP = str(Path(sys.executable).parent / "onestep")
 FAST = ["--set", "train.max_steps=60", "--set", "train.tick_every=20", "--set", "eval.num_samples=400"]
-
-
-def onestep(*args, check=True, timeout=300) -> subprocess.CompletedProcess:
-    result = subprocess.run([ONESTEP, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "COLUMNS": "200"})
-    if check and result.returncode != 0:
-        raise AssertionError(f"onestep {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
-    return result
 
 
 def test_version_through_python_m():
@@ -31,20 +20,21 @@ def test_version_through_python_m():
     assert result.returncode == 0 and result.stdout.startswith("onestep ")
 
 
-def test_dry_run_merges_preset_then_config_then_set(tmp_path):
+def test_dry_run_merges_preset_then_config_then_set(cli, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("train:\n  lr: 0.003\n  batch_size: 64\n")
-    result = onestep("distill", "--preset", "gmm-sid", "--config", config, "--set", "train.lr=5e-4", "--dry-run")
+    result = cli.run("distill", "--preset", "gmm-sid", "--config", config, "--set", "train.lr=5e-4", "--dry-run")
     resolved = yaml.safe_load(result.stdout)
     assert resolved["objective"]["name"] == "sid"  # from the preset
     assert resolved["train"]["batch_size"] == 64  # from --config
     assert resolved["train"]["lr"] == 5e-4  # --set beats --config
-    as_json = json.loads(onestep("distill", "--preset", "gmm-sid", "--dry-run", "--json").stdout)
+    as_json = json.loads(cli.run("distill", "--preset", "gmm-sid", "--dry-run", "--json").stdout)
     assert as_json["objective"]["alpha"] == pytest.approx(1.2)
 
 
-def test_switching_objective_with_set_starts_that_section_afresh():
-    resolved = yaml.safe_load(onestep("distill", "--preset", "gmm-sim", "--set", "objective.name=dmd", "--dry-run").stdout)
+def test_switching_objective_with_set_starts_that_section_afresh(cli):
+    resolved = yaml.safe_load(cli.run("distill", "--preset", "gmm-sim", "--set", "objective.name=dmd",
+                                      "--dry-run").stdout)
     assert resolved["objective"]["name"] == "dmd" and "distance" not in resolved["objective"]
 
 
@@ -56,26 +46,28 @@ def test_switching_objective_with_set_starts_that_section_afresh():
     (["--preset", "gmm-simm"], ["gmm-simm", "Did you mean 'gmm-sim'"]),
     (["--set", "train.lr"], ["key.path=value"]),
 ])
-def test_bad_config_exits_nonzero_naming_the_problem(args, needles):
-    result = onestep("distill", *args, "--dry-run", check=False)
+def test_bad_config_exits_nonzero_naming_the_problem(cli, args, needles):
+    result = cli.run("distill", *args, "--dry-run", check=False)
     assert result.returncode == 2, result.stderr
     message = " ".join(result.stderr.split())
     for needle in needles:
         assert needle in message, message
 
 
-def test_missing_teacher_file_is_named(tmp_path):
+def test_missing_teacher_file_is_named(cli, tmp_path):
     missing = tmp_path / "network-snapshot-200000.pkl"
-    result = onestep("distill", "--set", "teacher.kind=edm", "--set", f"teacher.path={missing}", "--out",
+    result = cli.run("distill", "--set", "teacher.kind=edm", "--set", f"teacher.path={missing}", "--out",
                      tmp_path / "run", check=False)
     assert result.returncode != 0
     assert f"teacher.path {missing} does not exist" in result.stderr
     assert not (tmp_path / "run").exists(), "a failed start must leave no run directory that refuses the fix"
 
 
-def test_distill_sample_eval_compare(tmp_path):
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_distill_sample_eval_compare(cli, tmp_path):
     run = tmp_path / "run"
-    summary = json.loads(onestep("distill", "--preset", "gmm-sim", *FAST, "--out", run, "--json").stdout)
+    summary = json.loads(cli.run("distill", "--preset", "gmm-sim", *FAST, "--out", run, "--json").stdout)
     assert summary["step"] == 60 and set(summary["metrics"]) == {"swd", "mode_coverage"}
     assert (run / "config.yaml").is_file() and (run / "export" / "generator.safetensors").is_file()
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
@@ -84,51 +76,53 @@ def test_distill_sample_eval_compare(tmp_path):
 
     # Per-sample seeds: a sub-range reproduces the same points (up to the float rounding of batched matrix
     # products, which BLAS may block differently for another batch size); the same command reproduces bitwise.
-    onestep("sample", run, "--num", 50, "--out", tmp_path / "all")
-    onestep("sample", run, "--seeds", "10-19", "--out", tmp_path / "part")
-    onestep("sample", run, "--seeds", "10-19", "--out", tmp_path / "again")
+    cli.run("sample", run, "--num", 50, "--out", tmp_path / "all")
+    cli.run("sample", run, "--seeds", "10-19", "--out", tmp_path / "part")
+    cli.run("sample", run, "--seeds", "10-19", "--out", tmp_path / "again")
     import numpy as np
     full, part = np.load(tmp_path / "all" / "samples.npz"), np.load(tmp_path / "part" / "samples.npz")
     np.testing.assert_allclose(full["samples"][10:20], part["samples"], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(part["samples"], np.load(tmp_path / "again" / "samples.npz")["samples"])
     np.testing.assert_array_equal(part["seeds"], np.arange(10, 20))
 
-    onestep("sample", run, "--teacher", "--steps", 18, "--num", 400, "--out", tmp_path / "teacher")
-    teacher_eval = json.loads(onestep("eval", tmp_path / "teacher", "--metrics", "swd,mode_coverage", "--json").stdout)
+    cli.run("sample", run, "--teacher", "--steps", 18, "--num", 400, "--out", tmp_path / "teacher")
+    teacher_eval = json.loads(cli.run("eval", tmp_path / "teacher", "--metrics", "swd,mode_coverage", "--json").stdout)
     assert teacher_eval["metrics"]["mode_coverage"] == 1.0
     assert teacher_eval["provenance"]["common"]["num_samples"] == 400
     (tmp_path / "teacher.json").write_text(json.dumps(teacher_eval))
 
-    student_eval = json.loads(onestep("eval", run, "--metrics", "swd", "--num", 400, "--json").stdout)
+    student_eval = json.loads(cli.run("eval", run, "--metrics", "swd", "--num", 400, "--json").stdout)
     assert set(student_eval["metrics"]) == {"swd"} and student_eval["provenance"]["swd"]["num_samples"] == 400
 
-    comparison = json.loads(onestep("compare", run, tmp_path / "teacher.json", "--out", tmp_path / "report", "--json").stdout)
+    comparison = json.loads(cli.run("compare", run, tmp_path / "teacher.json", "--out", tmp_path / "report",
+                                    "--json").stdout)
     assert len(comparison["sources"]) == 2
     assert (tmp_path / "report" / "table.md").is_file()
     assert any(p.suffix == ".png" for p in (tmp_path / "report").iterdir())
 
 
-def test_eval_rejects_unknown_metric(tmp_path):
-    result = onestep("eval", tmp_path, "--metrics", "swdd", check=False)
+def test_eval_rejects_unknown_metric(cli, tmp_path):
+    result = cli.run("eval", tmp_path, "--metrics", "swdd", check=False)
     assert result.returncode == 2 and "Did you mean 'swd'" in result.stderr
 
 
-def test_presets_list_and_show():
-    listing = onestep("presets").stdout
+def test_presets_list_and_show(cli):
+    listing = cli.run("presets").stdout
     for name in ("gmm-sim", "gmm-sid", "gmm-dmd", "gmm-di"):
         assert name in listing
-    assert yaml.safe_load(onestep("presets", "show", "gmm-dmd").stdout)["objective"]["name"] == "dmd"
+    assert yaml.safe_load(cli.run("presets", "show", "gmm-dmd").stdout)["objective"]["name"] == "dmd"
 
 
-def test_sigkill_then_same_command_resumes_to_identical_parameters(tmp_path):
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_sigkill_then_same_command_resumes_to_identical_parameters(cli, tmp_path):
     args = ["distill", "--preset", "gmm-sid", "--set", "train.max_steps=240", "--set", "train.checkpoint_every=40",
             "--set", "train.keep_checkpoints=10", "--set", "eval.every_steps=80", "--set", "eval.num_samples=200"]
     reference = tmp_path / "reference"
-    onestep(*args, "--out", reference)
+    cli.run(*args, "--out", reference)
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([ONESTEP, *args, "--out", str(interrupted)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = cli.start(*args, "--out", interrupted, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list((interrupted / "checkpoints").glob("step-00000080")) and time.time() < deadline:
         time.sleep(0.02)
@@ -136,7 +130,7 @@ def test_sigkill_then_same_command_resumes_to_identical_parameters(tmp_path):
     process.wait()
     assert not (interrupted / "export").exists(), "the run finished before it could be killed"
 
-    resumed = onestep(*args, "--out", interrupted)
+    resumed = cli.run(*args, "--out", interrupted)
     assert "Resuming" in resumed.stderr
     for name in ("generator", "fake", "ema"):
         ref = load_file(str(reference / "checkpoints" / "step-00000240" / f"{name}.safetensors"))
@@ -147,8 +141,9 @@ def test_sigkill_then_same_command_resumes_to_identical_parameters(tmp_path):
     assert rows == [80, 160, 240]
 
 
-def test_changed_config_in_existing_run_is_refused(tmp_path):
+@pytest.mark.e2e
+def test_changed_config_in_existing_run_is_refused(cli, tmp_path):
     run = tmp_path / "run"
-    onestep("distill", "--preset", "gmm-sim", *FAST, "--out", run)
-    result = onestep("distill", "--preset", "gmm-sim", *FAST, "--set", "train.lr=0.5", "--out", run, check=False)
+    cli.run("distill", "--preset", "gmm-sim", *FAST, "--out", run)
+    result = cli.run("distill", "--preset", "gmm-sim", *FAST, "--set", "train.lr=0.5", "--out", run, check=False)
     assert result.returncode == 2 and "train.lr" in result.stderr and "another --out" in " ".join(result.stderr.split())

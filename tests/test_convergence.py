@@ -12,6 +12,7 @@ from onestep_cli import distill
 from onestep_cli.config import resolve_config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset, min_coverage, max_swd_ratio", [
     ("gmm-sim", 1.0, 3.0),
     ("gmm-sid", 1.0, 3.0),

@@ -13,17 +13,18 @@ from onestep_cli.config import resolve_asset_path, resolve_config
 from onestep_cli.runs.networks import build_networks
 from onestep_cli.sample_io import to_uint8_images
 from onestep_cli.sampling import generate_teacher, seed_labels
-from test_cli import onestep
 
 
-def test_distill_without_a_preset_distils_the_digits_teacher_with_sim():
-    resolved = yaml.safe_load(onestep("distill", "--dry-run").stdout)
+def test_distill_without_a_preset_distils_the_digits_teacher_with_sim(cli):
+    resolved = yaml.safe_load(cli.run("distill", "--dry-run").stdout)
     assert resolved["objective"]["name"] == "sim"
     assert resolved["teacher"] == {**resolved["teacher"], "kind": "edm", "path": "@assets/digits_teacher"}
 
 
-def test_demo_distils_evaluates_and_compares_with_the_teacher(tmp_path):
-    result = onestep("demo", "--out", tmp_path / "demo", "--steps", "3", "--num", "64")
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_demo_distils_evaluates_and_compares_with_the_teacher(cli, tmp_path):
+    result = cli.run("demo", "--out", tmp_path / "demo", "--steps", "3", "--num", "64")
     table = result.stdout
     for needle in ("digits-sim", "teacher-heun35", "fd_digits", "class_accuracy", "report.html"):
         assert needle in table, table
@@ -63,7 +64,9 @@ def test_shipped_teacher_samples_are_the_teachers_heun_samples(digits_networks):
     assert labels[check].tolist() == seed_labels(check, net.data_shape, net.label_dim).tolist()
 
 
-def test_teacher_samples_are_regenerated_when_the_shipped_file_is_of_another_teacher(tmp_path, monkeypatch):
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_teacher_samples_are_regenerated_when_the_shipped_file_is_of_another_teacher(cli, tmp_path, monkeypatch):
     other = tmp_path / "other.npz"
     with np.load(resolve_asset_path(demo.TEACHER_SAMPLES)) as data:
         record = {**json.loads(str(data["record"])), "teacher_sha256": "0" * 64}
@@ -72,7 +75,7 @@ def test_teacher_samples_are_regenerated_when_the_shipped_file_is_of_another_tea
         shipped = data["samples"][:6]
     monkeypatch.setattr(demo, "TEACHER_SAMPLES", str(other))
     run = tmp_path / "run"
-    onestep("distill", "--out", run, "--set", "train.max_steps=1", "--set", "eval.metrics=[]")
+    cli.run("distill", "--out", run, "--set", "train.max_steps=1", "--set", "eval.metrics=[]")
     messages = []
     path = demo.teacher_samples(run, 6, tmp_path / "out", messages.append)
     assert path.parent == tmp_path / "out" and "sampling the teacher" in messages[0]

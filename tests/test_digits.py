@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from typer.testing import CliRunner
 
-from onestep_cli.cli.app import app
 from onestep_cli.config import list_presets, resolve_config
 from onestep_cli.digits.classifier import load_classifier, read_classifier_config
 from onestep_cli.digits.data import NUM_CLASSES, load_digits_images, split_indices
@@ -159,21 +157,21 @@ def test_class_accuracy_of_real_digits(digits8):
 # -- presets ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", DIGITS_PRESETS + list(EXTERNAL_PRESETS))
-def test_preset_validates_in_a_dry_run(name):
+def test_preset_validates_in_a_dry_run(cli, name):
     assert list_presets().get(name), f"preset {name} is missing or has no description"
-    result = CliRunner().invoke(app, ["distill", "--preset", name, "--dry-run", "--json"])
+    result = cli.invoke("distill", "--preset", name, "--dry-run", "--json")
     assert result.exit_code == 0, result.output
     resolved = json.loads(result.stdout)
     assert resolved["teacher"]["kind"] == "edm" and resolved["eval"]["metrics"] == []
 
 
 @pytest.mark.parametrize("name, expected_file", sorted(EXTERNAL_PRESETS.items()))
-def test_external_teacher_missing_names_the_file_and_where_it_is_published(name, expected_file, tmp_path,
+def test_external_teacher_missing_names_the_file_and_where_it_is_published(cli, name, expected_file, tmp_path,
                                                                            monkeypatch):
     monkeypatch.chdir(tmp_path)  # The presets look for the snapshot in the current folder.
     # fp32: the ImageNet presets' fp16/bf16 would be refused first on this CPU-only machine.
-    result = CliRunner().invoke(app, ["distill", "--preset", name, "--out", str(tmp_path / "run"),
-                                      "--set", "train.precision=fp32"], env={"COLUMNS": "1000"})
+    result = cli.invoke("distill", "--preset", name, "--out", tmp_path / "run", "--set", "train.precision=fp32",
+                        env={"COLUMNS": "1000"})
     assert result.exit_code == 1
     message = " ".join(result.output.split())
     assert expected_file in message and f"https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/{expected_file}" in message

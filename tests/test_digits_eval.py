@@ -1,26 +1,23 @@
 """fd_digits and class_accuracy through `onestep eval`, on real digits stored as an .npz."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from onestep_cli.digits.data import load_digits_images
 
-ONESTEP = str(Path(sys.executable).parent / "onestep")
 
-
-def _eval(path, metrics):
-    result = subprocess.run([ONESTEP, "eval", str(path), "--metrics", metrics, "--json"], capture_output=True,
-                            text=True, timeout=300)
+def _eval(cli, path, metrics):
+    result = cli.run("eval", path, "--metrics", metrics, "--json", check=False)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
-def test_real_digits_score_well_and_wrong_labels_score_badly(tmp_path):
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_real_digits_score_well_and_wrong_labels_score_badly(cli, tmp_path):
     images, labels = load_digits_images(8)
     images, labels = images[:600], labels[:600]
     np.savez(tmp_path / "real.npz", samples=images.numpy(), labels=labels.numpy())
@@ -29,9 +26,9 @@ def test_real_digits_score_well_and_wrong_labels_score_badly(tmp_path):
     noise = torch.rand(600, 1, 8, 8) * 2 - 1
     np.savez(tmp_path / "noise.npz", samples=noise.numpy(), labels=labels.numpy())
 
-    real = _eval(tmp_path / "real.npz", "fd_digits,class_accuracy")["metrics"]
-    noisy = _eval(tmp_path / "noise.npz", "fd_digits")["metrics"]
-    wrong = _eval(tmp_path / "mislabelled.npz", "class_accuracy")["metrics"]
+    real = _eval(cli, tmp_path / "real.npz", "fd_digits,class_accuracy")["metrics"]
+    noisy = _eval(cli, tmp_path / "noise.npz", "fd_digits")["metrics"]
+    wrong = _eval(cli, tmp_path / "mislabelled.npz", "class_accuracy")["metrics"]
     assert real["class_accuracy"] > 0.95
     expected_wrong = float((shuffled == labels).float().mean()) + 0.1
     assert wrong["class_accuracy"] < expected_wrong

@@ -10,13 +10,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from onestep_cli import demo_t2i
-from onestep_cli.cli.app import app
 from onestep_cli.config import resolve_asset_path, resolve_config
 from onestep_cli.runs.run_dir import RunDir
-from test_cli import onestep
 
 pytest.importorskip("diffusers")
 
@@ -24,25 +21,27 @@ T2I_PRESETS = {"digits-t2i-sim": "digits_t2i_teacher", "digits-t2i-sid": "digits
                "digits-t2i-dmd": "digits_t2i_teacher", "digits-pixart-sim": "digits_pixart_teacher"}
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("preset", list(T2I_PRESETS))
-def test_preset_distils_the_shipped_teacher_on_the_cpu(preset, tmp_path):
+def test_preset_distils_the_shipped_teacher_on_the_cpu(cli, preset, tmp_path):
     config = resolve_config(preset)
     assert config.teacher.kind == "diffusers" and config.train.precision == "auto"
     assert config.teacher.resolved_path == str(resolve_asset_path(f"@assets/{T2I_PRESETS[preset]}"))
-    result = onestep("distill", "--preset", preset, "--out", tmp_path / "run", "--set", "train.max_steps=2",
+    result = cli.run("distill", "--preset", preset, "--out", tmp_path / "run", "--set", "train.max_steps=2",
                      "--set", "train.batch_size=2", "--set", "train.checkpoint_every=2", "--json")
     summary = json.loads(result.stdout)
     assert summary["step"] == 2 and RunDir(tmp_path / "run").read_status()["status"] == "complete"
     assert (tmp_path / "run" / "prompts.safetensors").is_file()
 
 
-def test_demo_t2i_scores_students_and_teacher_on_heldout_prompts(tmp_path, monkeypatch):
+@pytest.mark.e2e
+def test_demo_t2i_scores_students_and_teacher_on_heldout_prompts(cli, tmp_path, monkeypatch):
     prompts = tmp_path / "heldout.txt"
     held_out = resolve_asset_path(demo_t2i.HELDOUT_PROMPTS).read_text().splitlines()
     prompts.write_text("\n".join(held_out[::32]) + "\n")  # Ten phrasings: the shape of the demo, in seconds.
     monkeypatch.setattr(demo_t2i, "HELDOUT_PROMPTS", str(prompts))
-    result = CliRunner().invoke(app, ["demo", "--t2i", "--out", str(tmp_path / "demo"), "--steps", "2"],
-                                env={"COLUMNS": "200"})
+    result = cli.invoke("demo", "--t2i", "--out", tmp_path / "demo", "--steps", "2")
     assert result.exit_code == 0, result.output
     for needle in ("digits-t2i-sim", "teacher-heun", "prompt_accuracy", "report.html"):
         assert needle in result.stdout, result.stdout

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,23 +26,13 @@ from onestep_cli.engine.launch import LaunchPlan
 from onestep_cli.runs.networks import build_networks
 from onestep_cli.engine.parallel import per_process_batch
 
-ONESTEP = str(Path(sys.executable).parent / "onestep")
 SMALL = ["generator.mlp.hidden_dim=32", "fake.mlp.hidden_dim=32", "train.batch_size=64", "train.tick_every=5",
          "train.checkpoint_every=10", "train.keep_checkpoints=5", "eval.metrics=[swd]", "eval.num_samples=200"]
-ENV = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}  # Two cores are shared: one thread per process.
 TOLERANCE = 1e-5  # Two processes sum the batch gradient in another order; 20 Adam steps keep it near 1e-7.
 
 
 def args_for(*overrides: str) -> list[str]:
     return ["distill", "--preset", "gmm-sid", *[arg for s in (*SMALL, *overrides) for arg in ("--set", s)]]
-
-
-def onestep(*args, check=True, env=None, timeout=180) -> subprocess.CompletedProcess:
-    result = subprocess.run([ONESTEP, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                            env={**ENV, **(env or {})})
-    if check and result.returncode != 0:
-        raise AssertionError(f"onestep {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
-    return result
 
 
 def weights(checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -80,16 +69,18 @@ def descendants(pid: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def reference(cli, tmp_path_factory) -> Path:
     """One process, 20 steps, checkpoints every 10."""
     run = tmp_path_factory.mktemp("one-process") / "run"
-    onestep(*args_for("train.max_steps=20"), "--out", run)
+    cli.run(*args_for("train.max_steps=20"), "--out", run)
     return run / "checkpoints"
 
 
-def test_two_processes_equal_one_process_and_resume_on_one(tmp_path, reference):
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_two_processes_equal_one_process_and_resume_on_one(cli, tmp_path, reference):
     run = tmp_path / "two"
-    result = onestep(*args_for("train.max_steps=10"), "--gpus", 2, "--json", "--out", run)
+    result = cli.run(*args_for("train.max_steps=10"), "--gpus", 2, "--json", "--out", run)
     assert "starts 2 CPU processes communicating over gloo" in result.stderr  # No CUDA here: say so.
     assert result.stderr.count("Training on 2 processes (DDP, cpu)") == 1  # Only rank 0 prints...
     summary = json.loads(result.stdout)
@@ -99,17 +90,18 @@ def test_two_processes_equal_one_process_and_resume_on_one(tmp_path, reference):
     assert json.loads((run / "run.json").read_text())["processes"] == 2
     assert_close(reference / "step-00000010", run / "checkpoints" / "step-00000010")
 
-    resumed = onestep(*args_for("train.max_steps=20"), "--out", run)
+    resumed = cli.run(*args_for("train.max_steps=20"), "--out", run)
     assert "from step-00000010 (step 10, 0.6 kimg) on 1 process" in resumed.stderr
     assert_close(reference / "step-00000020", run / "checkpoints" / "step-00000020")
 
 
-def test_fsdp_sharded_save_survives_sigkill_mid_save_and_resumes_on_one_process(tmp_path, reference):
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_fsdp_sharded_save_survives_sigkill_mid_save_and_resumes_on_one_process(cli, tmp_path, reference):
     run = tmp_path / "fsdp"
     args = args_for("train.max_steps=20", "train.parallelism=fsdp")
     checkpoints = run / "checkpoints"
-    process = subprocess.Popen([ONESTEP, *args, "--gpus", "2", "--out", str(run)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, env={**ENV, PAUSE_ENV: "0.5"})
+    process = cli.start(*args, "--gpus", 2, "--out", run, stdout=subprocess.DEVNULL, env={PAUSE_ENV: "0.5"})
     partial = checkpoints / ".partial-step-00000020"
     deadline = time.time() + 120
     # Both ranks have written their shards of step 20; rank 0 has not yet renamed the folder into place.
@@ -125,17 +117,18 @@ def test_fsdp_sharded_save_survives_sigkill_mid_save_and_resumes_on_one_process(
     assert (checkpoints / "step-00000010" / ".metadata").is_file()  # Sharded through torch.distributed.checkpoint.
     assert_close(reference / "step-00000010", checkpoints / "step-00000010")
 
-    resumed = onestep(*args, "--out", run)  # Resharded from 2 processes onto 1.
+    resumed = cli.run(*args, "--out", run)  # Resharded from 2 processes onto 1.
     assert "from step-00000010 (step 10, 0.6 kimg) on 1 process" in resumed.stderr
     assert not partial.exists()
     assert_close(reference / "step-00000020", checkpoints / "step-00000020")
 
 
-def test_sigterm_to_the_launcher_checkpoints_every_rank_and_exits_zero(tmp_path):
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_sigterm_to_the_launcher_checkpoints_every_rank_and_exits_zero(cli, tmp_path):
     run = tmp_path / "run"
     args = args_for("train.checkpoint_every=100000", "eval.metrics=[]")
-    process = subprocess.Popen([ONESTEP, *args, "--set", "train.max_steps=1000000", "--gpus", "2", "--out", str(run)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    process = cli.start(*args, "--set", "train.max_steps=1000000", "--gpus", 2, "--out", run, stdout=subprocess.DEVNULL)
     stats = run / "stats.jsonl"
     deadline = time.time() + 120
     while not (stats.is_file() and len(stats.read_text().splitlines()) >= 2):
@@ -151,18 +144,14 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_and_exits_zero(tmp_path)
     assert (run / "checkpoints" / f"step-{step:08d}").is_dir()
     assert f"Stopped by SIGTERM after step {step}, with a checkpoint" in stderr
 
-    resumed = onestep(*args, "--set", f"train.max_steps={step + 5}", "--out", run)
+    resumed = cli.run(*args, "--set", f"train.max_steps={step + 5}", "--out", run)
     assert f"from step-{step:08d} (step {step}," in resumed.stderr
     assert json.loads((run / "run.json").read_text())["step"] == step + 5
 
 
-def test_global_batch_must_split_evenly_over_processes_and_rounds(tmp_path):
-    from typer.testing import CliRunner
-
-    from onestep_cli.cli.app import app
-
+def test_global_batch_must_split_evenly_over_processes_and_rounds(cli, tmp_path):
     # In process: the command must refuse before it starts any worker.
-    result = CliRunner().invoke(app, [*args_for("train.max_steps=1"), "--gpus", "3", "--out", str(tmp_path / "run")])
+    result = cli.invoke(*args_for("train.max_steps=1"), "--gpus", "3", "--out", tmp_path / "run")
     assert result.exit_code == 2 and not (tmp_path / "run").exists()
     message = " ".join(result.stderr.split())
     assert "train.batch_size 64 (the global batch) must be divisible by processes x train.grad_accumulation = " \
@@ -172,6 +161,7 @@ def test_global_batch_must_split_evenly_over_processes_and_rounds(tmp_path):
     assert per_process_batch(64, 2, 4) == 8
 
 
+@pytest.mark.e2e
 def test_gradient_accumulation_and_checkpointing_match_the_plain_step(tmp_path, reference):
     from onestep_cli import distill
 

@@ -9,30 +9,18 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from onestep_cli.eval.image_eval import shard_bounds
 
-ONESTEP = str(Path(sys.executable).parent / "onestep")
-ENV = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}  # Two cores are shared: one thread per process.
 METRICS = "fd_digits,class_accuracy"
 BATCH = 8  # Small batches, so that 40 images make 5 batches to split (3 + 2) and 41 make 6 (3 + 3, the last of 1).
 
 
-def onestep(*args, check=True) -> subprocess.CompletedProcess:
-    result = subprocess.run([ONESTEP, *map(str, args)], capture_output=True, text=True, timeout=180, env=ENV)
-    if check and result.returncode != 0:
-        raise AssertionError(f"onestep {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
-    return result
-
-
-def evaluate(source: Path, *args, gpus: int = 1, batch: int = BATCH) -> dict:
-    result = onestep("eval", source, "--metrics", METRICS, "--batch", batch, *args, "--gpus", gpus, "--json")
+def evaluate(cli, source: Path, *args, gpus: int = 1, batch: int = BATCH) -> dict:
+    result = cli.run("eval", source, "--metrics", METRICS, "--batch", batch, *args, "--gpus", gpus, "--json")
     assert result.stdout.lstrip().startswith("{")
     return json.loads(result.stdout)  # Raises on anything besides exactly one JSON value.
 
@@ -53,35 +41,41 @@ def assert_same_result(one: dict, two: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def run(cli, tmp_path_factory) -> Path:
     """A digits run two steps into training: a class-conditional 8x8 image generator."""
     out = tmp_path_factory.mktemp("digits") / "run"
-    onestep("distill", "--preset", "digits-sim", "--set", "train.max_steps=2", "--out", out)
+    cli.run("distill", "--preset", "digits-sim", "--set", "train.max_steps=2", "--out", out)
     return out
 
 
 @pytest.fixture(scope="module")
-def folder(run, tmp_path_factory) -> Path:
+def folder(cli, run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("samples") / "folder"
-    onestep("sample", run, "--num", 41, "--out", out)
+    cli.run("sample", run, "--num", 41, "--out", out)
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("num, batch", [(40, BATCH), (41, BATCH), (40, 64)])  # 64: one batch, rank 1 has none.
-def test_two_processes_generate_and_measure_what_one_process_does(run, num, batch):
-    one = evaluate(run, "--num", num, batch=batch)
-    two = evaluate(run, "--num", num, gpus=2, batch=batch)
+def test_two_processes_generate_and_measure_what_one_process_does(cli, run, num, batch):
+    one = evaluate(cli, run, "--num", num, batch=batch)
+    two = evaluate(cli, run, "--num", num, gpus=2, batch=batch)
     assert_same_result(one, two)
     assert two["provenance"]["common"]["seeds"] == f"0-{num - 1}"
     assert two["provenance"]["fd_digits"]["seeds"] == f"0-{num - 1}"
     assert two["provenance"]["common"]["num_samples"] == num
 
 
-def test_a_folder_of_images_is_split_the_same_way(folder):
-    assert_same_result(evaluate(folder), evaluate(folder, gpus=2))
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_folder_of_images_is_split_the_same_way(cli, folder):
+    assert_same_result(evaluate(cli, folder), evaluate(cli, folder, gpus=2))
 
 
-def test_an_unreadable_image_of_rank_1_is_reported_once_by_rank_0(folder, tmp_path):
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_an_unreadable_image_of_rank_1_is_reported_once_by_rank_0(cli, folder, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     for image in folder.iterdir():
@@ -89,19 +83,17 @@ def test_an_unreadable_image_of_rank_1_is_reported_once_by_rank_0(folder, tmp_pa
     # Rank 1 reads images 24-40; a truncated PNG keeps its header, so only reading its pixels fails.
     assert shard_bounds(41, BATCH, 1, 2) == (24, 41)
     (broken / "000030.png").write_bytes((folder / "000030.png").read_bytes()[:60])
-    result = onestep("eval", broken, "--metrics", METRICS, "--batch", BATCH, "--gpus", 2, "--json", check=False)
+    result = cli.run("eval", broken, "--metrics", METRICS, "--batch", BATCH, "--gpus", 2, "--json", check=False)
     assert result.returncode != 0 and result.stdout == ""
     message = f"Image {broken / '000030.png'} is corrupt or unreadable"
     assert result.stderr.count(message) == 1, result.stderr
     assert "the evaluation failed on rank 0" in result.stderr
 
 
-def test_low_dimensional_metrics_are_refused_before_any_process_starts(run):
-    from typer.testing import CliRunner
-
-    from onestep_cli.cli.app import app
-
-    result = CliRunner().invoke(app, ["eval", str(run), "--metrics", "swd", "--gpus", "2"])
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_low_dimensional_metrics_are_refused_before_any_process_starts(cli, run):
+    result = cli.invoke("eval", run, "--metrics", "swd", "--gpus", "2")
     assert result.exit_code == 2
     assert "computed in one process" in " ".join(result.stderr.split())
 

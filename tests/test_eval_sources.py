@@ -16,7 +16,7 @@ from onestep_cli.eval.evaluate import evaluate
 from onestep_cli.eval import MetricError
 from onestep_cli.eval.weights import MissingWeightsError
 from onestep_cli.sample_io import SourceError, to_uint8_images, write_samples
-from test_metrics_tiny_models import random_images, tiny_weights  # noqa: F401
+from test_metrics_tiny_models import random_images
 
 SEEDS = list(range(6))
 IMAGE_METRICS = ["fid", "kid", "is", "fd_clip", "aesthetic"]
@@ -236,22 +236,14 @@ def test_image_metrics_need_a_reference_and_reject_teachers(image_run, tiny_weig
 # The command line
 
 
-def onestep(*args, env=None):
-    """The CLI in-process (typer's runner): the same app as the console script, without a new interpreter."""
-    from typer.testing import CliRunner
-
-    from onestep_cli.cli.app import app
-
-    return CliRunner(env={"COLUMNS": "200", **(env or {})}).invoke(app, [str(a) for a in args])
-
-
-def test_cli_eval_with_prompts_records_the_pairing(tmp_path, tiny_weights):
+@pytest.mark.e2e
+def test_cli_eval_with_prompts_records_the_pairing(cli, tmp_path, tiny_weights):
     folder = write_folder(tmp_path / "imgs", random_images(3, 16, 16), names=["b.png", "a.png", "c.png"])
     (tmp_path / "prompts.txt").write_text("a photo of a cat\na red car\nthe big dog\n")
     weights = [arg for key in ("clip_vit_l14", "imagereward", "pickscore")
                for arg in ("--weights", f"{key}={tiny_weights[key]}")]
-    run = onestep("eval", folder, "--metrics", "clip_score,imagereward,pickscore", "--prompts",
-                  tmp_path / "prompts.txt", *weights, "--device", "cpu", "--json")
+    run = cli.invoke("eval", folder, "--metrics", "clip_score,imagereward,pickscore", "--prompts",
+                     tmp_path / "prompts.txt", *weights, "--device", "cpu", "--json")
     assert run.exit_code == 0, run.output
     result = json.loads(run.stdout)
     assert set(result["metrics"]) == {"clip_score", "imagereward", "pickscore"}
@@ -260,15 +252,16 @@ def test_cli_eval_with_prompts_records_the_pairing(tmp_path, tiny_weights):
     assert "sorted file-name order" in pairing["pairing"]
 
 
-def test_cli_missing_weights_and_unknown_metric_exit_nonzero(tmp_path):
+def test_cli_missing_weights_and_unknown_metric_exit_nonzero(cli, tmp_path):
     folder = write_folder(tmp_path / "imgs", random_images(2, 8, 8))
-    missing = onestep("eval", folder, "--metrics", "aesthetic", "--device", "cpu",
-                      env={"ONESTEP_HOME": str(tmp_path / "empty-home")})
+    missing = cli.invoke("eval", folder, "--metrics", "aesthetic", "--device", "cpu",
+                         env={"ONESTEP_HOME": str(tmp_path / "empty-home")})
     assert missing.exit_code == 1 and "onestep weights fetch clip_vit_l14" in " ".join(missing.output.split())
-    unknown = onestep("eval", folder, "--metrics", "fd_dino")
+    unknown = cli.invoke("eval", folder, "--metrics", "fd_dino")
     assert unknown.exit_code == 2 and "Did you mean 'fd_dinov2'" in unknown.output
 
 
+@pytest.mark.slow
 def test_compiled_generator_gives_the_same_numbers(image_run, reference_folder, tiny_weights, in_memory):
     """`onestep eval --compile`: the compiled generator's images score as the eager one's (uint8 quantisation may flip
     a rare pixel, hence the tolerance); where torch.compile cannot run it generates eager and says compiled: false."""

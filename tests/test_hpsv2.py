@@ -20,7 +20,7 @@ from torchvision.transforms import functional as tvf
 from onestep_cli.eval import MetricContext, MetricError, compute_metrics
 from onestep_cli.eval.hpsv2 import HPS_ARCHITECTURE, HPSv2Score
 from onestep_cli.eval.weights import MissingWeightsError
-from test_eval_sources import onestep, write_folder
+from test_eval_sources import write_folder
 from test_metrics_tiny_models import random_images
 
 PROMPTS = ["a photo of a cat", "a red car on the grass", "the big blue dog"]
@@ -129,15 +129,16 @@ def test_a_file_that_is_not_an_hps_checkpoint_is_named(tmp_path):
         HPSv2Score(MetricContext(weights={"hps_v2.1": str(path)}))
 
 
-def test_cli_eval_hpsv2_with_prompts_and_provenance(tmp_path, checkpoints):
+@pytest.mark.e2e
+def test_cli_eval_hpsv2_with_prompts_and_provenance(cli, tmp_path, checkpoints):
     images = random_images(3, 16, 16, seed=4)
     folder = write_folder(tmp_path / "imgs", images, names=["b.png", "a.png", "c.png"])
     (tmp_path / "prompts.txt").write_text("".join(f"{p}\n" for p in PROMPTS))
     in_file_order = images[[1, 0, 2]]  # Prompts pair with the sorted file names: a.png, b.png, c.png.
     for version, key in (("v2.1", "hps_v2.1"), ("v2.0", "hps_v2.0")):
-        run = onestep("eval", folder, "--metrics", "hpsv2", "--prompts", tmp_path / "prompts.txt", "--weights",
-                      f"{key}={checkpoints[key]}", *(["--option", f"hpsv2.version={version}"] if version != "v2.1"
-                                                     else []), "--device", "cpu", "--json")
+        run = cli.invoke("eval", folder, "--metrics", "hpsv2", "--prompts", tmp_path / "prompts.txt", "--weights",
+                         f"{key}={checkpoints[key]}", *(["--option", f"hpsv2.version={version}"] if version != "v2.1"
+                                                        else []), "--device", "cpu", "--json")
         assert run.exit_code == 0, run.output
         result = json.loads(run.stdout)
         assert result["metrics"]["hpsv2"] == pytest.approx(reference_scores(key, in_file_order, PROMPTS).mean(),
@@ -146,5 +147,6 @@ def test_cli_eval_hpsv2_with_prompts_and_provenance(tmp_path, checkpoints):
         assert prov["metric"] == "hpsv2" and prov["version"] == version and prov["num_samples"] == 3
         assert prov["weights"]["path"] == checkpoints[key] and prov["weights"]["origin"] == "user path"
         assert prov["prompt_pairing"]["first_pair"] == ["a.png", PROMPTS[0]]
-    missing = onestep("eval", folder, "--metrics", "hpsv2", "--prompts", tmp_path / "prompts.txt", "--device", "cpu")
+    missing = cli.invoke("eval", folder, "--metrics", "hpsv2", "--prompts", tmp_path / "prompts.txt", "--device",
+                         "cpu")
     assert missing.exit_code == 1 and "onestep weights fetch hps_v2.1" in " ".join(missing.output.split())

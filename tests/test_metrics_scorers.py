@@ -12,12 +12,12 @@ from torchvision import transforms
 from onestep_cli.eval import MetricContext, compute_metrics
 from onestep_cli.eval.clip import AestheticScore, CLIPImageFeatures, CLIPScore
 from onestep_cli.eval.imagereward import (REWARD_MEAN, REWARD_STD, ImageRewardScore, official_to_ours,
-                                             vision_config_from_state)
+                                          vision_config_from_state)
 from onestep_cli.eval.inception import InceptionProbabilities, inception_input
 from onestep_cli.eval.distances import inception_score
 from onestep_cli.eval.transformers_models import DINOv2Features, PickScore
 from test_metrics_tiny_models import (CLIP_IMAGE_SIZE, aesthetic_head, official_imagereward_state, random_images,
-                                      reference_imagereward, tiny_open_clip, tiny_weights)  # noqa: F401
+                                      reference_imagereward, tiny_open_clip)
 
 PROMPTS = ["a photo of a cat", "a red car on the grass", "the big blue dog"]
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

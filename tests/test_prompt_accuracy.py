@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from onestep_cli.cli.app import app
 from onestep_cli.digits.captions import PromptGrammarError, caption, describe
 from onestep_cli.digits.data import load_digits_images
 from onestep_cli.digits.prompt_following import prompt_accuracy
@@ -71,12 +69,12 @@ def _uint8_nhwc(images: torch.Tensor) -> np.ndarray:
     return ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def _eval(*args):
-    return CliRunner().invoke(app, ["eval", *map(str, args), "--metrics", "prompt_accuracy", "--device", "cpu",
-                                    "--json"])
+def _eval(cli, *args):
+    return cli.invoke("eval", *args, "--metrics", "prompt_accuracy", "--device", "cpu", "--json")
 
 
-def test_eval_cli_on_an_npz_with_prompts_and_on_a_folder_recording_them(digits32, tmp_path):
+@pytest.mark.e2e
+def test_eval_cli_on_an_npz_with_prompts_and_on_a_folder_recording_them(cli, digits32, tmp_path):
     images, labels = images_labels = digits32[0][:120], digits32[1][:120]
     prompts = _captions(describe(*images_labels), "an image of a {d} that is {s}")
     np.savez(tmp_path / "digits.npz", samples=_uint8_nhwc(images))
@@ -88,8 +86,8 @@ def test_eval_cli_on_an_npz_with_prompts_and_on_a_folder_recording_them(digits32
     records = [{"file": f"p{i:04d}-s000000.png", "prompt": p, "seed": 0} for i, p in enumerate(prompts)]
     (folder / "samples.json").write_text(json.dumps({"prompts": prompts, "images": records}))
 
-    from_npz = _eval(tmp_path / "digits.npz", "--prompts", tmp_path / "prompts.txt")
-    from_folder = _eval(folder)
+    from_npz = _eval(cli, tmp_path / "digits.npz", "--prompts", tmp_path / "prompts.txt")
+    from_folder = _eval(cli, folder)
     assert from_npz.exit_code == 0 and from_folder.exit_code == 0, from_npz.output + from_folder.output
     npz_result, folder_result = json.loads(from_npz.stdout), json.loads(from_folder.stdout)
     assert npz_result["metrics"]["prompt_accuracy"] > 0.95
@@ -100,27 +98,28 @@ def test_eval_cli_on_an_npz_with_prompts_and_on_a_folder_recording_them(digits32
     assert folder_result["provenance"]["prompt_accuracy"]["prompt_pairing"]["prompts"].endswith("samples.json")
 
 
-def test_eval_cli_names_an_unreadable_prompt_without_a_traceback(digits32, tmp_path):
+def test_eval_cli_names_an_unreadable_prompt_without_a_traceback(cli, digits32, tmp_path):
     np.savez(tmp_path / "digits.npz", samples=_uint8_nhwc(digits32[0][:3]))
     (tmp_path / "prompts.txt").write_text("the digit 0\nthe digits 1 and 2\nthe digit 2\n")
-    result = _eval(tmp_path / "digits.npz", "--prompts", tmp_path / "prompts.txt")
+    result = _eval(cli, tmp_path / "digits.npz", "--prompts", tmp_path / "prompts.txt")
     assert result.exit_code == 2, result.output  # A usage error, reported as a sentence; a crash would exit 1.
     assert "'the digits 1 and 2' names several digits [1, 2]" in result.output
     assert "Traceback" not in result.output
 
 
-def test_weight_and_slant_agreement_are_metrics_of_their_own(digits32, tmp_path):
+@pytest.mark.e2e
+def test_weight_and_slant_agreement_are_metrics_of_their_own(cli, digits32, tmp_path):
     images, labels = digits32[0][:200], digits32[1][:200]
     measured = describe(images, labels)
     flipped = [type(p)(p.digit, OPPOSITE.get(p.weight, p.weight), p.slant) for p in measured]
     np.savez(tmp_path / "digits.npz", samples=_uint8_nhwc(images))
     (tmp_path / "prompts.txt").write_text("\n".join(_captions(flipped)) + "\n")
-    result = CliRunner().invoke(app, ["eval", str(tmp_path / "digits.npz"), "--prompts", str(tmp_path / "prompts.txt"),
-                                      "--metrics", "prompt_accuracy,weight_agreement,slant_agreement", "--json"])
+    result = cli.invoke("eval", tmp_path / "digits.npz", "--prompts", tmp_path / "prompts.txt",
+                        "--metrics", "prompt_accuracy,weight_agreement,slant_agreement", "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)["metrics"]
     assert metrics["weight_agreement"] == 0.0 and metrics["slant_agreement"] == 1.0 and metrics["prompt_accuracy"] > 0.9
     (tmp_path / "plain.txt").write_text("the digit 7\n" * 200)
-    refused = CliRunner().invoke(app, ["eval", str(tmp_path / "digits.npz"), "--prompts", str(tmp_path / "plain.txt"),
-                                       "--metrics", "weight_agreement"])
+    refused = cli.invoke("eval", tmp_path / "digits.npz", "--prompts", tmp_path / "plain.txt",
+                         "--metrics", "weight_agreement")
     assert refused.exit_code == 2 and "none of these 200 prompts" in refused.output

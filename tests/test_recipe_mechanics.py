@@ -146,7 +146,8 @@ def test_batch_gpu_derives_the_accumulation_rounds_as_edm(batch, processes, batc
 
 def test_batch_gpu_errors_name_the_values():
     train = resolve_config("digits-sid", overrides=["train.batch_size=96", "train.batch_gpu=40"]).train
-    with pytest.raises(ConfigError, match=r"train.batch_gpu 40 must divide .* 96 / 1 = 96; use a divisor of 96 such as 32"):
+    with pytest.raises(ConfigError,
+                       match=r"train.batch_gpu 40 must divide .* 96 / 1 = 96; use a divisor of 96 such as 32"):
         batch_split(train, 1)
     with pytest.raises(ConfigError, match="set only one"):
         resolve_config("digits-sid", overrides=["train.batch_gpu=16", "train.grad_accumulation=2"])

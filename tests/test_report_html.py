@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from onestep_cli.cli.app import app
 from onestep_cli.config import resolve_config
 from onestep_cli.engine.loop import distill
 from onestep_cli.report import compare, write_report
@@ -48,9 +46,9 @@ def runs(tmp_path_factory):
     return {"fast": root / "fast", "slow": root / "slow", "ring": root / "ring", "teacher": teacher, "root": root}
 
 
-def sample_panel(run, seeds, out) -> np.ndarray:
+def sample_panel(cli, run, seeds, out) -> np.ndarray:
     """The PNGs `onestep sample` writes for `seeds`, tiled by hand as a row with image_grid's white padding of 2."""
-    result = CliRunner().invoke(app, ["sample", str(run), "--seeds", f"{seeds[0]}-{seeds[-1]}", "--out", str(out)])
+    result = cli.invoke("sample", run, "--seeds", f"{seeds[0]}-{seeds[-1]}", "--out", out)
     assert result.exit_code == 0, result.output
     panel = np.full((TILE + 2, len(seeds) * TILE + 2, 3), 255, dtype=np.uint8)
     for column, seed in enumerate(seeds):
@@ -79,14 +77,15 @@ def test_grids_have_a_row_per_model_and_a_column_per_seed(runs, tmp_path):
     assert read_png(written["grids/grid.png"]).shape == (2 * (LABEL_HEIGHT + height), width, 3)
 
 
-def test_each_models_panel_is_what_onestep_sample_writes_for_the_same_seeds(runs, tmp_path):
+@pytest.mark.e2e
+def test_each_models_panel_is_what_onestep_sample_writes_for_the_same_seeds(cli, runs, tmp_path):
     seeds = list(range(3, 9))
     checkpoint = runs["fast"] / "checkpoints" / "step-00000002"
     comparison = compare([runs["fast"], runs["slow"], checkpoint])
     written = write_report(comparison, tmp_path / "out", grid_seeds=seeds)
     combined = read_png(written["grids/grid.png"])
-    expected = {"fast": sample_panel(runs["fast"], seeds, tmp_path / "fast"),
-                "slow": sample_panel(runs["slow"], seeds, tmp_path / "slow")}
+    expected = {"fast": sample_panel(cli, runs["fast"], seeds, tmp_path / "fast"),
+                "slow": sample_panel(cli, runs["slow"], seeds, tmp_path / "slow")}
     assert not np.array_equal(expected["fast"], expected["slow"]), "the two runs must make different images"
     expected["fast_step-00000002"] = expected["fast"]  # The run's newest checkpoint is that checkpoint.
     for row, (name, panel) in enumerate(expected.items()):
@@ -117,7 +116,8 @@ def test_no_image_generator_means_no_grids_folder(runs, tmp_path):
     assert written["report.html"].is_file()
 
 
-def test_text_to_image_run_gets_a_row_per_cached_prompt_as_onestep_sample_draws_them(tmp_path):
+@pytest.mark.e2e
+def test_text_to_image_run_gets_a_row_per_cached_prompt_as_onestep_sample_draws_them(cli, tmp_path):
     pytest.importorskip("diffusers")
     pytest.importorskip("peft")
     from test_diffusers_adapters import build_sd
@@ -131,8 +131,8 @@ def test_text_to_image_run_gets_a_row_per_cached_prompt_as_onestep_sample_draws_
     distill(config, run, log=lambda message: None, progress=False)
     written = write_report(compare([run]), tmp_path / "out", grid_seeds=[0, 1, 2], num_prompts=2, html=True)
     (tmp_path / "first-two.txt").write_text("a red <bicycle>\ntwo cats on a sofa\n")
-    result = CliRunner().invoke(app, ["sample", str(run), "--prompts", str(tmp_path / "first-two.txt"), "--seeds",
-                                      "0-2", "--out", str(tmp_path / "samples")])
+    result = cli.invoke("sample", run, "--prompts", tmp_path / "first-two.txt", "--seeds", "0-2", "--out",
+                        tmp_path / "samples")
     assert result.exit_code == 0, result.output
     panel = read_png(written["grids/run.png"])
     assert panel.shape == (2 * 18 + 2, 3 * 18 + 2, 3)  # Rows: prompts; columns: seeds; 16x16 images.
@@ -189,20 +189,21 @@ def test_report_html_escapes_what_sources_say_and_holds_tables_and_provenance(re
 # The CLI
 
 
-def test_compare_cli_writes_grids_for_grid_seeds_and_prints_one_json_object(runs, tmp_path):
+@pytest.mark.e2e
+def test_compare_cli_writes_grids_for_grid_seeds_and_prints_one_json_object(cli, runs, tmp_path):
     out = tmp_path / "report"
     args = ["compare", runs["fast"], runs["ring"], runs["teacher"], "--out", out, "--grid-seeds", "2-5"]
-    result = CliRunner().invoke(app, [*map(str, args), "--json"])
+    result = cli.invoke(*args, "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [s["label"] for s in data["sources"]] == ["fast", "ring", "teacher"]
     assert data["written"]["report.html"] == str(out / "report.html")
     assert read_png(data["written"]["grids/fast.png"]).shape == (TILE + 2, 4 * TILE + 2, 3)
     assert "No grid for ring" in result.stderr
-    text = CliRunner().invoke(app, list(map(str, args)))
+    text = cli.invoke(*args)
     assert text.exit_code == 0 and str(out / "report.html") in " ".join(text.stdout.split())
 
 
-def test_compare_cli_rejects_a_bad_seed_range(runs, tmp_path):
-    result = CliRunner().invoke(app, ["compare", str(runs["fast"]), "--out", str(tmp_path), "--grid-seeds", "9-2"])
+def test_compare_cli_rejects_a_bad_seed_range(cli, runs, tmp_path):
+    result = cli.invoke("compare", runs["fast"], "--out", tmp_path, "--grid-seeds", "9-2")
     assert result.exit_code != 0 and "runs backwards" in result.output

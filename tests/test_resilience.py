@@ -7,11 +7,8 @@ code and the messages are part of the promise, in process where a test needs to 
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,27 +23,12 @@ from onestep_cli.engine.loop import NonFiniteError
 from onestep_cli.runs.networks import build_networks
 from poisoned_teacher import PoisonedTeacher
 
-ONESTEP = str(Path(sys.executable).parent / "onestep")
 SMALL = ["generator.mlp.hidden_dim=32", "fake.mlp.hidden_dim=32", "train.batch_size=64", "eval.metrics=[]",
          "train.tick_every=10"]
 CLI_SMALL = ["distill", "--preset", "gmm-sid", *[arg for s in SMALL for arg in ("--set", s)]]
-ENV = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}  # Two cores are shared: one thread per process.
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-def onestep(*args, check=True, env=None, timeout=120) -> subprocess.CompletedProcess:
-    result = subprocess.run([ONESTEP, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                            env={**ENV, **(env or {})})
-    if check and result.returncode != 0:
-        raise AssertionError(f"onestep {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
-    return result
-
-
-def start(*args, env=None) -> subprocess.Popen:
-    return subprocess.Popen([ONESTEP, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**ENV, **(env or {})})
 
 
 def wait_for(condition, timeout=60.0, process=None):
@@ -77,16 +59,18 @@ def assert_bitwise_equal(reference: Path, other: Path) -> None:
             assert torch.equal(ref[key], got[key]), f"{name}.{key} differs from the uninterrupted run"
 
 
-def test_sigkill_at_random_moments_and_mid_save_then_same_command_is_bitwise_uninterrupted(tmp_path):
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_sigkill_at_random_moments_and_mid_save_then_same_command_is_bitwise_uninterrupted(cli, tmp_path):
     """Also: the newest checkpoint left by the kills is then damaged, and the resume falls back past it."""
     args = [*CLI_SMALL, "--set", "train.max_steps=300", "--set", "train.checkpoint_every=25",
             "--set", "train.keep_checkpoints=3"]
     reference, run = tmp_path / "reference", tmp_path / "killed"
-    onestep(*args, "--out", reference)
+    cli.run(*args, "--out", reference)
     checkpoints = run / "checkpoints"
 
     # Inside a checkpoint write: saves pause after each file, and the kill lands while a partial folder exists.
-    process = start(*args, "--out", run, env={PAUSE_ENV: "0.4"})
+    process = cli.start(*args, "--out", run, env={PAUSE_ENV: "0.4"})
     wait_for(lambda: (checkpoints / "step-00000025").is_dir() and (checkpoints / ".partial-step-00000050").is_dir(),
              process=process)
     time.sleep(random.Random(0).uniform(0.0, 0.6))
@@ -100,7 +84,7 @@ def test_sigkill_at_random_moments_and_mid_save_then_same_command_is_bitwise_uni
     for _ in range(2):
         resumed_at = max((int(p.name.split("-")[1]) for p in list_checkpoints(checkpoints)), default=0)
         started = time.time()
-        process = start(*args, "--out", run)
+        process = cli.start(*args, "--out", run)
         wait_for(lambda: last_stats_step(run, written_after=started) > resumed_at, process=process)
         time.sleep(rng.uniform(0.0, 0.15))
         process.send_signal(signal.SIGKILL)
@@ -110,7 +94,7 @@ def test_sigkill_at_random_moments_and_mid_save_then_same_command_is_bitwise_uni
     # And the newest checkpoint the kills left is damaged: reported, and the one before it is used.
     complete = list_checkpoints(checkpoints)
     _damage(complete[-1], "truncated")
-    resumed = onestep(*args, "--out", run)
+    resumed = cli.run(*args, "--out", run)
     message = " ".join(resumed.stderr.split())
     assert f"{complete[-1].name}: file fake.safetensors is missing or does not match its recorded hash" in message
     assert "Falling back to the previous checkpoint" in message
@@ -122,10 +106,11 @@ def test_sigkill_at_random_moments_and_mid_save_then_same_command_is_bitwise_uni
     assert steps == sorted(set(steps)) and steps[-1] == 300  # No duplicated or stale rows from the killed runs.
 
 
-def test_sigusr1_finishes_the_step_checkpoints_and_exits_zero(tmp_path):
+@pytest.mark.e2e
+def test_sigusr1_finishes_the_step_checkpoints_and_exits_zero(cli, tmp_path):
     run = tmp_path / "run"
     args = [*CLI_SMALL, "--set", "train.checkpoint_every=100000", "--out", run]
-    process = start(*args, "--set", "train.max_steps=1000000")
+    process = cli.start(*args, "--set", "train.max_steps=1000000")
     wait_for(lambda: last_stats_step(run) >= 20, process=process)
     process.send_signal(signal.SIGUSR1)
     _, stderr = process.communicate(timeout=60)
@@ -205,9 +190,10 @@ def test_persistent_nan_stops_with_the_promised_error_and_the_last_checkpoint_in
         assert torch.isfinite(value).all()
 
 
-def test_persistent_nan_through_the_cli_exits_nonzero(tmp_path):
+@pytest.mark.e2e
+def test_persistent_nan_through_the_cli_exits_nonzero(cli, tmp_path):
     # A learning rate of 1e38 overflows the weights on the first update: every later step is NaN.
-    result = onestep(*CLI_SMALL, "--set", "train.lr=1e38", "--set", "train.max_consecutive_nonfinite=3",
+    result = cli.run(*CLI_SMALL, "--set", "train.lr=1e38", "--set", "train.max_consecutive_nonfinite=3",
                      "--set", "train.max_steps=50", "--set", "train.checkpoint_every=1", "--out", tmp_path / "run",
                      check=False)
     assert result.returncode == 1

@@ -14,13 +14,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from test_metrics_tiny_models import tiny_weights  # noqa: F401
-from onestep_cli.cli.app import app  # noqa: E402
 from onestep_cli.config import resolve_config, validate_config  # noqa: E402
 from onestep_cli.denoisers.generator import OneStepGenerator  # noqa: E402
 from onestep_cli.runs.loading import load_generator_source  # noqa: E402
@@ -90,11 +87,6 @@ def snapshot(module):
 
 def changed(before, module):
     return {name for name, p in module.named_parameters() if not torch.equal(before[name], p.detach())}
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -188,19 +180,20 @@ def test_gradient_checkpointing_names_only_known_networks(tiny):
 # The CLI: distill, sample, export; and the diffusers round trip.
 
 @pytest.fixture(scope="module")
-def sd_run(tiny):
+def sd_run(cli, tiny):
     run = tiny["root"] / "run-sd15"
-    result = invoke("distill", "--preset", "sd15-sid", "--set", f"teacher.path={tiny['sd']}", "--set",
-                    f"prompts.path={tiny['prompts']}", *[part for item in TINY for part in ("--set", item)],
-                    "--out", run, "--json")
+    result = cli.invoke("distill", "--preset", "sd15-sid", "--set", f"teacher.path={tiny['sd']}", "--set",
+                        f"prompts.path={tiny['prompts']}", *[part for item in TINY for part in ("--set", item)],
+                        "--out", run, "--json")
     assert result.exit_code == 0, result.output
     assert (run / "prompts.safetensors").is_file() and (run / "export" / "generator.safetensors").is_file()
     return run
 
 
-def test_sample_writes_an_image_per_prompt_and_seed_and_a_grid(tiny, sd_run, tmp_path):
+@pytest.mark.e2e
+def test_sample_writes_an_image_per_prompt_and_seed_and_a_grid(cli, tiny, sd_run, tmp_path):
     out = tmp_path / "samples"
-    result = invoke("sample", sd_run, "--prompts", tiny["prompts"], "--seeds", "0-1", "--out", out, "--json")
+    result = cli.invoke("sample", sd_run, "--prompts", tiny["prompts"], "--seeds", "0-1", "--out", out, "--json")
     assert result.exit_code == 0, result.output
     pngs = sorted(p.name for p in out.glob("p*.png"))
     assert pngs == [f"p{i:04d}-s{s:06d}.png" for i in range(3) for s in (0, 1)]
@@ -211,10 +204,10 @@ def test_sample_writes_an_image_per_prompt_and_seed_and_a_grid(tiny, sd_run, tmp
     meta = json.loads((out / "samples.json").read_text())
     assert meta["prompts"] == PROMPTS and meta["images"][3] == {"file": "p0001-s000001.png", "prompt": PROMPTS[1],
                                                                 "seed": 1}
-    reference = invoke("sample", sd_run, "--prompts", tiny["prompts"], "--seeds", "0", "--teacher", "--steps", "2",
-                       "--out", tmp_path / "teacher", "--json")
+    reference = cli.invoke("sample", sd_run, "--prompts", tiny["prompts"], "--seeds", "0", "--teacher", "--steps", "2",
+                           "--out", tmp_path / "teacher", "--json")
     assert reference.exit_code == 0 and json.loads(reference.stdout)["model"] == "teacher", reference.output
-    missing = invoke("sample", sd_run, "--seeds", "0", "--out", tmp_path / "x")
+    missing = cli.invoke("sample", sd_run, "--seeds", "0", "--out", tmp_path / "x")
     assert missing.exit_code != 0 and "--prompts FILE" in missing.output
 
 
@@ -226,13 +219,14 @@ def _pipeline_images(folder, prompt, seeds, **extra):
     return pipeline, torch.cat(images)
 
 
-def test_export_round_trip_matches_onestep_sample(tiny, sd_run, tmp_path):
+@pytest.mark.e2e
+def test_export_round_trip_matches_onestep_sample(cli, tiny, sd_run, tmp_path):
     out = tmp_path / "export"
-    result = invoke("export", sd_run, "--out", out, "--json")
+    result = cli.invoke("export", sd_run, "--out", out, "--json")
     assert result.exit_code == 0, result.output
     assert (out / "model_index.json").is_file() and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     samples = tmp_path / "samples"
-    assert invoke("sample", sd_run, "--prompts", tiny["prompts"], "--seeds", "3,7", "--out", samples).exit_code == 0
+    assert cli.invoke("sample", sd_run, "--prompts", tiny["prompts"], "--seeds", "3,7", "--out", samples).exit_code == 0
     pipeline, images = _pipeline_images(out, PROMPTS[2], [3, 7])
     assert type(pipeline).__name__ == "StableDiffusionPipeline"
     assert type(pipeline.scheduler).__name__ == "EulerDiscreteScheduler"
@@ -243,15 +237,16 @@ def test_export_round_trip_matches_onestep_sample(tiny, sd_run, tmp_path):
     assert np.abs(ours.astype(np.float64) - theirs).max() <= 1  # Same pixels up to uint8 rounding.
 
     weights = tmp_path / "weights"
-    assert invoke("export", sd_run, "--out", weights, "--format", "safetensors").exit_code == 0
+    assert cli.invoke("export", sd_run, "--out", weights, "--format", "safetensors").exit_code == 0
     info = json.loads((weights / "generator.json").read_text())
     assert info["network_class"] == "UNet2DConditionModel" and info["sigma_init"] == 2.5
-    again = invoke("export", sd_run, "--out", out)
+    again = cli.invoke("export", sd_run, "--out", out)
     assert again.exit_code != 0 and "not empty" in again.output
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("preset", ["sdxl-dmd2", "pixart-sim"])
-def test_export_round_trip_sdxl_and_pixart_with_lora(tiny, preset, tmp_path):
+def test_export_round_trip_sdxl_and_pixart_with_lora(cli, tiny, preset, tmp_path):
     """LoRA runs export merged weights; SDXL's time ids and PixArt's learned-sigma output go through diffusers."""
     config = tiny_config(tiny, preset, "train.max_steps=1", "generator.lora_rank=4", "fake.lora_rank=4",
                          "train.generator_lr=1e-2", "train.ema_halflife_kimg=null")  # Export the raw generator.
@@ -264,7 +259,7 @@ def test_export_round_trip_sdxl_and_pixart_with_lora(tiny, preset, tmp_path):
     untrained = (generate_text_to_image(teacher_only, source.pipeline, [PROMPTS[0]], [5], source.data_shape) + 1) / 2
     assert (ours - untrained).abs().max() > 1e-3  # The LoRA step did change the generator.
     out = tmp_path / "export"
-    assert invoke("export", run, "--out", out).exit_code == 0
+    assert cli.invoke("export", run, "--out", out).exit_code == 0
     _, images = _pipeline_images(out, PROMPTS[0], [5], **extra)
     assert (images - ours).abs().max() < 1e-4
 
@@ -272,28 +267,29 @@ def test_export_round_trip_sdxl_and_pixart_with_lora(tiny, preset, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # Messages.
 
-def test_missing_teacher_and_prompts_give_the_promised_messages(tiny, tmp_path):
+def test_missing_teacher_and_prompts_give_the_promised_messages(cli, tiny, tmp_path):
     run = tmp_path / "run"
-    uncached = invoke("distill", "--preset", "sdxl-dmd2", "--set", f"prompts.path={tiny['prompts']}", "--out", run)
+    uncached = cli.invoke("distill", "--preset", "sdxl-dmd2", "--set", f"prompts.path={tiny['prompts']}", "--out", run)
     assert uncached.exit_code != 0
     text = " ".join(uncached.output.split())
     assert "'stabilityai/stable-diffusion-xl-base-1.0' is neither a local folder nor in the local Hugging Face" \
            in text and "hf download stabilityai/stable-diffusion-xl-base-1.0" in text
     assert not run.exists()  # A failed teacher load leaves no run directory behind.
-    missing = invoke("distill", "--preset", "sd15-sid", "--set", f"teacher.path={tmp_path / 'nowhere'}",
-                     "--set", f"prompts.path={tiny['prompts']}", "--out", run)
+    missing = cli.invoke("distill", "--preset", "sd15-sid", "--set", f"teacher.path={tmp_path / 'nowhere'}",
+                         "--set", f"prompts.path={tiny['prompts']}", "--out", run)
     assert missing.exit_code != 0 and "does not exist" in missing.output
-    no_prompts = invoke("distill", "--preset", "sd15-sid", "--set", f"teacher.path={tiny['sd']}", "--out", run)
+    no_prompts = cli.invoke("distill", "--preset", "sd15-sid", "--set", f"teacher.path={tiny['sd']}", "--out", run)
     assert no_prompts.exit_code != 0 and "prompts.path" in " ".join(no_prompts.output.split())
-    gmm_lora = invoke("distill", "--preset", "gmm-sim", "--set", "generator.lora_rank=4", "--out", run)
+    gmm_lora = cli.invoke("distill", "--preset", "gmm-sim", "--set", "generator.lora_rank=4", "--out", run)
     assert gmm_lora.exit_code != 0 and "only apply to text-to-image teachers" in " ".join(gmm_lora.output.split())
 
 
-def test_eval_generates_prompt_images_in_memory_as_sample_writes_them(tiny, sd_run, tiny_weights, tmp_path):
+@pytest.mark.e2e
+def test_eval_generates_prompt_images_in_memory_as_sample_writes_them(cli, tiny, sd_run, tiny_weights, tmp_path):
     """`onestep eval RUN --prompts FILE --seeds ...` on a text-to-image run: the images of every prompt with every
     seed, generated in memory, score as the PNGs `onestep sample --prompts` writes (paired in file-name order)."""
     out = tmp_path / "samples"
-    assert invoke("sample", sd_run, "--prompts", tiny["prompts"], "--seeds", "0-1", "--out", out).exit_code == 0
+    assert cli.invoke("sample", sd_run, "--prompts", tiny["prompts"], "--seeds", "0-1", "--out", out).exit_code == 0
     per_image = tmp_path / "per-image.txt"
     per_image.write_text("".join(f"{p}\n" for p in PROMPTS for _ in range(2)))
     weight_args = [part for key, path in tiny_weights.items() for part in ("--weights", f"{key}={path}")]
@@ -301,7 +297,8 @@ def test_eval_generates_prompt_images_in_memory_as_sample_writes_them(tiny, sd_r
     for name, source, extra in [("memory", sd_run, ["--prompts", tiny["prompts"], "--seeds", "0-1"]),
                                 ("files", out, ["--prompts", per_image]),
                                 ("recorded", out, [])]:  # The prompts samples.json records.
-        result = invoke("eval", source, "--metrics", "clip_score", *extra, *weight_args, "--device", "cpu", "--json")
+        result = cli.invoke("eval", source, "--metrics", "clip_score", *extra, *weight_args, "--device", "cpu",
+                            "--json")
         assert result.exit_code == 0, result.output
         results[name] = json.loads(result.stdout)
     memory, files, recorded = results["memory"], results["files"], results["recorded"]
@@ -310,7 +307,7 @@ def test_eval_generates_prompt_images_in_memory_as_sample_writes_them(tiny, sd_r
     assert memory["provenance"]["common"]["num_images"] == 6 == files["provenance"]["common"]["num_images"]
     assert memory["metrics"]["clip_score"] == pytest.approx(files["metrics"]["clip_score"], abs=1e-4)
     assert "prompt i of --prompts with seed j" in memory["provenance"]["common"]["text_to_image"]
-    missing = invoke("eval", sd_run, "--metrics", "clip_score", *weight_args, "--device", "cpu")
+    missing = cli.invoke("eval", sd_run, "--metrics", "clip_score", *weight_args, "--device", "cpu")
     assert missing.exit_code != 0 and "--prompts FILE" in missing.output
 
 

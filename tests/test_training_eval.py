@@ -10,7 +10,6 @@ import pytest
 
 from onestep_cli.digits.images_npz import write_digits_npz
 from onestep_cli.eval.evaluate import evaluate
-from test_cli import onestep
 
 
 def test_digits_npz_is_a_reference_equal_to_the_real_digits(tmp_path):
@@ -24,16 +23,18 @@ def test_digits_npz_is_a_reference_equal_to_the_real_digits(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def run_with_training_metrics(tmp_path_factory):
+def run_with_training_metrics(cli, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("training-eval")
     reference = write_digits_npz(tmp / "digits8.npz", 8)
     run = tmp / "run"
-    onestep("distill", "--out", run, "--set", "train.max_steps=4", "--set", "eval.every_steps=2",
+    cli.run("distill", "--out", run, "--set", "train.max_steps=4", "--set", "eval.every_steps=2",
             "--set", "eval.metrics=[fd_digits,class_accuracy]", "--set", "eval.num_samples=64",
             "--set", f"eval.ref={reference}")
     return run, reference
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_training_records_image_metrics_with_labels_against_the_given_reference(run_with_training_metrics):
     run, reference = run_with_training_metrics
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -50,32 +51,36 @@ def test_training_records_image_metrics_with_labels_against_the_given_reference(
         assert after["metrics"][name] == pytest.approx(rows[-1]["metrics"][name], rel=1e-6)
 
 
-def test_a_missing_training_reference_is_named_before_any_step(tmp_path):
+def test_a_missing_training_reference_is_named_before_any_step(cli, tmp_path):
     missing = tmp_path / "nothing.npz"
-    result = onestep("distill", "--out", tmp_path / "run", "--set", "train.max_steps=2", "--set",
+    result = cli.run("distill", "--out", tmp_path / "run", "--set", "train.max_steps=2", "--set",
                      "eval.metrics=[fd_digits]", "--set", f"eval.ref={missing}", check=False)
     assert result.returncode != 0 and str(missing) in result.stderr
     assert not (tmp_path / "run").exists(), "a refused start must leave no run directory behind"
 
 
-def test_eval_at_start_records_the_initial_generator_once_across_a_resume(tmp_path):
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_eval_at_start_records_the_initial_generator_once_across_a_resume(cli, tmp_path):
     run = tmp_path / "run"
-    args = ["distill", "--preset", "gmm-sid", "--out", run, "--set", "eval.every_steps=2", "--set", "eval.at_start=true",
-            "--set", "eval.num_samples=200"]
-    onestep(*args, "--set", "train.max_steps=2", "--set", "train.checkpoint_every=2")
-    onestep(*args, "--set", "train.max_steps=4", "--set", "train.checkpoint_every=2")
+    args = ["distill", "--preset", "gmm-sid", "--out", run, "--set", "eval.every_steps=2", "--set",
+            "eval.at_start=true", "--set", "eval.num_samples=200"]
+    cli.run(*args, "--set", "train.max_steps=2", "--set", "train.checkpoint_every=2")
+    cli.run(*args, "--set", "train.max_steps=4", "--set", "train.checkpoint_every=2")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 2, 4]
     assert rows[0]["kimg"] == 0 and set(rows[0]["metrics"]) == {"swd", "mode_coverage"}
 
 
-def test_a_run_restarted_without_a_checkpoint_keeps_no_stale_records(tmp_path):
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_run_restarted_without_a_checkpoint_keeps_no_stale_records(cli, tmp_path):
     run = tmp_path / "run"
     args = ["distill", "--preset", "gmm-sid", "--out", run, "--set", "train.max_steps=2", "--set", "eval.every_steps=2",
             "--set", "eval.at_start=true", "--set", "eval.num_samples=200"]
-    onestep(*args)
+    cli.run(*args)
     shutil.rmtree(run / "checkpoints")  # As if the first run had died before its first checkpoint.
-    onestep(*args)
+    cli.run(*args)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 2]
     assert [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()] == [2]

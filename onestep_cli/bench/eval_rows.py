@@ -259,7 +259,7 @@ def build_scorer(name: str, tiny: bool = False, device: torch.device | str = "cp
     stand_in = "Tiny stand-in of " if tiny else ""
     if name == "imagereward":
         from ..eval.imagereward import (MAX_PROMPT_TOKENS, ImageRewardModel, text_config_from_med,
-                                           vision_config_from_state)
+                                        vision_config_from_state)
 
         vision = vision_config_from_state(imagereward_shapes(**(TINY_IMAGEREWARD_VIT if tiny else IMAGEREWARD_VIT)))
         text = text_config_from_med(TINY_IMAGEREWARD_MED if tiny else IMAGEREWARD_MED, vision.hidden_size)

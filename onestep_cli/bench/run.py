@@ -17,7 +17,7 @@ from ..config import validate_config
 from ..denoisers.generator import OneStepGenerator
 from ..runs.networks import build_networks
 from ..runtime.precision import (autocast, compile_blocks, resolve_device, resolve_precision, set_tf32,
-                                use_channels_last)
+                                 use_channels_last)
 from ..engine.trainer import Trainer
 from ..sampling import heun_sample
 from .count import Work, count_work

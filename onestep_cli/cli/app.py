@@ -45,9 +45,10 @@ def _version(value: bool):
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-          debug: bool = typer.Option(False, "--debug", help="Show the traceback of every error, also of those reported "
-                                     "as one sentence (as ONESTEP_DEBUG=1 does).")):
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version."),
+          debug: bool = typer.Option(False, "--debug", help="Show the traceback of every error, also of those "
+                                     "reported as one sentence (as ONESTEP_DEBUG=1 does).")):
     set_debug_option(debug)
 
 

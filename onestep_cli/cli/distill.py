@@ -20,7 +20,8 @@ def _log(message: str) -> None:
 
 
 def distill_command(
-    preset: Optional[str] = typer.Option(None, "--preset", help=f"Named recipe (default {DEFAULT_PRESET}); see `onestep presets`."),
+    preset: Optional[str] = typer.Option(None, "--preset",
+                                         help=f"Named recipe (default {DEFAULT_PRESET}); see `onestep presets`."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file merged over the preset."),
     overrides: list[str] = typer.Option([], "--set", help="key.path=value, applied last; repeatable."),
     out: Path = typer.Option(Path("runs/distill"), "--out", help="Run directory; an existing run there is resumed."),

@@ -20,7 +20,8 @@ def resolve_seeds(num: Optional[int], seeds: Optional[str]) -> list[int]:
         return list(range(num))
     chosen = parse_seeds(seeds)
     if num is not None and num != len(chosen):
-        raise UsageError(f"--num {num} disagrees with --seeds {seeds} ({len(chosen)} seeds); give one or make them match.")
+        raise UsageError(f"--num {num} disagrees with --seeds {seeds} ({len(chosen)} seeds); "
+                         "give one or make them match.")
     return chosen
 
 

@@ -20,7 +20,8 @@ class GaussianMixtureDenoiser(Denoiser):
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float64)
         stds = torch.as_tensor(stds, dtype=torch.float64)
-        weights = torch.ones(len(means), dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        weights = (torch.ones(len(means), dtype=torch.float64) if weights is None
+                   else torch.as_tensor(weights, dtype=torch.float64))
         self.register_buffer("means", means)  # [K, dim]
         self.register_buffer("stds", stds)  # [K]
         self.register_buffer("weights", weights / weights.sum())  # [K]

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import InputError
 from ..eval import (FeatureExtractor, FeatureSpace, Metric, MetricContext, MetricError, MetricResult,
-                       mean_score_metric, register_feature_space, register_metric)
+                    mean_score_metric, register_feature_space, register_metric)
 from ..eval.reference import ReferenceStats
 from . import prompt_following
 from .captions import PromptGrammarError

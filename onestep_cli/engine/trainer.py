@@ -33,8 +33,9 @@ from ..denoisers.edm.augment import augment, draw_augmentation
 from ..errors import OnestepError
 from ..objectives import build_objective, fake_score_loss
 from ..objectives.sigmas import sample_sigma
-from ..runs.checkpoint import (CheckpointError, begin_save, commit, gather_hashes, hash_files, is_sharded, read_checkpoint,
-                         read_rng, read_sharded, unflatten_optimizer, write_full, write_rng, write_sharded)
+from ..runs.checkpoint import (CheckpointError, begin_save, commit, gather_hashes, hash_files, is_sharded,
+                               read_checkpoint, read_rng, read_sharded, unflatten_optimizer, write_full, write_rng,
+                               write_sharded)
 from .cuda_graph import StepGraph
 from ..runtime.distributed import SINGLE, DistEnv, all_gather_object, all_reduce
 from .ema import EMA, ema_beta

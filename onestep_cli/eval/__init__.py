@@ -1,5 +1,6 @@
 """Evaluation end to end: sources (runs, checkpoints, image folders, .npz) -> features -> metrics -> a result with
-provenance. `evaluate` is the entry point; `register_metric` / `register_feature_space` add metrics (docs/metrics.md)."""
+provenance. `eval.evaluate.evaluate` is the entry point; `register_metric` / `register_feature_space` add metrics
+(docs/metrics.md)."""
 
 from .base import (DEFAULT_FID_MODE, FID_MODES, FeatureExtractor, FeatureSpace, Metric, MetricContext, MetricError,
                    MetricResult)

@@ -17,7 +17,7 @@ from ..runs.loading import is_generator_source, load_generator_source
 from ..runs.networks import build_teacher
 from ..runs.run_dir import RunDir
 from . import (DEFAULT_FID_MODE, FEATURE_SPACES, MetricContext, MetricError, check_metric_names,
-                      compute_metrics, get_metric, needs_explicit_reference)
+               compute_metrics, get_metric, needs_explicit_reference)
 from ..denoisers.diffusers.prompts import read_prompts
 from ..sample_io import (SAMPLES_META, SAMPLES_NPZ, SourceError, folder_source, format_seeds, is_image_shape,
                          list_image_files, npz_image_source, read_samples, recorded_prompts)

@@ -11,8 +11,9 @@ two formats:
   to `rng.safetensors`.
 
 Every rank writes into `.partial-step-XXXXXXXX/` and hashes what it wrote; once all have finished, rank 0 writes
-state.json, fsyncs and renames the folder into place. A folder is complete only once renamed, and trusted only while every file matches its
-hash, so a SIGKILL at any moment leaves at worst a partial folder (removed on resume) or a corrupt one (skipped).
+state.json, fsyncs and renames the folder into place. A folder is complete only once renamed, and trusted only while
+every file matches its hash, so a SIGKILL at any moment leaves at worst a partial folder (removed on resume) or a
+corrupt one (skipped).
 """
 
 from __future__ import annotations

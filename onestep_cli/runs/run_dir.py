@@ -15,7 +15,8 @@ from ..errors import OnestepError
 
 # Keys that may change between a run and its resumption: the length of the run, and memory/speed knobs that leave
 # the training maths unchanged (up to floating-point rounding).
-RESUMABLE_CHANGES = {"train.max_steps", "train.grad_accumulation", "train.batch_gpu", "train.gradient_checkpointing", "train.tf32"}
+RESUMABLE_CHANGES = {"train.max_steps", "train.grad_accumulation", "train.batch_gpu", "train.gradient_checkpointing",
+                     "train.tf32"}
 
 
 def flatten(data: dict, prefix: str = "") -> dict:

@@ -24,7 +24,8 @@ def resolve_precision(choice: str, device: torch.device) -> str:
     if choice == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if device.type == "cpu" and choice != "fp32":
-        raise DeviceError(f"train.precision '{choice}' needs a CUDA device; CPU runs use fp32 (--set train.precision=fp32).")
+        raise DeviceError(f"train.precision '{choice}' needs a CUDA device; "
+                          "CPU runs use fp32 (--set train.precision=fp32).")
     return choice
 
 
