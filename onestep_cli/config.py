@@ -6,17 +6,35 @@ Merge order: preset, then the --config file, then each --set key.path=value; the
 from __future__ import annotations
 
 import difflib
+import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict as StrictType, ValidationError,
+                      field_validator, model_validator)
 
-from .errors import OnestepError
+from .errors import InputError, MissingFileError, OnestepError
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_PRESET = "digits-sim"
 DISCRIMINATORS = ("kind", "name")  # Keys that pick a variant of a config section (teacher.kind, objective.name).
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # A preset is a name; a file is given with --config.
+MAX_YAML_NODES = 100_000  # Values a YAML file may expand to through its aliases; a run config has a few hundred.
+MAX_SEED = 2**63 - 1  # Per-sample seeds are int64 (numpy's seed arrays, torch.Generator.manual_seed).
+MAX_SEEDS = 10_000_000  # Seeds one command may name (200x the 50k of FID); larger sets are split, seeds shard exactly.
+
+
+
+def _not_a_boolean(value):
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true or false")
+    return value
+
+
+Int = Annotated[int, StrictType()]  # An integer: not a float, string or boolean, which pydantic would convert.
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]  # A number; pydantic would read true/false as 1.0/0.0.
 
 
 class ConfigError(OnestepError, ValueError):
@@ -26,7 +44,8 @@ class ConfigError(OnestepError, ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors, numbers are finite (an infinite EMA half-life trains nothing).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -37,9 +56,9 @@ class GMMTeacherConfig(Strict):
     """Analytic Gaussian mixture with isotropic components; its denoiser E[x0 | x] is exact."""
 
     kind: Literal["gmm"] = "gmm"
-    means: list[list[float]]  # One point per component, all of the same dimension.
-    stds: list[float]  # Isotropic standard deviation per component.
-    weights: list[float] | None = None  # Mixture weights; uniform when omitted.
+    means: list[list[Float]]  # One point per component, all of the same dimension.
+    stds: list[Float]  # Isotropic standard deviation per component.
+    weights: list[Float] | None = None  # Mixture weights; uniform when omitted.
 
     @model_validator(mode="after")
     def _check_shapes(self):
@@ -91,9 +110,9 @@ class DiffusersTeacherConfig(Strict):
     revision: str | None = None  # Hub revision in the cache; None: the cached main.
     variant: str | None = None  # Weight-file variant, e.g. 'fp16'.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # Frozen teacher's weights; trained copies stay fp32.
-    guidance_scale: float = Field(1.0, ge=0)  # Teacher's CFG scale in the generator loss (SiD-LSG kappa4); 1: none.
+    guidance_scale: Float = Field(1.0, ge=0)  # Teacher's CFG scale in the generator loss (SiD-LSG kappa4); 1: none.
     null_condition: Literal["auto", "empty_prompt", "zeros"] = "auto"  # Guidance null (auto: the pipeline's own).
-    image_size: tuple[int, int] | None = None  # (H, W) pixels of generated images; None: the network's native size.
+    image_size: tuple[Int, Int] | None = None  # (H, W) pixels of generated images; None: the network's native size.
     hint: str | None = None  # Where the teacher is published; shown when it cannot be loaded.
 
     @field_validator("image_size")
@@ -125,12 +144,12 @@ class PromptsConfig(Strict):
 
 
 class MLPConfig(Strict):
-    hidden_dim: int = Field(256, gt=0)  # Width of each hidden layer.
-    num_layers: int = Field(4, ge=1)  # Number of hidden layers.
-    noise_embedding_dim: int = Field(32, gt=0)  # Fourier features of log(sigma).
-    sigma_data: float = Field(0.5, gt=0)  # Data scale used by the EDM preconditioning.
-    input_fourier_dim: int = Field(0, ge=0)  # Random Fourier features of the input (0: none).
-    input_fourier_scale: float = Field(1.0, gt=0)  # Std of their frequencies, in cycles per unit of c_in * x.
+    hidden_dim: Int = Field(256, gt=0)  # Width of each hidden layer.
+    num_layers: Int = Field(4, ge=1)  # Number of hidden layers.
+    noise_embedding_dim: Int = Field(32, gt=0)  # Fourier features of log(sigma).
+    sigma_data: Float = Field(0.5, gt=0)  # Data scale used by the EDM preconditioning.
+    input_fourier_dim: Int = Field(0, ge=0)  # Random Fourier features of the input (0: none).
+    input_fourier_scale: Float = Field(1.0, gt=0)  # Std of their frequencies, in cycles per unit of c_in * x.
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -141,10 +160,10 @@ class KarrasSigmaConfig(Strict):
     """SiD's generator noise levels: t ~ U(0, t_max), sigma = Karras grid position 1 - t (t = 0 is sigma_min)."""
 
     kind: Literal["karras"] = "karras"
-    sigma_min: float = Field(0.002, gt=0)
-    sigma_max: float = Field(80.0, gt=0)
-    rho: float = Field(7.0, gt=0)
-    t_max: float = Field(0.8, gt=0, le=1)  # SiD's tmax / 1000: sigma in [sigma_min, 24.4] at 0.8 (EDM's range).
+    sigma_min: Float = Field(0.002, gt=0)
+    sigma_max: Float = Field(80.0, gt=0)
+    rho: Float = Field(7.0, gt=0)
+    t_max: Float = Field(0.8, gt=0, le=1)  # SiD's tmax / 1000: sigma in [sigma_min, 24.4] at 0.8 (EDM's range).
 
 
 class KarrasIndexSigmaConfig(Strict):
@@ -152,18 +171,18 @@ class KarrasIndexSigmaConfig(Strict):
     from int(min_fraction num_levels) to int(max_fraction num_levels) inclusive (at most num_levels - 1)."""
 
     kind: Literal["karras_index"] = "karras_index"
-    sigma_min: float = Field(0.002, gt=0)
-    sigma_max: float = Field(80.0, gt=0)
-    rho: float = Field(7.0, gt=0)
-    num_levels: int = Field(1000, ge=2)
-    min_fraction: float = Field(0.02, ge=0, le=1)
-    max_fraction: float = Field(0.98, ge=0, le=1)
+    sigma_min: Float = Field(0.002, gt=0)
+    sigma_max: Float = Field(80.0, gt=0)
+    rho: Float = Field(7.0, gt=0)
+    num_levels: Int = Field(1000, ge=2)
+    min_fraction: Float = Field(0.02, ge=0, le=1)
+    max_fraction: Float = Field(0.98, ge=0, le=1)
 
 
 class LogNormalSigmaConfig(Strict):
     kind: Literal["lognormal"] = "lognormal"
-    mean_log: float = -1.2
-    std_log: float = Field(1.2, gt=0)
+    mean_log: Float = -1.2
+    std_log: Float = Field(1.2, gt=0)
 
 
 SigmaConfig = Annotated[
@@ -171,26 +190,26 @@ SigmaConfig = Annotated[
 ]
 
 # Dropout of a trained copy of an EDM teacher, active only in that copy's own update (SiD); None keeps the teacher's.
-Dropout = Annotated[float, Field(ge=0, lt=1)] | None
+Dropout = Annotated[Float, Field(ge=0, lt=1)] | None
 
 
 class GeneratorConfig(Strict):
-    sigma_init: float = Field(2.5, gt=0)  # G(z) = D(sigma_init * z, sigma_init).
+    sigma_init: Float = Field(2.5, gt=0)  # G(z) = D(sigma_init * z, sigma_init).
     mlp: MLPConfig = MLPConfig()
-    lora_rank: int = Field(0, ge=0)  # Diffusers teachers: 0 trains every weight, r > 0 only rank-r LoRA adapters.
+    lora_rank: Int = Field(0, ge=0)  # Diffusers teachers: 0 trains every weight, r > 0 only rank-r LoRA adapters.
     dropout: Dropout = None  # EDM teachers: dropout probability in the generator's U-Net blocks; None: the teacher's.
 
 
 class FakeScoreConfig(Strict):
     mlp: MLPConfig = MLPConfig()
-    lora_rank: int = Field(0, ge=0)  # Diffusers teachers: 0 trains every weight, r > 0 only rank-r LoRA adapters.
-    guidance_scale: float = Field(1.0, ge=0)  # CFG scale of the fake score in both steps (SiD-LSG kappa1-3); 1: none.
+    lora_rank: Int = Field(0, ge=0)  # Diffusers teachers: 0 trains every weight, r > 0 only rank-r LoRA adapters.
+    guidance_scale: Float = Field(1.0, ge=0)  # CFG scale of the fake score in both steps (SiD-LSG kappa1-3); 1: none.
     sigma: SigmaConfig = LogNormalSigmaConfig()  # Noise levels of its denoising score matching loss (EDM, SiD).
-    sigma_data: float = Field(0.5, gt=0)  # EDM loss weight lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+    sigma_data: Float = Field(0.5, gt=0)  # EDM loss weight lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
     dropout: Dropout = None  # EDM teachers: dropout probability in the fake score's U-Net blocks; None: the teacher's.
     # EDM's non-leaking augmentation of the generated images that train the fake score (its CIFAR-10 geometric ops,
     # each with probability augment_p; labels to the network's 9 augment inputs); 0: off. SiD's CIFAR-10 uses 0.12.
-    augment_p: float = Field(0.0, ge=0, le=1)
+    augment_p: Float = Field(0.0, ge=0, le=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -206,7 +225,7 @@ class SIMObjectiveConfig(Strict):
     distance: Literal["l2", "pseudo_huber"] = "pseudo_huber"
     # Pseudo-Huber scale c in d(y) = sqrt(|y|^2 + c^2) - c, in score units summed over the data's D elements, so |y|
     # grows like sqrt(D); auto: c = sqrt(D) (docs/objectives.md says how it was chosen).
-    huber_c: Union[Annotated[float, Field(gt=0)], Literal["auto"]] = "auto"
+    huber_c: Union[Annotated[Float, Field(gt=0)], Literal["auto"]] = "auto"
     weighting: Literal["unit", "sigma4"] = "sigma4"  # w(sigma): 1, or sigma^4 (denoiser units, as SiD).
     normalization: Normalization = "mean_abs_error"
     sigma: SigmaConfig = KarrasSigmaConfig()
@@ -214,7 +233,7 @@ class SIMObjectiveConfig(Strict):
 
 class SiDObjectiveConfig(Strict):
     name: Literal["sid"] = "sid"
-    alpha: float = 1.2  # SiD's alpha; 0.5 is the full Fisher-divergence gradient, 1 its sampling-fixed part.
+    alpha: Float = 1.2  # SiD's alpha; 0.5 is the full Fisher-divergence gradient, 1 its sampling-fixed part.
     normalization: Normalization = "mean_abs_error"
     sigma: SigmaConfig = KarrasSigmaConfig()
 
@@ -241,35 +260,35 @@ ObjectiveConfig = Annotated[
 
 
 class TrainConfig(Strict):
-    batch_size: int = Field(256, gt=0)  # Images (or points) per generator update, over all processes (global batch).
+    batch_size: Int = Field(256, gt=0)  # Images (or points) per generator update, over all processes (global batch).
     # Micro-batches per update on each process (per-process batch divides by it).
-    grad_accumulation: int = Field(1, ge=1)
+    grad_accumulation: Int = Field(1, ge=1)
     # Largest micro-batch a process computes at once (EDM's and SiD's --batch-gpu): the accumulation rounds follow from
     # batch_size / (processes x batch_gpu); None: the whole per-process share at once, or train.grad_accumulation.
-    batch_gpu: int | None = Field(None, gt=0)
-    lr: float = Field(1e-4, gt=0)  # Learning rate of both networks unless overridden below.
-    generator_lr: float | None = Field(None, gt=0)
-    fake_lr: float | None = Field(None, gt=0)
+    batch_gpu: Int | None = Field(None, gt=0)
+    lr: Float = Field(1e-4, gt=0)  # Learning rate of both networks unless overridden below.
+    generator_lr: Float | None = Field(None, gt=0)
+    fake_lr: Float | None = Field(None, gt=0)
     optimizer: Literal["adam", "adamw"] = "adam"
-    betas: tuple[float, float] = (0.0, 0.999)
-    weight_decay: float = Field(0.0, ge=0)
-    eps: float = Field(1e-8, gt=0)  # Adam's epsilon (SiD uses 1e-6 with --fp16).
+    betas: tuple[Float, Float] = (0.0, 0.999)
+    weight_decay: Float = Field(0.0, ge=0)
+    eps: Float = Field(1e-8, gt=0)  # Adam's epsilon (SiD uses 1e-6 with --fp16).
     # Max global grad norm per network, of the gradient of the loss averaged over data elements as DMD2 computes it
     # (onestep sums each sample's loss over its D elements, so the threshold applied is grad_clip * D); None: off.
-    grad_clip: float | None = Field(None, gt=0)
+    grad_clip: Float | None = Field(None, gt=0)
     # The order inside one step: fake_first (SiD: k fake updates, then the generator) or generator_first (DMD2: the
     # generator, then k fake updates, the first on the same samples the generator update drew, before it changed).
     update_order: Literal["fake_first", "generator_first"] = "fake_first"
     # Linear learning-rate warm-up from 0 over this many fake-score updates (DMD2's constant_with_warmup, which counts
     # its iterations: a generator update takes the lr of the iteration it happens in); 0: none.
-    lr_warmup_iterations: float = Field(0.0, ge=0)
-    max_steps: int = Field(1000, gt=0)  # Generator updates.
-    fake_updates_per_step: int = Field(1, ge=1)
-    ema_halflife_kimg: float | None = Field(0.5, gt=0)  # None disables the EMA (the raw generator is used).
+    lr_warmup_iterations: Float = Field(0.0, ge=0)
+    max_steps: Int = Field(1000, gt=0)  # Generator updates.
+    fake_updates_per_step: Int = Field(1, ge=1)
+    ema_halflife_kimg: Float | None = Field(0.5, gt=0)  # None disables the EMA (the raw generator is used).
     # Half-life at most this fraction of the images seen so far (EDM's and SiD's ramp-up): the average starts equal
     # to the generator instead of holding on to its initialisation; None: the full half-life from the first step.
-    ema_rampup_ratio: float | None = Field(0.05, gt=0)
-    seed: int = 0
+    ema_rampup_ratio: Float | None = Field(0.05, gt=0)
+    seed: Int = Field(0, ge=0, le=MAX_SEED)  # Seed of the run's random numbers.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tf32: bool = True  # TF32 tensor cores for float32 matmuls and convolutions on CUDA; false for strict IEEE fp32.
@@ -288,10 +307,10 @@ class TrainConfig(Strict):
     # steps skipped on the GPU and checked every tick_every steps). docs/benchmarks.md measures it. true: an error
     # where it cannot apply; auto: on where it can (one CUDA process, no FSDP, bf16/fp32, prompts' conditions <= 4 GiB).
     cuda_graph: Union[bool, Literal["auto"]] = False
-    checkpoint_every: int = Field(500, gt=0)  # Steps between checkpoints (one is always written at the end).
-    keep_checkpoints: int = Field(2, ge=1)  # Newest complete checkpoints kept on disk.
-    tick_every: int = Field(50, gt=0)  # Steps between status lines and stats.jsonl records.
-    max_consecutive_nonfinite: int = Field(10, ge=1)  # Skipped non-finite steps in a row before the run stops.
+    checkpoint_every: Int = Field(500, gt=0)  # Steps between checkpoints (one is always written at the end).
+    keep_checkpoints: Int = Field(2, ge=1)  # Newest complete checkpoints kept on disk.
+    tick_every: Int = Field(50, gt=0)  # Steps between status lines and stats.jsonl records.
+    max_consecutive_nonfinite: Int = Field(10, ge=1)  # Skipped non-finite steps in a row before the run stops.
 
     @field_validator("betas")
     @classmethod
@@ -327,15 +346,22 @@ class EvalConfig(Strict):
     """Metrics computed during training (metrics.jsonl), so `onestep compare` can plot them against kimg."""
 
     metrics: list[str] = ["swd", "mode_coverage"]
-    every_steps: int | None = Field(None, gt=0)  # None: only at the end of the run.
+    every_steps: Int | None = Field(None, gt=0)  # None: only at the end of the run.
     at_start: bool = False  # Also evaluate the initial generator (step 0) of a fresh run: where its curve begins.
-    num_samples: int = Field(2000, gt=0)
-    seed: int = 1_000_000  # First per-sample seed of the evaluation samples.
+    num_samples: Int = Field(2000, gt=0, le=MAX_SEEDS)
+    seed: Int = Field(1_000_000, ge=0, le=MAX_SEED)  # First per-sample seed of the evaluation samples.
     # Reference of distribution metrics (fid, kid, fd_*): statistics .npz, image .npz or folder, as `onestep eval
     # --ref`; '@assets/...' points inside the package. None: each metric's default reference, if it has one.
     ref: Path | None = None
     fid_mode: Literal["edm", "clean", "legacy_tensorflow"] = "edm"
-    batch_size: int = Field(256, gt=0)  # Images per feature-network call.
+    batch_size: Int = Field(256, gt=0)  # Images per feature-network call.
+
+    @model_validator(mode="after")
+    def _check_seeds(self):
+        if self.seed + self.num_samples - 1 > MAX_SEED:
+            raise ValueError(f"eval.seed={self.seed} with eval.num_samples={self.num_samples} runs past the largest "
+                             f"seed, {MAX_SEED} (2^63 - 1); choose a smaller eval.seed")
+        return self
 
     @property
     def resolved_ref(self) -> Path | None:
@@ -356,34 +382,113 @@ class RunConfig(Strict):
 # Presets and merging
 
 
+class YAMLRefused(yaml.YAMLError):
+    """A YAML document that parses but that onestep does not read: a key given twice in one mapping, or aliases that
+    expand beyond MAX_YAML_NODES values (a few hundred bytes can otherwise expand to gigabytes)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` keys may be overridden; only a mapping's own keys must differ.
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, typing.Hashable):
+                    continue  # SafeLoader's own error names it.
+                if key in seen:
+                    raise YAMLRefused(f"the key {key!r} appears twice in one mapping (line "
+                                      f"{key_node.start_mark.line + 1}); keep one")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """Values in `node` with every alias expanded, counted without expanding them (aliases share their node)."""
+    if id(node) in sizes:
+        if sizes[id(node)] is None:
+            raise YAMLRefused("an alias refers to a value that contains it, which expands without end")
+        return sizes[id(node)]
+    sizes[id(node)] = None
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    else:
+        size = 1
+    sizes[id(node)] = size
+    return size
+
+
+def load_yaml(text: str) -> Any:
+    """One YAML document, read as yaml.safe_load reads it; YAMLRefused for duplicate keys and alias bombs."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_NODES:
+            raise YAMLRefused(f"its aliases (*name) expand to {size} values, more than the {MAX_YAML_NODES} a config "
+                              "may hold; write the values out or use fewer aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def describe_yaml_error(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own message spans several lines)."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem:
+        mark = error.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{error.problem}{where}"
+    return " ".join(str(error).split())
+
+
 def list_presets() -> dict[str, str]:
     """Preset name -> its one-line description (the `description:` key of the YAML file)."""
     out = {}
     for path in sorted(PRESET_DIR.glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
         out[path.stem] = str(data.get("description", ""))
     return out
 
 
+def is_preset(name: str) -> bool:
+    """Whether `name` names a shipped preset (a name, never a path: files are given with --config)."""
+    return PRESET_NAME.fullmatch(name) is not None and (PRESET_DIR / f"{name}.yaml").is_file()
+
+
 def read_preset(name: str) -> dict[str, Any]:
     path = PRESET_DIR / f"{name}.yaml"
+    if not PRESET_NAME.fullmatch(name):
+        shown = f"'{name}'" if name else "'' (empty)"
+        raise ConfigError(f"Preset {shown} is not a preset name; name one of `onestep presets` (e.g. "
+                          f"{DEFAULT_PRESET}), or pass a YAML file with --config.")
     if not path.is_file():
         names = list(list_presets())
         hint = difflib.get_close_matches(name, names, n=1)
         did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
         raise ConfigError(f"Unknown preset '{name}'.{did_you_mean} Available: {', '.join(names)}.")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path.read_text()) or {}
     data.pop("description", None)
     return data
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise MissingFileError(f"Config file {path} does not exist; pass an existing YAML file to --config.")
     if not path.is_file():
-        raise ConfigError(f"Config file {path} does not exist; pass an existing YAML file to --config.")
+        raise ConfigError(f"Config file {path} is a folder; pass a YAML file to --config.")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"Config file {path} cannot be read ({exc}); pass a YAML text file to --config.") from None
+    except YAMLRefused as exc:
+        raise ConfigError(f"Config file {path} cannot be used: {exc}.") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"Config file {path} is not valid YAML: {describe_yaml_error(exc)}.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -415,7 +520,9 @@ def parse_set(assignment: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set '{assignment}' has an empty key part; write it as key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
+    except YAMLRefused as exc:
+        raise ConfigError(f"--set '{assignment}' cannot be used: {exc}.") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -440,7 +547,7 @@ def resolve_config(
     preset: str | None = None, config_file: Path | None = None, overrides: list[str] = ()
 ) -> RunConfig:
     """Build and validate a RunConfig from a preset, an optional YAML file and `key.path=value` overrides."""
-    data = read_preset(preset or DEFAULT_PRESET)
+    data = read_preset(DEFAULT_PRESET if preset is None else preset)
     if config_file is not None:
         data = deep_merge(data, read_config_file(config_file))
     if overrides:
@@ -542,7 +649,7 @@ def describe_validation_error(exc: ValidationError, data: dict) -> str:
             # A check across a whole section: its sentence names the keys; the section's dump would bury it.
             msg = err["msg"].removeprefix("Value error, ") + "."
         else:
-            msg = f"Key '{key}' has value {given!r}: {err['msg']}."
+            msg = f"Key '{key}' has value {given!r}: {err['msg'].removeprefix('Value error, ')}."
         lines.append(msg)
     return "Invalid configuration: " + " ".join(lines)
 

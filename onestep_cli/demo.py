@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import resolve_asset_path, resolve_config
+from .jsonio import to_json
 from .runs.loading import load_generator_source
 from .engine.loop import distill
 from .runs.run_dir import RunDir
@@ -50,7 +51,7 @@ def run_demo(out_dir: Path, objectives: list[str], steps: int = DEMO_STEPS, num:
 
     teacher_npz = teacher_samples(runs[0], num, out_dir, log)
     teacher_eval = out_dir / "teacher-heun35.json"
-    teacher_eval.write_text(json.dumps(evaluate(teacher_npz, metrics), indent=1, default=str))
+    teacher_eval.write_text(to_json(evaluate(teacher_npz, metrics), indent=1))
 
     from .report import compare, write_report
 

@@ -7,11 +7,11 @@ on the diffusers teacher, as `onestep sample RUN --teacher --prompts`), score `p
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from .config import resolve_asset_path
+from .jsonio import to_json
 from .demo import distil_preset
 from .runs.loading import load_generator_source
 from .eval.evaluate import evaluate, store_result
@@ -43,7 +43,7 @@ def run_t2i_demo(out_dir: Path, objectives: list[str], steps: int = T2I_STEPS, s
 
     teacher_dir = teacher_prompt_samples(runs[0], prompts, seeds, out_dir / "teacher-heun", log)
     teacher_eval = out_dir / "teacher-heun.json"
-    teacher_eval.write_text(json.dumps(evaluate(teacher_dir, metrics), indent=1, default=str))
+    teacher_eval.write_text(to_json(evaluate(teacher_dir, metrics), indent=1))
 
     from .report import compare, write_report
 

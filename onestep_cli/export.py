@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, config_to_yaml
+from .jsonio import to_json
 
 FORMATS = ("diffusers", "safetensors")
 EXPORT_FORMAT = "onestep-generator-1"
@@ -106,10 +107,10 @@ def write_diffusers(network, teacher, out: Path, info: dict, config) -> dict:
     scheduler.save_pretrained(out / "scheduler")
     index = json.loads((folder / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", type(scheduler).__name__]
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    (out / "model_index.json").write_text(to_json(index, indent=2))
     call = ("DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=1, guidance_scale=1.0, "
             "generator=torch.Generator().manual_seed(seed))")
-    (out / "onestep.json").write_text(json.dumps({
+    (out / "onestep.json").write_text(to_json({
         "format": EXPORT_FORMAT, **{k: v for k, v in info.items() if k not in ("network_config", "scheduler_config")},
         "network": part, "call": call,
         "note": "One step only: more inference steps run a Karras schedule below sigma_init that the generator was "
@@ -123,7 +124,7 @@ def _write_safetensors(state: dict, out: Path, info: dict) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(out / "generator.safetensors"))
-    (out / "generator.json").write_text(json.dumps({"format": EXPORT_FORMAT, **info}, indent=1, default=str))
+    (out / "generator.json").write_text(to_json({"format": EXPORT_FORMAT, **info}, indent=1))
     return {"out": str(out), "format": "safetensors", "files": ["generator.safetensors", "generator.json"],
             **_summary(info)}
 

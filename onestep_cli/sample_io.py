@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import MissingFileError, OnestepError
+from .jsonio import to_json
 
 SAMPLES_NPZ = "samples.npz"
 SAMPLES_META = "samples.json"
@@ -57,7 +58,7 @@ def write_samples(samples: torch.Tensor, seeds: list[int], out_dir: Path, meta: 
         written.append(path)
     if labels is not None:
         meta = {**meta, CLASS_LABELS: {str(seed): int(label) for seed, label in zip(seeds, labels)}}
-    (out_dir / SAMPLES_META).write_text(json.dumps({**meta, "num": len(seeds)}, indent=1, default=str))
+    (out_dir / SAMPLES_META).write_text(to_json({**meta, "num": len(seeds)}, indent=1))
     return written
 
 
@@ -368,6 +369,6 @@ def write_prompt_samples(images: torch.Tensor, prompts: list[str], seeds: list[i
         records.append({"file": name, "prompt": prompts[index], "seed": seeds[seed]})
         written.append(out_dir / name)
     Image.fromarray(image_grid(images, columns=len(seeds))).save(out_dir / "grid.png")
-    (out_dir / SAMPLES_META).write_text(json.dumps({**meta, "num": len(records), "prompts": prompts,
-                                                    "images": records}, indent=1, default=str))
+    (out_dir / SAMPLES_META).write_text(to_json({**meta, "num": len(records), "prompts": prompts,
+                                                 "images": records}, indent=1))
     return written

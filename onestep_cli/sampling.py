@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import re
 
 import numpy as np
 import torch
 
+from .config import MAX_SEED, MAX_SEEDS
 from .denoisers.base import Denoiser
 from .errors import UsageError
 from .objectives.sigmas import karras_grid
@@ -15,8 +17,8 @@ from .sample_io import ImageSource, SourceError, as_uint8_nhwc, is_image_shape
 
 
 def parse_seeds(text: str) -> list[int]:
-    """Parse '0-49999', '3', or '0,5,10-12' into a list of non-negative seeds."""
-    seeds = []
+    """Parse '0-49999', '3', or '0,5,10-12' into a list of distinct seeds in 0..2^63-1, at most MAX_SEEDS of them."""
+    ranges = []
     for part in text.split(","):
         part = part.strip()
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
@@ -26,7 +28,18 @@ def parse_seeds(text: str) -> list[int]:
         high = int(match.group(2)) if match.group(2) is not None else low
         if high < low:
             raise UsageError(f"Seed range '{part}' runs backwards; write the smaller seed first.")
-        seeds.extend(range(low, high + 1))
+        if high > MAX_SEED:
+            raise UsageError(f"Seed {high} in '{text}' is larger than the largest seed, {MAX_SEED} (2^63 - 1).")
+        ranges.append((low, high))
+    count = sum(high - low + 1 for low, high in ranges)  # Counted before any list is built.
+    if count > MAX_SEEDS:
+        raise UsageError(f"Seeds '{text}' name {count} samples, more than the {MAX_SEEDS} one command takes; split "
+                         "them over several commands (each seed gives the same sample whatever the command).")
+    seeds = [seed for low, high in ranges for seed in range(low, high + 1)]
+    if len(set(seeds)) != len(seeds):
+        repeated = next(seed for seed, n in collections.Counter(seeds).items() if n > 1)
+        raise UsageError(f"Seeds '{text}' name seed {repeated} more than once; each seed is one sample, so name it "
+                         "once.")
     return seeds
 
 

@@ -8,7 +8,7 @@ import typer
 
 from ..version import __version__
 from .bench import bench_command
-from .common import set_debug_option
+from .common import set_debug_option, set_quiet_option
 from .compare import compare_command
 from .convert import convert_command
 from .demo import demo_command
@@ -48,8 +48,11 @@ def _version(value: bool):
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version."),
           debug: bool = typer.Option(False, "--debug", help="Show the traceback of every error, also of those "
-                                     "reported as one sentence (as ONESTEP_DEBUG=1 does).")):
+                                     "reported as one sentence (as ONESTEP_DEBUG=1 does)."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info lines on stderr; results, "
+                                     "warnings and errors still print.")):
     set_debug_option(debug)
+    set_quiet_option(quiet)
 
 
 def main():

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..config import ConfigError
-from .common import print_json, reports_errors, stderr, stdout
+from .common import info, print_json, reports_errors, stdout
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -57,8 +57,7 @@ def bench_command(
     settings = dict(precision=precision, tf32=tf32, channels_last=channels_last, fused_optimizer=fused_optimizer,
                     compile=compile, cuda_graph=cuda_graph, batch=batch, warmup=warmup, iters=iters)
     options = Options.quick(**settings) if quick else Options(**settings)
-    log = (lambda message: None) if as_json else (lambda message: stderr.print(message, highlight=False))
-    results = run_benchmarks(chosen, options, log=log)
+    results = run_benchmarks(chosen, options, log=(lambda message: None) if as_json else info)
     if as_json:
         print_json(results)
     else:

@@ -8,13 +8,13 @@ from typing import Optional
 
 import typer
 
-from .common import print_json, reports_errors, stderr, stdout
+from .common import info, output_folder, print_json, reports_errors, stdout
 
 
 @reports_errors
 def compare_command(
     sources: list[Path] = typer.Argument(..., help="Run directories, checkpoint folders and eval JSON files."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write table.md, table.csv, compare.json, curves, grids/ "
+    out: Optional[str] = typer.Option(None, "--out", help="Write table.md, table.csv, compare.json, curves, grids/ "
                                        "and report.html here."),
     grid_seeds: str = typer.Option("0-15", "--grid-seeds", help="Seeds of the image grids under --out, the same for "
                                    "every generator, e.g. 0-15 or 0,5,10-12."),
@@ -27,11 +27,12 @@ def compare_command(
     from ..sampling import parse_seeds
 
     seeds = parse_seeds(grid_seeds)
+    out = output_folder(out) if out is not None else None
     comparison = compare(sources)
     written = {}
     if out is not None:
         written = write_report(comparison, out, grid_seeds=seeds, html=True, device=resolve_device("auto"),
-                               log=lambda message: stderr.print(message, highlight=False, markup=False))
+                               log=info)
     if as_json:
         print_json({**to_json(comparison), "written": {k: str(v) for k, v in written.items()}})
         return

@@ -7,13 +7,13 @@ from pathlib import Path
 import typer
 
 from ..errors import MissingFileError
-from .common import reports_errors, stdout
+from .common import output_folder, reports_errors, stdout
 
 
 @reports_errors
 def convert_command(
     snapshot: Path = typer.Argument(..., help="EDM or SiD network-snapshot .pkl."),
-    out: Path = typer.Argument(..., help="Output folder (model.safetensors + config.json)."),
+    out: str = typer.Argument(..., help="Output folder (model.safetensors + config.json)."),
     key: str = typer.Option("ema", "--key", help="Which network of the snapshot's dict to convert."),
 ):
     """Convert an EDM-format snapshot into model.safetensors + config.json."""
@@ -21,5 +21,5 @@ def convert_command(
 
     if not snapshot.is_file():
         raise MissingFileError(f"Snapshot {snapshot} does not exist; pass the path of an EDM/SiD .pkl file.")
-    written = convert_snapshot(snapshot, out, key=key)
+    written = convert_snapshot(snapshot, output_folder(out, "OUT"), key=key)
     stdout.print(f"Wrote {written}.", highlight=False)

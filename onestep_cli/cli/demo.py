@@ -9,12 +9,12 @@ import typer
 
 from ..demo import DEMO_METRICS, DEMO_SAMPLES, DEMO_STEPS
 from ..demo_t2i import T2I_METRICS, T2I_STEPS
-from .common import reports_errors, stderr, stdout
+from .common import info, output_folder, reports_errors, stdout
 
 
 @reports_errors
 def demo_command(
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the runs, samples and report (default "
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for the runs, samples and report (default "
                                        "runs/demo, or runs/demo-t2i with --t2i)."),
     objectives: str = typer.Option("sim", "--objectives", help="Comma-separated objectives to distil with "
                                    "(sim, sid, dmd, di; with --t2i: sim, sid, dmd)."),
@@ -32,19 +32,19 @@ def demo_command(
     seeds, and print the comparison (--t2i: the same for the text-to-image digits teacher and held-out prompts)."""
     from ..report import render_config_table, render_rich_table
 
-    log = lambda m: stderr.print(m, highlight=False, markup=False)  # noqa: E731
+    out = output_folder(out) if out is not None else None
     chosen = [o.strip() for o in objectives.split(",") if o.strip()]
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     if t2i:
         from ..demo_t2i import run_t2i_demo
 
         result = run_t2i_demo(out or Path("runs/demo-t2i"), chosen, steps or T2I_STEPS,
-                              list(range(num or 1)), names or T2I_METRICS, log=log)
+                              list(range(num or 1)), names or T2I_METRICS, log=info)
     else:
         from ..demo import run_demo
 
         result = run_demo(out or Path("runs/demo"), chosen, steps or DEMO_STEPS, num or DEMO_SAMPLES,
-                          names or DEMO_METRICS, log=log)
+                          names or DEMO_METRICS, log=info)
     stdout.print(render_rich_table(result["comparison"]))
     if result["comparison"].config_differences:
         stdout.print(render_config_table(result["comparison"]))

@@ -12,11 +12,7 @@ from typing import Optional
 import typer
 
 from ..config import DEFAULT_PRESET, config_to_yaml, resolve_config
-from .common import print_json, reports_errors, stderr, stdout, worker_command
-
-
-def _log(message: str) -> None:
-    stderr.print(message, highlight=False, markup=False)
+from .common import info, output_folder, print_json, quiet, reports_errors, stdout, warn, worker_command
 
 
 def distill_command(
@@ -24,7 +20,7 @@ def distill_command(
                                          help=f"Named recipe (default {DEFAULT_PRESET}); see `onestep presets`."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file merged over the preset."),
     overrides: list[str] = typer.Option([], "--set", help="key.path=value, applied last; repeatable."),
-    out: Path = typer.Option(Path("runs/distill"), "--out", help="Run directory; an existing run there is resumed."),
+    out: str = typer.Option("runs/distill", "--out", help="Run directory; an existing run there is resumed."),
     gpus: int = typer.Option(1, "--gpus", min=1, help="Processes on this node, one per GPU (CPU processes on gloo "
                              "when no GPU is visible). Ignored under torchrun/srun, which set the processes."),
     nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes in a multi-node run; run the same command on each."),
@@ -52,6 +48,7 @@ def _distill(preset, config_file, overrides, out, gpus, nnodes, node_rank, maste
         else:
             stdout.print(config_to_yaml(config), highlight=False, markup=False, end="")
         return 0
+    out = output_folder(out)
     from ..runtime.distributed import launcher_env
 
     launcher = launcher_env()
@@ -63,14 +60,15 @@ def _distill(preset, config_file, overrides, out, gpus, nnodes, node_rank, maste
                    *(["--config", str(config_file)] if config_file else []),
                    *[arg for assignment in overrides for arg in ("--set", assignment)],
                    *(["--json"] if as_json else [])]  # The same command, for every worker.
-        return launch(config, out, plan, worker_command(command), log=_log)
+        return launch(config, out, plan, worker_command(command), log=warn)
     if launcher is not None and launcher.rank == 0 and (gpus > 1 or nnodes > 1):
-        _log(f"Note: running as one of the {launcher.world_size} processes the launcher started; --gpus/--nnodes "
+        info(f"Note: running as one of the {launcher.world_size} processes the launcher started; --gpus/--nnodes "
              "are ignored under torchrun or srun.")
 
     from ..engine.loop import distill
 
-    summary = distill(config, out, log=_log)  # An error every rank raises alike is printed by rank 0 (reports_errors).
+    # An error every rank raises alike is printed by rank 0 (reports_errors).
+    summary = distill(config, out, log=info, progress=False if quiet() else None)
     if summary.rank != 0:
         return 0
     result = {"out": str(summary.out_dir), "step": summary.step, "kimg": summary.kimg,

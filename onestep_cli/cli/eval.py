@@ -6,7 +6,6 @@ processes share the images of image metrics; under an existing launcher (torchru
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,8 +13,9 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
+from ..jsonio import to_json
 from ..sampling import parse_seeds
-from .common import print_json, reports_errors, stderr, stdout, worker_command
+from .common import info, output_file, print_json, reports_errors, stdout, warn, worker_command
 
 
 def parse_assignments(items: list[str] | None, flag: str) -> dict[str, str]:
@@ -58,9 +58,9 @@ def eval_command(
                                                 "instead of the cache (repeatable; see `onestep weights list`)."),
     option: Optional[List[str]] = typer.Option(None, "--option", help="metric.option=VALUE, e.g. clip_score.model="
                                                "ViT-H-14 with clip_score.pretrained=FILE (repeatable)."),
-    save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="Write the source's feature statistics "
+    save_stats: Optional[str] = typer.Option(None, "--save-stats", help="Write the source's feature statistics "
                                               "(EDM's mu/sigma .npz) for use as --ref later."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the result JSON to this file."),
+    out: Optional[str] = typer.Option(None, "--out", help="Also write the result JSON to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout."),
     gpus: int = typer.Option(1, "--gpus", min=1, help="Processes on this node sharing the images of image metrics, "
                              "one per GPU (CPU processes on gloo when no GPU is visible). Ignored under "
@@ -77,6 +77,8 @@ def eval_command(
     from ..runtime.distributed import launcher_env
 
     names = [m.strip() for m in metrics.split(",") if m.strip()]
+    out = output_file(out) if out is not None else None
+    save_stats = output_file(save_stats, "--save-stats") if save_stats is not None else None
     if precision not in ("fp32", "bf16", "fp16"):
         raise UsageError(f"--precision {precision!r} is not one of fp32, bf16, fp16.")
     seed_list = parse_seeds(seeds) if seeds else None
@@ -99,7 +101,7 @@ def eval_command(
             raise typer.Exit(code)
         return
     if launcher is not None and launcher.rank == 0 and (gpus > 1 or nnodes > 1):
-        _log(f"Note: running as one of the {launcher.world_size} processes the launcher started; --gpus/--nnodes "
+        info(f"Note: running as one of the {launcher.world_size} processes the launcher started; --gpus/--nnodes "
              "are ignored under torchrun or srun.")
     # Errors about the inputs are raised alike by every rank, and PeerFailure stands for one that rank 0 raises: rank 0
     # prints them, the other ranks exit quietly (reports_errors).
@@ -111,7 +113,7 @@ def eval_command(
     store_result(result, source)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1, default=str))
+        out.write_text(to_json(result, indent=1))
     if as_json:
         print_json(result)
         return
@@ -132,10 +134,6 @@ def eval_command(
                      f"{stats['path']} (sha256 {stats['sha256'][:12]}).", highlight=False)
 
 
-def _log(message: str) -> None:
-    stderr.print(message, highlight=False, markup=False)
-
-
 def _relaunch(plan, command: list[str], source: Path, names: list[str], save_stats: Path | None, device: str) -> int:
     """Check what can be checked before any process starts, then run `command` in every process of `plan`."""
     from ..engine.launch import check_devices, run_torchrun
@@ -145,11 +143,11 @@ def _relaunch(plan, command: list[str], source: Path, names: list[str], save_sta
     if device.startswith("cuda:"):
         raise UsageError(f"--device {device} names one GPU, but --gpus {plan.nproc_per_node} puts process i on GPU i; "
                          "pass --device cuda (or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES.")
-    check_devices(plan, device, warn=_log, option="--device")
-    code, signal_name = run_torchrun(plan, command, _log, task="the evaluation",
+    check_devices(plan, device, warn=warn, option="--device")
+    code, signal_name = run_torchrun(plan, command, warn, task="the evaluation",
                                      advice="Fix its cause and run the same command again.")
     if signal_name is not None:
-        _log(f"Error: the evaluation was interrupted by {signal_name}; run the same command again.")
+        warn(f"Error: the evaluation was interrupted by {signal_name}; run the same command again.")
     return code
 
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import typer
 
-from .common import print_json, reports_errors, stdout
+from .common import output_folder, print_json, reports_errors, stdout
 
 
 @reports_errors
 def export_command(
     source: Path = typer.Argument(..., help="Run directory or checkpoint folder."),
-    out: Path = typer.Option(..., "--out", help="New folder to write the export into."),
+    out: str = typer.Option(..., "--out", help="New folder to write the export into."),
     format: str = typer.Option("diffusers", "--format", help="diffusers (a pipeline folder that runs the generator "
                                "in one step) or safetensors (weights + generator.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
@@ -20,7 +20,7 @@ def export_command(
     """Export the (EMA) generator for inference outside onestep."""
     from ..export import export_run
 
-    written = export_run(source, out, format)
+    written = export_run(source, output_folder(out), format)
     if as_json:
         print_json(written)
     else:

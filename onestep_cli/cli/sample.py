@@ -9,7 +9,7 @@ import typer
 
 from ..errors import UsageError
 from ..sampling import parse_seeds
-from .common import print_json, reports_errors, stdout
+from .common import output_folder, print_json, reports_errors, stdout
 
 
 def resolve_seeds(num: Optional[int], seeds: Optional[str]) -> list[int]:
@@ -30,7 +30,7 @@ def sample_command(
     source: Path = typer.Argument(..., help="Run directory or checkpoint folder."),
     num: Optional[int] = typer.Option(None, "--num", min=1, help="Number of samples (seeds 0..N-1 unless --seeds)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Per-sample seeds, e.g. 0-49999 or 0,5,10-12."),
-    out: Path = typer.Option(..., "--out", help="Output folder."),
+    out: str = typer.Option(..., "--out", help="Output folder."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text-to-image runs: prompt file (.txt, .jsonl "
                                            "or COCO .json); one image per prompt and seed, plus grid.png."),
     teacher: bool = typer.Option(False, "--teacher", help="Sample the run's teacher with EDM's Heun sampler instead."),
@@ -46,6 +46,7 @@ def sample_command(
     from ..sampling import generate, generate_teacher, seed_labels
 
     seed_list = resolve_seeds(num, seeds)
+    out = output_folder(out)
     loaded = load_generator_source(source, device=resolve_device("auto"))
     device = next(loaded.generator.parameters()).device
     if loaded.pipeline is not None or prompts is not None:

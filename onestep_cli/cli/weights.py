@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .common import print_json, reports_errors, stderr, stdout
+from .common import info, print_json, reports_errors, stderr, stdout
 
 weights_app = typer.Typer(help="The metric weight cache (ONESTEP_HOME): list, path, verify, fetch.",
                           no_args_is_help=False, invoke_without_command=True)
@@ -61,7 +61,7 @@ def path_command(key: str = typer.Argument(..., help="Weight set key (see `onest
         print_json(row)
         return
     for f in row["files"]:
-        print(f["path"])
+        stdout.print(f["path"], highlight=False, markup=False)
     if row["where"] == "installed package":
         stderr.print(f"(not in the cache; an installed copy is used: {row['installed_copy']})", highlight=False)
 
@@ -108,5 +108,5 @@ def fetch_command(keys: Optional[List[str]] = typer.Argument(None, help="Weight 
     if not keys and not everything:
         raise MetricError("Name the weight sets to fetch (see `onestep weights list`) or pass --all.")
     for key in _keys(keys if not everything else None):
-        written = fetch(key, force=force, log=lambda msg: stderr.print(msg, highlight=False))
+        written = fetch(key, force=force, log=info)
         stdout.print(f"{key}: {len(written)} file(s) downloaded.", highlight=False)

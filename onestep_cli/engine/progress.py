@@ -1,9 +1,10 @@
-"""What the engine shows while it runs: a rich progress bar on a terminal, one plain status line per tick otherwise."""
+"""What the engine shows while it runs: a rich progress bar on a terminal, one plain status line per tick otherwise.
+
+Both go to stderr, the bar included: stdout carries results only (`onestep distill --json > out.json`)."""
 
 from __future__ import annotations
 
-import sys
-
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
 
 
@@ -17,14 +18,15 @@ class Progress:
     """Context manager; `tick(step, record)` advances the bar or prints a status line."""
 
     def __init__(self, total: int, start: int, enabled: bool | None = None, log=print):
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.console = Console(stderr=True)  # Created here, so that it honours NO_COLOR and the stderr of the moment.
+        self.enabled = self.console.is_terminal if enabled is None else enabled
         self.log, self.total, self.start = log, total, start
         self.bar = None
 
     def __enter__(self):
         if self.enabled:
             self.bar = RichProgress(TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                    TextColumn("{task.fields[status]}"), transient=False)
+                                    TextColumn("{task.fields[status]}"), console=self.console, transient=False)
             self.bar.start()
             self.task = self.bar.add_task("distill", total=self.total, completed=self.start, status="")
         return self

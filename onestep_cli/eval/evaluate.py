@@ -3,7 +3,6 @@ images, an .npz), with provenance."""
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from ..version import __version__
 from ..config import ConfigError, PRESET_DIR, resolve_config
 from ..errors import MissingFileError, UsageError
+from ..jsonio import to_json
 from ..runtime import distributed
 from ..runs.loading import is_generator_source, load_generator_source
 from ..runs.networks import build_teacher
@@ -296,5 +296,5 @@ def store_result(result: dict, source: Path) -> Path | None:
     step = result["provenance"]["common"].get("step", 0)
     path = run.path / "eval" / f"{'-'.join(sorted(result['metrics']))}-step{step:08d}.json"
     path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=str))
+    path.write_text(to_json(result, indent=1))
     return path

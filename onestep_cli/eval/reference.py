@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MissingFileError
+from ..jsonio import to_json
 from .base import FeatureExtractor, MetricError
 from .distances import feature_stats, stats_sha256
 from .weights import file_sha256
@@ -166,7 +167,7 @@ def write_reference_stats(path: Path, features: dict[str, np.ndarray], extractor
     meta = {"format": STATS_FORMAT, "version": STATS_VERSION, "resolution": list(resolution),
             "num_images": int(next(iter(features.values())).shape[0]), "source": source_provenance,
             "spaces": spaces}
-    arrays["onestep_meta"] = np.asarray(json.dumps(meta, default=str))
+    arrays["onestep_meta"] = np.asarray(to_json(meta))
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         np.savez(f, **arrays)

@@ -146,10 +146,11 @@ def _per_metric(provenance: Any, metrics: dict[str, float], where: str) -> dict[
 
 
 def _numbers(metrics: dict, where: str) -> dict[str, float]:
+    """Metric values as floats; null is how onestep writes a NaN or infinite value (jsonio.py), read back as NaN."""
     for name, value in metrics.items():
-        if not _is_number(value):
+        if value is not None and not _is_number(value):
             raise ReportError(f"{where}: metric '{name}' is {value!r}; expected a number.")
-    return {name: float(value) for name, value in metrics.items()}
+    return {name: float("nan") if value is None else float(value) for name, value in metrics.items()}
 
 
 def _is_number(value: Any) -> bool:

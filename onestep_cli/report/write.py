@@ -3,10 +3,10 @@ grids of every generator on the same seeds (grids/) and one self-contained page 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
+from ..jsonio import to_json as json_text
 from .comparison import Comparison
 from .grids import GRID_BATCH, GRID_PROMPTS, sample_grids, write_grids
 from .page import render_html
@@ -34,7 +34,7 @@ def write_report(comparison: Comparison, out_dir: str | Path, *, grid_seeds: lis
     texts = {
         "table.md": to_markdown(comparison),
         "table.csv": to_csv(comparison),
-        "compare.json": json.dumps(to_json(comparison), indent=2) + "\n",
+        "compare.json": json_text(to_json(comparison), indent=2) + "\n",
     }
     written = {}
     for name, text in texts.items():

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..config import ConfigError, RunConfig
+from ..config import RunConfig
 from ..denoisers.base import Denoiser
 from ..denoisers.generator import OneStepGenerator
+from ..errors import InputError, MissingFileError
 from .checkpoint import (PREFIX, CheckpointError, find_latest_checkpoint, is_sharded, read_checkpoint, read_sharded,
                          read_state, verify_checkpoint)
 from .networks import build_networks
@@ -65,11 +66,15 @@ def load_generator_source(path: Path, device: str | torch.device = "cpu") -> Gen
         run, folder = RunDir(path.parent.parent), path
     elif RunDir(path).is_run():
         run = RunDir(path)
+        run.check_layout()
         latest = find_latest_checkpoint(run.checkpoints, warn=lambda message: print(message, file=sys.stderr))
         folder = latest[1] if latest else None
+    elif not path.exists():
+        raise MissingFileError(f"{path} does not exist; pass a onestep run directory (with config.yaml) or a "
+                               "checkpoint folder (checkpoints/step-XXXXXXXX).")
     else:
-        raise ConfigError(f"{path} is neither a onestep run directory (with config.yaml) nor a checkpoint folder "
-                          "(checkpoints/step-XXXXXXXX); pass one of those.")
+        raise InputError(f"{path} is neither a onestep run directory (with config.yaml) nor a checkpoint folder "
+                         "(checkpoints/step-XXXXXXXX); pass one of those.")
     config = run.read_config()
     networks = build_networks(config, prompts=False)  # Sampling takes its own prompts.
     if folder is not None:
@@ -80,8 +85,8 @@ def load_generator_source(path: Path, device: str | torch.device = "cpu") -> Gen
         status = run.read_status()
         step, kimg = status.get("step", 0), status.get("kimg", 0.0)
     else:
-        raise ConfigError(f"Run {run.path} has no checkpoint and no export yet; run `onestep distill --out "
-                          f"{run.path}` to train it first.")
+        raise InputError(f"Run {run.path} has no checkpoint and no export yet; run `onestep distill --out "
+                         f"{run.path}` to train it first.")
     networks.generator.load_state_dict(generator_weights)
     generator = networks.generator.to(device).eval().requires_grad_(False)
     return GeneratorSource(path, config, generator, networks.teacher.to(device), networks.data_shape,

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, RunConfig, config_to_yaml, upgrade_saved_config, validate_config
+from ..config import (ConfigError, RunConfig, config_to_yaml, describe_yaml_error, load_yaml, upgrade_saved_config,
+                      validate_config)
 from ..errors import OnestepError
+from ..jsonio import to_json
 
 # Keys that may change between a run and its resumption: the length of the run, and memory/speed knobs that leave
 # the training maths unchanged (up to floating-point rounding).
@@ -78,24 +80,47 @@ class RunDir:
         return self.config_path.is_file()
 
     def read_config(self) -> RunConfig:
-        return validate_config(upgrade_saved_config(self.read_raw_config()))
+        try:
+            return validate_config(upgrade_saved_config(self.read_raw_config()))
+        except ConfigError as error:  # The run's own file, not the command line: exit code 1, naming the file.
+            raise RunFormatError(f"{self.config_path} is not a valid run config ({error}); restore the file this "
+                                 "run wrote, or start a new run with another --out.") from None
 
     def read_raw_config(self) -> dict:
         """config.yaml as written, not validated (for comparing runs of other versions)."""
         if not self.config_path.is_file():
             raise ConfigError(f"{self.path} is not a onestep run directory: it has no config.yaml.")
         try:
-            data = yaml.safe_load(self.config_path.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            data = load_yaml(self.config_path.read_text())
+        except (OSError, UnicodeDecodeError) as error:
             raise RunFormatError(f"{self.config_path} cannot be read as YAML ({error}); expected the run's resolved "
                                  "config.") from None
+        except yaml.YAMLError as error:
+            raise RunFormatError(f"{self.config_path} cannot be read as YAML ({describe_yaml_error(error)}); expected "
+                                 "the run's resolved config.") from None
         if not isinstance(data, dict):
             raise RunFormatError(f"{self.config_path} holds {type(data).__name__}; expected the run's config, a "
                                  "mapping (teacher:, ...).")
         return data
 
+    def check_layout(self) -> None:
+        """Refuse a folder whose run files are not what onestep writes: config.yaml or checkpoints of the wrong kind,
+        or a run's records without the config.yaml that says what they belong to (a new run would append to them)."""
+        for path, kind, is_kind in ((self.config_path, "a file", Path.is_file),
+                                    (self.checkpoints, "a folder", Path.is_dir)):
+            if path.exists() and not is_kind(path):
+                raise RunFormatError(f"{path} is not {kind}, as onestep writes it; move it away or choose another "
+                                     "--out.")
+        leftovers = [p.name for p in (self.stats_path, self.metrics_path, self.status_path, self.checkpoints)
+                     if p.exists()]
+        if leftovers and not self.is_run():
+            raise RunFormatError(f"{self.path} holds a run's {', '.join(leftovers)} but no config.yaml, so it can "
+                                 "neither be resumed nor overwritten safely; restore its config.yaml, or choose "
+                                 "another --out.")
+
     def prepare(self, config: RunConfig) -> bool:
         """Create the directory or check it belongs to this config; True when an earlier run is being continued."""
+        self.check_layout()
         if self.is_run():
             saved = flatten(self.read_config().model_dump(mode="json"))
             wanted = flatten(config.model_dump(mode="json"))
@@ -118,20 +143,20 @@ class RunDir:
 
     def append(self, path: Path, record: dict) -> None:
         with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(to_json(record) + "\n")
 
     def truncate_records_after(self, step: int) -> None:
         """Drop stats/metrics rows newer than `step`, written by a run that died before its next checkpoint."""
         for path in (self.stats_path, self.metrics_path):
             if path.is_file():
                 kept = [record for _, record in read_jsonl(path) if record.get("step", 0) <= step]
-                write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
+                write_atomic(path, "".join(to_json(record) + "\n" for record in kept))
 
     def read_records(self, path: Path) -> list[dict]:
         return [record for _, record in read_jsonl(path)] if path.is_file() else []
 
     def write_status(self, **status) -> None:
-        write_atomic(self.status_path, json.dumps(status, indent=1))
+        write_atomic(self.status_path, to_json(status, indent=1))
 
     def read_status(self) -> dict:
         """run.json ({} when absent)."""
