@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,6 +24,10 @@ SAMPLES_NPZ = "samples.npz"
 SAMPLES_META = "samples.json"
 CLASS_LABELS = "class_labels"  # samples.json key: seed -> class index of class-conditional samples.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# Largest image read, checked in the file's header before any pixel is decoded: 48 MiB as RGB, and a batch of them
+# stays in memory; the metrics' networks see a few hundred pixels a side.
+MAX_IMAGE_PIXELS = 4096 * 4096
+WIDE_INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # Grey of 16 (or 32) bits: scaled to 8 bits on reading.
 
 
 class SourceError(OnestepError, ValueError):
@@ -211,10 +216,13 @@ def array_source(images, description: str, seeds: list[int] | None = None, meta:
 
 
 def npz_image_source(path: Path) -> ImageSource:
-    """Images in an .npz: EDM-style 'samples' uint8 [N, H, W, C] or our [-1, 1] float [N, C, H, W]; optional 'seeds'."""
+    """Images in an .npz: EDM-style 'samples' uint8 [N, H, W, C] or our [-1, 1] float [N, C, H, W]; optional 'seeds'.
+    Float images in another range ([0, 1], [0, 255]) are refused rather than clipped."""
     path = Path(path)
     data = _load_npz(path)
     array = _samples_array(path, data)
+    if np.issubdtype(array.dtype, np.floating) and array.size:
+        _check_float_range(array, path)
     seeds = data["seeds"].tolist() if "seeds" in data.files else None
     labels = data["labels"] if "labels" in data.files else None
     looks_like_images = array.ndim == 4 and (array.shape[1] in (1, 3) or array.shape[-1] in (1, 3))
@@ -225,6 +233,23 @@ def npz_image_source(path: Path) -> ImageSource:
     return array_source(array, str(path), seeds, meta, labels)
 
 
+def _check_float_range(array: np.ndarray, path: Path) -> None:
+    """Float images are read as [-1, 1]; refuse those whose values say they are in another range (values a little
+    outside [-1, 1], as a generator's raw output has, are clipped)."""
+    low, high = float(array.min()), float(array.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return  # as_uint8_nhwc counts the images holding NaN or inf.
+    if low >= 0:
+        scale = "[0, 1]" if high <= 1 else "[0, 255]" if high <= 255 else f"[0, {high:g}]"
+        raise SourceError(f"{path} holds float images with values from {low:g} to {high:g}, none below 0: they look "
+                          f"like {scale} images, and onestep reads float images as [-1, 1]. Store them rescaled to "
+                          "[-1, 1] (x * 2 - 1 for [0, 1]), or as uint8 [0, 255].")
+    if low < -2 or high > 2:
+        raise SourceError(f"{path} holds float images with values from {low:g} to {high:g}, far outside the [-1, 1] "
+                          "onestep reads float images in (clipping would flatten them). Store them rescaled to "
+                          "[-1, 1], or as uint8 [0, 255].")
+
+
 def list_image_files(folder: Path) -> list[Path]:
     """Image files under `folder` (recursively), sorted by their path relative to it."""
     folder = Path(folder)
@@ -232,20 +257,52 @@ def list_image_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def _open_image(path: Path) -> np.ndarray:
+def image_header(path: Path) -> tuple[int, int, str]:
+    """(width, height, pixel mode) of an image file, read from its header without decoding a pixel; an error for
+    images larger than MAX_IMAGE_PIXELS and for float pixels."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # The size check below says it.
+            with Image.open(path) as image:
+                (width, height), mode = image.size, image.mode
+    except Image.DecompressionBombError:
+        raise SourceError(f"Image {path} declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels (a decompression "
+                          "bomb, or an image far too large to evaluate); remove it or resize it.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise SourceError(f"Image {path} is corrupt or unreadable ({exc}); remove or replace it.") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise SourceError(f"Image {path} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} (4096x4096) "
+                          "onestep reads; the metrics' networks see a few hundred pixels a side, so resize the images "
+                          "first.")
+    if mode == "F":
+        raise SourceError(f"Image {path} holds floating-point pixels (mode F), whose range onestep cannot know; save "
+                          "it as an 8- or 16-bit image.")
+    return width, height, mode
+
+
+def _open_image(path: Path) -> np.ndarray:
+    """uint8 [H, W, 3] of an image file; 16-bit grey is scaled to 8 bits (v * 255 / 65535, rounded), where a plain
+    conversion would clip every value above 255 to white."""
+    from PIL import Image, UnidentifiedImageError
+
+    image_header(path)
+    try:
+        with Image.open(path) as image:
+            if image.mode not in WIDE_INTEGER_MODES:
+                return np.asarray(image.convert("RGB"))
+            grey = np.asarray(image).astype(np.int64)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise SourceError(f"Image {path} is corrupt or unreadable ({exc}); remove or replace it.") from None
+    if grey.size and (grey.min() < 0 or grey.max() > 65535):
+        raise SourceError(f"Image {path} holds grey values from {grey.min()} to {grey.max()}, outside the 16-bit "
+                          "range onestep reads; save it as an 8- or 16-bit image.")
+    return np.repeat(np.round(grey * (255 / 65535)).astype(np.uint8)[..., None], 3, axis=-1)
 
 
 def folder_source(folder: Path) -> ImageSource:
     """Every image file under `folder`, in sorted file-name order; all must have the same size."""
-    from PIL import Image, UnidentifiedImageError
-
     folder = Path(folder)
     meta = read_meta(folder)
     files = list_image_files(folder)
@@ -256,12 +313,8 @@ def folder_source(folder: Path) -> ImageSource:
         raise SourceError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); pass a folder of images, "
                           "an .npz, a run directory or a checkpoint.")
     sizes: dict[tuple[int, int], Path] = {}
-    for path in files:  # Headers only: cheap, and mixed sizes are caught before any network runs.
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise SourceError(f"Image {path} is corrupt or unreadable ({exc}); remove or replace it.") from None
+    for path in files:  # Headers only: cheap, and mixed or huge sizes are caught before any pixel is decoded.
+        width, height, _ = image_header(path)
         sizes.setdefault((height, width), path)
         if len(sizes) > 1:
             (size_a, file_a), (size_b, file_b) = list(sizes.items())[:2]

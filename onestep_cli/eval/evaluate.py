@@ -3,14 +3,15 @@ images, an .npz), with provenance."""
 
 from __future__ import annotations
 
+import math
 import platform
 from pathlib import Path
 
 import torch
 
 from ..version import __version__
-from ..config import ConfigError, PRESET_DIR, resolve_config
-from ..errors import MissingFileError, UsageError
+from ..config import ConfigError, is_preset, resolve_config
+from ..errors import InputError, MissingFileError, UsageError
 from ..jsonio import to_json
 from ..runtime import distributed
 from ..runs.loading import is_generator_source, load_generator_source
@@ -35,7 +36,7 @@ def teacher_from_reference(ref: str):
         return build_teacher(RunDir(path).read_config().teacher)
     if path.suffix in (".yaml", ".yml"):
         return build_teacher(resolve_config(config_file=path).teacher)
-    if (PRESET_DIR / f"{ref}.yaml").is_file():
+    if is_preset(ref):
         return build_teacher(resolve_config(ref).teacher)
     raise ConfigError(f"--ref {ref} is neither a run directory, a YAML config file nor a preset name.")
 
@@ -239,7 +240,7 @@ def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, 
 
     reference = None
     if ref is not None:
-        if RunDir(Path(ref)).is_run() or (PRESET_DIR / f"{ref}.yaml").is_file():
+        if RunDir(Path(ref)).is_run() or is_preset(ref):
             raise MetricError(f"--ref {ref} names a teacher; image metrics compare with reference statistics or images."
                               f" Sample the teacher first (`onestep sample RUN --teacher --out DIR`) and pass DIR.")
         reference = open_reference(ref)
@@ -279,6 +280,10 @@ def save_stats_spaces(metrics: list[str]) -> list[str]:
 
 
 def _result(source: Path, results: dict, common: dict) -> dict:
+    for name, result in results.items():
+        if isinstance(result.value, (int, float)) and not math.isfinite(result.value):
+            raise InputError(f"Metric '{name}' came out {result.value} on {source}, which is no result: the samples "
+                             "or the reference hold NaN or inf, or too few samples were given; check them.")
     return {
         "source": str(source),
         "metrics": {name: r.value for name, r in results.items()},

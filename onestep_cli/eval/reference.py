@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MissingFileError
+from ..errors import InputError, MissingFileError
 from ..jsonio import to_json
 from .base import FeatureExtractor, MetricError
 from .distances import feature_stats, stats_sha256
@@ -99,6 +99,11 @@ class Reference:
                                   f"`onestep eval REFERENCE_IMAGES --metrics fd_{space} --save-stats FILE`.")
             mu, sigma = data[mu_key].astype(np.float64), data[sigma_key].astype(np.float64)
             features = data[features_key] if features_key in data.files else None
+        for name, array in ((mu_key, mu), (sigma_key, sigma), (features_key, features)):
+            if array is not None and not np.isfinite(array).all():
+                raise InputError(f"Reference statistics {self.path} hold NaN or inf in '{name}', so every distance "
+                                 "to them would be NaN; make the file again from the reference images (`onestep eval "
+                                 "REFERENCE_IMAGES --metrics fid --save-stats FILE`).")
         prov = {**self.describe(), "reference_stats_sha256": stats_sha256(mu, sigma)}
         recorded = self.meta.get("spaces", {}).get(space)
         if self.meta and recorded is None:
@@ -133,7 +138,7 @@ def open_reference(path: str | Path) -> Reference:
         try:
             data = np.load(path, allow_pickle=False)
         except Exception as exc:  # numpy raises several types for corrupt files
-            raise MetricError(f"Reference {path} could not be read as an .npz file ({exc}).") from None
+            raise InputError(f"Reference {path} could not be read as an .npz file ({exc}).") from None
         with data:
             names = set(data.files)
             is_stats = any(n == "mu" or n.endswith("_mu") for n in names)
@@ -146,7 +151,7 @@ def open_reference(path: str | Path) -> Reference:
     if path.is_dir():
         images = npz_image_source(path / SAMPLES_NPZ) if (path / SAMPLES_NPZ).is_file() else folder_source(path)
         return Reference(path, "images", images.resolution, images=images)
-    raise MetricError(f"Reference {path} is neither an .npz file nor a folder of images.")
+    raise InputError(f"Reference {path} is neither an .npz file nor a folder of images.")
 
 
 def write_reference_stats(path: Path, features: dict[str, np.ndarray], extractors: dict[str, FeatureExtractor],
