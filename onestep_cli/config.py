@@ -382,7 +382,7 @@ class RunConfig(Strict):
 # Presets and merging
 
 
-class YAMLRefused(yaml.YAMLError):
+class YAMLRefused(ConfigError, yaml.YAMLError):
     """A YAML document that parses but that onestep does not read: a key given twice in one mapping, or aliases that
     expand beyond MAX_YAML_NODES values (a few hundred bytes can otherwise expand to gigabytes)."""
 

@@ -73,7 +73,11 @@ def load_pipeline(source: str | Path, torch_dtype: torch.dtype = torch.float32, 
                   variant: str | None = None, revision: str | None = None):
     """The diffusers pipeline of `source` (local folder or cached hub id), on `device` in `torch_dtype`."""
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled
 
+    if are_progress_bars_disabled():  # HF_HUB_DISABLE_PROGRESS_BARS (`onestep --quiet` sets it), as transformers does.
+        diffusers_logging.disable_progress_bar()
     folder = resolve_pretrained(source, revision)
     try:
         pipeline = DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, variant=variant,

@@ -123,8 +123,9 @@ class VPPrecond(_Precond):
         self.beta_min = beta_min
         self.M = M
         self.epsilon_t = epsilon_t
-        self.sigma_min = float(self.sigma(epsilon_t))
-        self.sigma_max = float(self.sigma(1))
+        with torch.device("cpu"):  # Numbers, even while snapshot.py builds the network on the meta device.
+            self.sigma_min = float(self.sigma(epsilon_t))
+            self.sigma_max = float(self.sigma(1))
         self.init_kwargs = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
                                 use_fp16=use_fp16, beta_d=beta_d, beta_min=beta_min, M=M, epsilon_t=epsilon_t,
                                 model_type=model_type, **model_kwargs)

@@ -11,6 +11,7 @@ network is then rebuilt from our own classes and the recorded tensors are loaded
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import os
 import pickle
@@ -126,35 +127,73 @@ def _select(root, key: str, path: str) -> _Record:
 
 
 def _build(record: _Record, path: str) -> _Precond:
-    """Our network for `record`: constructed from its `init_kwargs`, checked layer by layer, then loaded."""
+    """Our network for `record`: its `init_kwargs` first built on the meta device (no memory, no initialisation) and
+    checked module by module and tensor by tensor against the file, then built for real and loaded. So a small file
+    whose arguments describe a huge network is refused before that network takes any memory."""
     init_kwargs = record.state.get("_init_kwargs")
     if not isinstance(init_kwargs, dict):
         raise EDMLoadError(f"{path} does not record the constructor arguments of its {record.class_name}, so it cannot "
                            f"be rebuilt; re-export it with EDM's persistence enabled.")
     init_args = tuple(_plain(v) for v in record.state.get("_init_args") or ())
-    try:
-        net = build_precond(record.class_name, {k: _plain(v) for k, v in init_kwargs.items()}, init_args)
-    except ValueError as error:
-        raise EDMLoadError(f"{path}: {error}") from error
-
+    kwargs = {k: _plain(v) for k, v in init_kwargs.items()}
     tensors, class_names = {}, {}
     _flatten(record, "", tensors, class_names, path)
+    try:
+        with torch.device("meta"), _at_most_modules(2 * len(class_names) + 16, path):
+            skeleton = build_precond(record.class_name, kwargs, init_args)
+    except ValueError as error:
+        if isinstance(error, EDMLoadError):
+            raise
+        raise EDMLoadError(f"{path}: {error}") from error
+    _check_layout(skeleton, tensors, class_names, path)
+    net = build_precond(record.class_name, kwargs, init_args)  # Now as large as the tensors the file holds.
+    try:
+        net.load_state_dict(tensors, strict=True)
+    except RuntimeError as error:
+        raise EDMLoadError(f"{path}: tensor shapes do not match the rebuilt network: {error}") from error
+    return net.eval()
+
+
+@contextlib.contextmanager
+def _at_most_modules(limit: int, path: str):
+    """Stop building a network once it registers more than `limit` modules: arguments such as a huge num_blocks would
+    otherwise loop for hours, even on the meta device."""
+    count = 0
+
+    def count_module(module, name, submodule):
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise EDMLoadError(f"{path}: its init_kwargs describe a network of more than {limit} modules, far more "
+                               "than the file holds; the snapshot is damaged or not supported.")
+
+    handle = torch.nn.modules.module.register_module_module_registration_hook(count_module)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _check_layout(net: _Precond, tensors: dict, class_names: dict, path: str) -> None:
+    """The network rebuilt from the file's arguments has the file's modules and exactly its tensors, shape for
+    shape."""
     ours = dict(net.named_modules())
     for name, class_name in class_names.items():
         if name not in ours or type(ours[name]).__name__ != class_name:
             found = type(ours[name]).__name__ if name in ours else "nothing"
             raise EDMLoadError(f"{path}: module {name or '<root>'} is a {class_name} in the snapshot but {found} in "
                                f"our rebuild of its init_kwargs; the snapshot's architecture is not supported.")
-    missing, unexpected = net.state_dict().keys() - tensors.keys(), tensors.keys() - net.state_dict().keys()
+    state = net.state_dict()
+    missing, unexpected = state.keys() - tensors.keys(), tensors.keys() - state.keys()
     if missing or unexpected:
         raise EDMLoadError(f"{path}: tensors do not match the network rebuilt from its init_kwargs (missing "
                            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); the snapshot is not "
                            f"supported.")
-    try:
-        net.load_state_dict(tensors, strict=True)
-    except RuntimeError as error:
-        raise EDMLoadError(f"{path}: tensor shapes do not match the rebuilt network: {error}") from error
-    return net.eval()
+    wrong = [f"{name} {tuple(tensors[name].shape)} vs {tuple(ours.shape)}" for name, ours in state.items()
+             if tuple(ours.shape) != tuple(tensors[name].shape)]
+    if wrong:
+        raise EDMLoadError(f"{path}: tensor shapes do not match the network rebuilt from its init_kwargs (file vs "
+                           f"rebuild: {', '.join(wrong[:3])}); the snapshot is not supported.")
 
 
 def _flatten(record: _Record, prefix: str, tensors: dict, class_names: dict, path: str) -> None:
