@@ -26,7 +26,6 @@ MAX_SEED = 2**63 - 1  # Per-sample seeds are int64 (numpy's seed arrays, torch.G
 MAX_SEEDS = 10_000_000  # Seeds one command may name (200x the 50k of FID); larger sets are split, seeds shard exactly.
 
 
-
 def _not_a_boolean(value):
     if isinstance(value, bool):
         raise ValueError("expected a number, not true or false")
@@ -480,7 +479,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise MissingFileError(f"Config file {path} does not exist; pass an existing YAML file to --config.")
     if not path.is_file():
-        raise ConfigError(f"Config file {path} is a folder; pass a YAML file to --config.")
+        raise ConfigError(f"Config file {path} is not a file; pass a YAML file to --config.")
     try:
         data = load_yaml(path.read_text())
     except (OSError, UnicodeDecodeError) as exc:

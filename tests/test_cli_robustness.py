@@ -425,3 +425,10 @@ def test_a_trained_run_still_samples_and_evaluates(cli, gmm_run, tmp_path):
     assert written["files"] == 1 and written["seeds"] == "0-3,9"
     result = strict_json(cli.run("eval", gmm_run, "--metrics", "swd", "--num", "50", "--json").stdout)
     assert math.isfinite(result["metrics"]["swd"])
+
+
+@pytest.mark.parametrize("verb", ["sample", "eval"])
+def test_num_beyond_the_seed_bound_is_a_usage_error(cli, tmp_path, verb):
+    out = ["--out", tmp_path / "s"] if verb == "sample" else []
+    result = cli.invoke(verb, tmp_path, "--num", "10000000000", *out)
+    assert result.exit_code == 2 and "--num" in result.output and "Traceback" not in result.output

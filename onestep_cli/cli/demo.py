@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..config import MAX_SEEDS
 from ..demo import DEMO_METRICS, DEMO_SAMPLES, DEMO_STEPS
 from ..demo_t2i import T2I_METRICS, T2I_STEPS
 from .common import info, output_folder, reports_errors, stdout
@@ -20,8 +21,8 @@ def demo_command(
                                    "(sim, sid, dmd, di; with --t2i: sim, sid, dmd)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help=f"Generator updates per objective (the CPU "
                                         f"budget; default {DEMO_STEPS}, or {T2I_STEPS} with --t2i)."),
-    num: Optional[int] = typer.Option(None, "--num", min=1, help=f"Samples per model, seeds 0..N-1 (default "
-                                      f"{DEMO_SAMPLES}); with --t2i, seeds per held-out prompt (default 1)."),
+    num: Optional[int] = typer.Option(None, "--num", min=1, max=MAX_SEEDS, help=f"Samples per model, seeds 0..N-1 "
+                                      f"(default {DEMO_SAMPLES}); with --t2i, seeds per held-out prompt (default 1)."),
     metrics: Optional[str] = typer.Option(None, "--metrics", help=f"Image metrics to compare (default "
                                           f"{','.join(DEMO_METRICS)}, or {','.join(T2I_METRICS)} with --t2i; fid "
                                           "runs at 5-8 images/s on a CPU)."),

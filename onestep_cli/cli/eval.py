@@ -12,6 +12,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from ..config import MAX_SEEDS
 from ..errors import UsageError
 from ..jsonio import to_json
 from ..sampling import parse_seeds
@@ -40,7 +41,7 @@ def eval_command(
     ref: Optional[str] = typer.Option(None, "--ref", help="Image metrics: reference statistics (.npz with mu/sigma), "
                                       "an image folder or .npz of images. swd/mode_coverage: a run, preset or config "
                                       "naming the teacher."),
-    num: Optional[int] = typer.Option(None, "--num", min=1,
+    num: Optional[int] = typer.Option(None, "--num", min=1, max=MAX_SEEDS,
                                       help="Samples to evaluate (generated, or the first N stored)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds to generate with (generator sources)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per image (sorted file-name "

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..config import MAX_SEEDS
 from ..errors import UsageError
 from ..sampling import parse_seeds
 from .common import output_folder, print_json, reports_errors, stdout
@@ -28,7 +29,8 @@ def resolve_seeds(num: Optional[int], seeds: Optional[str]) -> list[int]:
 @reports_errors
 def sample_command(
     source: Path = typer.Argument(..., help="Run directory or checkpoint folder."),
-    num: Optional[int] = typer.Option(None, "--num", min=1, help="Number of samples (seeds 0..N-1 unless --seeds)."),
+    num: Optional[int] = typer.Option(None, "--num", min=1, max=MAX_SEEDS,
+                                      help="Number of samples (seeds 0..N-1 unless --seeds)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Per-sample seeds, e.g. 0-49999 or 0,5,10-12."),
     out: str = typer.Option(..., "--out", help="Output folder."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text-to-image runs: prompt file (.txt, .jsonl "

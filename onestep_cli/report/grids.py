@@ -51,10 +51,7 @@ def model_images(source: Source, seeds: list[int], num_prompts: int = GRID_PROMP
                  batch_size: int = GRID_BATCH) -> tuple[torch.Tensor, list[str]]:
     """Images in [-1, 1] [rows * len(seeds), C, H, W] of `source`'s generator on `seeds` (row-major, a row per prompt
     for text-to-image generators, else one row) and the prompts of the rows; raise GridSkip when it makes none."""
-    from ..config import ConfigError
-    from ..denoisers.diffusers import DiffusersLoadError
-    from ..denoisers.edm import EDMLoadError
-    from ..runs.checkpoint import CheckpointError
+    from ..errors import OnestepError
     from ..runs.loading import load_generator_source
     from ..sample_io import is_image_shape
     from ..sampling import generate
@@ -63,7 +60,7 @@ def model_images(source: Source, seeds: list[int], num_prompts: int = GRID_PROMP
         raise GridSkip("it is an eval result: numbers, not a generator.")
     try:
         loaded = load_generator_source(source.path, device=device)
-    except (ConfigError, CheckpointError, DiffusersLoadError, EDMLoadError, FileNotFoundError) as error:
+    except (OnestepError, FileNotFoundError) as error:  # Whatever keeps this run's generator from loading.
         raise GridSkip(f"its generator cannot be loaded: {error}") from None
     device = next(loaded.generator.parameters()).device
     if loaded.pipeline is not None:

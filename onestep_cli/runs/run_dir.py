@@ -83,8 +83,8 @@ class RunDir:
         try:
             return validate_config(upgrade_saved_config(self.read_raw_config()))
         except ConfigError as error:  # The run's own file, not the command line: exit code 1, naming the file.
-            raise RunFormatError(f"{self.config_path} is not a valid run config ({error}); restore the file this "
-                                 "run wrote, or start a new run with another --out.") from None
+            raise RunFormatError(f"{self.config_path} is not a valid run config ({str(error).rstrip('.')}); restore "
+                                 "the file this run wrote, or start a new run with another --out.") from None
 
     def read_raw_config(self) -> dict:
         """config.yaml as written, not validated (for comparing runs of other versions)."""
