@@ -432,3 +432,10 @@ def test_num_beyond_the_seed_bound_is_a_usage_error(cli, tmp_path, verb):
     out = ["--out", tmp_path / "s"] if verb == "sample" else []
     result = cli.invoke(verb, tmp_path, "--num", "10000000000", *out)
     assert result.exit_code == 2 and "--num" in result.output and "Traceback" not in result.output
+
+
+def test_the_workers_of_a_quiet_launch_are_quiet(monkeypatch):
+    from onestep_cli.cli import common
+
+    monkeypatch.setattr(common, "_quiet_option", True)
+    assert common.worker_command(["distill", "--out", "x"]) == ["--quiet", "distill", "--out", "x"]
