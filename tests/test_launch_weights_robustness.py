@@ -105,3 +105,129 @@ def test_a_sigkilled_worker_stops_the_job_with_a_clear_error(cli, tmp_path):
         kill_all([*workers.values(), *descendants(process.pid)])
         process.kill()
         process.communicate()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The launcher checks the teacher once; a hub teacher downloads into the Hugging Face cache.
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("preset, path, message", [
+    ("cifar10-uncond-sid", "{tmp}/missing.pkl", "missing.pkl does not exist"),
+    ("digits-t2i-sid", "onestep-tests/not-cached", "HF_HUB_OFFLINE is set, so it cannot be downloaded"),
+])
+def test_the_launcher_checks_the_teacher_once_before_any_rank_starts(cli, tmp_path, preset, path, message):
+    result = cli.run("distill", "--preset", preset, "--set", f"teacher.path={path.format(tmp=tmp_path)}", "--gpus", 2,
+                     "--out", tmp_path / "run", check=False, timeout=120, env={"HF_HUB_OFFLINE": "1"})
+    stderr = " ".join(result.stderr.split())
+    assert result.returncode == 1, result.stderr
+    assert stderr.count(message) == 1 and stderr.count("Error:") == 1, result.stderr
+    assert "processes communicating over gloo" not in stderr and "failed on rank" not in stderr  # No rank started.
+    assert not (tmp_path / "run").exists()
+
+
+TEACHER = Path(__file__).resolve().parents[1] / "onestep_cli" / "assets" / "digits_t2i_teacher"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class FakeHub:
+    """The hub functions diffusers' `DiffusionPipeline.download` calls, serving the packaged digits teacher as
+    `onestep-tests/digits-t2i` into a Hugging Face cache layout (refs/, snapshots/<commit>/), with no network."""
+
+    def __init__(self, cache: Path):
+        self.cache, self.downloads = cache, []
+
+    def folder(self, repo_id: str) -> Path:
+        return self.cache / f"models--{repo_id.replace('/', '--')}"
+
+    def files(self) -> list[str]:
+        return sorted(str(p.relative_to(TEACHER)) for p in TEACHER.rglob("*") if p.is_file())
+
+    def snapshot(self, repo_id: str, revision: str | None) -> Path:
+        assert repo_id == "onestep-tests/digits-t2i" and revision in (None, COMMIT), (repo_id, revision)
+        return self.folder(repo_id) / "snapshots" / COMMIT
+
+    def model_info(self, repo_id, revision=None, **kwargs):
+        from types import SimpleNamespace
+
+        self.snapshot(repo_id, revision)
+        return SimpleNamespace(siblings=[SimpleNamespace(rfilename=name) for name in self.files()], sha=COMMIT)
+
+    def hf_hub_download(self, repo_id, filename, revision=None, local_files_only=False, **kwargs):
+        target = self.snapshot(repo_id, revision) / filename
+        if not target.is_file():
+            from huggingface_hub.errors import LocalEntryNotFoundError
+
+            if local_files_only:
+                raise LocalEntryNotFoundError(f"{repo_id}/{filename} is not cached")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((TEACHER / filename).read_bytes())
+        return str(target)
+
+    def snapshot_download(self, repo_id, revision=None, local_files_only=False, allow_patterns=None,
+                          ignore_patterns=None, **kwargs):
+        import fnmatch
+        import sys
+
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        folder = self.snapshot(repo_id, revision)
+        if local_files_only:
+            if not folder.is_dir():
+                raise LocalEntryNotFoundError(f"{repo_id} is not cached")
+            return str(folder)
+        chosen = [name for name in self.files()
+                  if (allow_patterns is None or any(fnmatch.fnmatch(name, p) for p in allow_patterns))
+                  and not any(fnmatch.fnmatch(name, p) for p in ignore_patterns or [])]
+        print(f"Fetching {len(chosen)} files: 100%", file=sys.stderr)  # What huggingface_hub's progress bar says.
+        for name in chosen:
+            self.hf_hub_download(repo_id, name, revision)
+        (self.folder(repo_id) / "refs").mkdir(parents=True, exist_ok=True)
+        (self.folder(repo_id) / "refs" / "main").write_text(COMMIT)
+        self.downloads.append((repo_id, revision, chosen))
+        return str(folder)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch) -> FakeHub:
+    import huggingface_hub
+    from diffusers.pipelines import pipeline_utils
+    from huggingface_hub import constants
+
+    hub = FakeHub(tmp_path / "hf-cache")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub.cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    for name in ("snapshot_download", "hf_hub_download", "model_info"):
+        monkeypatch.setattr(pipeline_utils, name, getattr(hub, name))
+    monkeypatch.setattr(pipeline_utils, "_resolve_revision", lambda repo_id, revision=None, **kwargs: revision)
+    return hub
+
+
+def test_a_hub_teacher_downloads_into_the_hugging_face_cache_on_first_use(fake_hub, capsys):
+    from onestep_cli.config import DiffusersTeacherConfig
+    from onestep_cli.denoisers.diffusers.training import load_text_teacher
+
+    config = DiffusersTeacherConfig(path="onestep-tests/digits-t2i", revision=COMMIT)
+    teacher = load_text_teacher(config)
+    assert teacher.folder == fake_hub.snapshot("onestep-tests/digits-t2i", COMMIT)
+    assert teacher.denoiser is not None and len(teacher.latent_shape) == 3  # Loaded, ready to denoise.
+    [(repo, revision, files)] = fake_hub.downloads
+    assert revision == COMMIT and "unet/diffusion_pytorch_model.safetensors" in files
+    stderr = capsys.readouterr().err
+    assert f"Downloading teacher onestep-tests/digits-t2i at revision {COMMIT} into the Hugging Face cache" in stderr
+    assert "Fetching" in stderr  # The download's progress goes to stderr.
+
+    load_text_teacher(config)  # Cached now: no second download.
+    assert len(fake_hub.downloads) == 1
+
+
+def test_offline_a_hub_teacher_not_in_the_cache_fails_with_the_clear_message(fake_hub, monkeypatch):
+    from huggingface_hub import constants
+
+    from onestep_cli.denoisers.diffusers import DiffusersLoadError, resolve_pretrained
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DiffusersLoadError, match="HF_HUB_OFFLINE is set, so it cannot be downloaded.*hf download"):
+        resolve_pretrained("onestep-tests/digits-t2i")
+    assert not fake_hub.downloads

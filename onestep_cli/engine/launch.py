@@ -133,8 +133,16 @@ def failure_sentence(failures: dict, task: str) -> str:
 
 def launch(config: RunConfig, out: Path, plan: LaunchPlan, command: list[str], log) -> int:
     """Validate the layout, run `command` on every GPU of the plan and return the command's exit code: 0 when the
-    workers finished, or stopped on SIGTERM/SIGUSR1 after writing a checkpoint."""
+    workers finished, or stopped on SIGTERM/SIGUSR1 after writing a checkpoint.
+
+    The config, the files it names and the teacher (downloaded here if it is a hub id not yet cached) are checked
+    once, in this process, before any rank starts: an error is printed once, not once per rank."""
+    from ..runs.networks import check_teacher
+    from .loop import check_inputs
+
     batch_split(config.train, plan.world_size)
+    check_inputs(config)
+    check_teacher(config)
     check_devices(plan, config.train.device, warn=log)
     code, signal_name = run_torchrun(plan, command, log)
     if signal_name is None:
