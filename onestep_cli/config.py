@@ -87,8 +87,8 @@ class DiffusersTeacherConfig(Strict):
     """A text-to-image diffusers pipeline (SD 1.5/2.1, SDXL, PixArt-α/Σ), distilled in its VAE's latent space."""
 
     kind: Literal["diffusers"] = "diffusers"
-    path: str  # Local diffusers folder (with model_index.json), a hub id in the local HF cache, or '@assets/...'.
-    revision: str | None = None  # Hub revision in the cache; None: the cached main.
+    path: str  # Local diffusers folder (with model_index.json), a hub id (downloaded on first use), or '@assets/...'.
+    revision: str | None = None  # Hub revision; a commit hash pins the files. None: main.
     variant: str | None = None  # Weight-file variant, e.g. 'fp16'.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # Frozen teacher's weights; trained copies stay fp32.
     guidance_scale: float = Field(1.0, ge=0)  # Teacher's CFG scale in the generator loss (SiD-LSG kappa4); 1: none.

@@ -7,6 +7,7 @@ forwards SIGTERM/SIGUSR1 to them and turns their outcome into one exit code.
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from ..config import ConfigError, RunConfig
 from ..errors import DeviceError
+from ..runtime.lifeline import LAUNCHER_PID_ENV, launcher_environment
 from .parallel import batch_split
 from ..runs.run_dir import RunDir
 
@@ -97,21 +99,50 @@ def run_torchrun(plan: LaunchPlan, command: list[str], log, task: str = "the dis
     args = parse_args([*plan.torchrun_args(), "--module", "onestep_cli"])
     # Set after parsing: torchrun's parser would take the command's options for abbreviations of its own (--num).
     args.training_script_args = list(command)
+    os.environ.update(launcher_environment())  # Each worker dies with this process (runtime/lifeline.py).
     try:
         run(args)
     except SignalException as exc:
         return 128 + int(exc.sigval), exc.sigval.name
     except ChildFailedError as exc:
-        ranks = ", ".join(f"rank {rank} (exit code {failure.exitcode})" for rank, failure in exc.failures.items())
-        log(f"Error: {task} failed on {ranks}; the first error is printed above. {advice}")
+        log(f"Error: {failure_sentence(exc.failures, task)} {advice}")
         return 1, None
+    finally:
+        os.environ.pop(LAUNCHER_PID_ENV, None)
     return 0, None
+
+
+def failure_sentence(failures: dict, task: str) -> str:
+    """Why the workers stopped, from torchrun's {rank: ProcessFailure}: the ranks that failed first, not those the
+    agent then stopped with SIGTERM. A worker killed by a signal (SIGKILL from the OOM killer or `kill -9`) printed
+    nothing, so the sentence says so; one that exited with an error printed it above."""
+    causes = {rank: f for rank, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
+    killed = [f"rank {rank} was killed by {f.signal_name()}" for rank, f in sorted(causes.items()) if f.exitcode < 0]
+    exited = [f"rank {rank} (exit code {f.exitcode})" for rank, f in sorted(causes.items()) if f.exitcode >= 0]
+    parts = []
+    if exited:
+        parts.append(f"{task} failed on {', '.join(exited)}; the first error is printed above")
+    if killed:
+        parts.append(f"{task} stopped because {', '.join(killed)} (a signal from outside, such as the out-of-memory "
+                     "killer or `kill -9`; it leaves no error message)")
+    others = sorted(set(failures) - set(causes))
+    stopped = f", and the launcher stopped rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))}" \
+        if others else ""
+    return "; ".join(parts) + stopped + "."
 
 
 def launch(config: RunConfig, out: Path, plan: LaunchPlan, command: list[str], log) -> int:
     """Validate the layout, run `command` on every GPU of the plan and return the command's exit code: 0 when the
-    workers finished, or stopped on SIGTERM/SIGUSR1 after writing a checkpoint."""
+    workers finished, or stopped on SIGTERM/SIGUSR1 after writing a checkpoint.
+
+    The config, the files it names and the teacher (downloaded here if it is a hub id not yet cached) are checked
+    once, in this process, before any rank starts: an error is printed once, not once per rank."""
+    from ..runs.networks import check_teacher
+    from .loop import check_inputs
+
     batch_split(config.train, plan.world_size)
+    check_inputs(config)
+    check_teacher(config)
     check_devices(plan, config.train.device, warn=log)
     code, signal_name = run_torchrun(plan, command, log)
     if signal_name is None:

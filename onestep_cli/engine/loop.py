@@ -75,6 +75,16 @@ class GeneratorEvaluator:
                 "provenance": {k: {**r.provenance, "seeds": seeds} for k, r in results.items()}}
 
 
+def check_inputs(config: RunConfig) -> None:
+    """Fail before any work on what the config names but this machine lacks: metrics, eval.ref."""
+    check_metric_names(config.eval.metrics)
+    reference = config.eval.resolved_ref
+    if config.eval.metrics and reference is not None and not reference.exists():
+        raise MissingFileError(f"eval.ref {reference} does not exist; pass reference statistics (.npz with mu and "
+                               "sigma, e.g. from `onestep eval IMAGES --save-stats FILE`), an .npz of images or a "
+                               "folder of images.")
+
+
 def distill(config: RunConfig, out_dir: Path, *, log=None, progress: bool | None = None,
             networks: Networks | None = None) -> RunSummary:
     """Distil the configured teacher into a one-step generator in `out_dir`, resuming it if a run is there.
@@ -83,12 +93,7 @@ def distill(config: RunConfig, out_dir: Path, *, log=None, progress: bool | None
     train together; `train.batch_size` is the global batch. SIGTERM/SIGUSR1 end the run early with a checkpoint.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    check_metric_names(config.eval.metrics)
-    reference = config.eval.resolved_ref
-    if config.eval.metrics and reference is not None and not reference.exists():  # Fail before any work.
-        raise MissingFileError(f"eval.ref {reference} does not exist; pass reference statistics (.npz with mu and "
-                               "sigma, e.g. from `onestep eval IMAGES --save-stats FILE`), an .npz of images or a "
-                               "folder of images.")
+    check_inputs(config)
     env, device, initialised = distributed.init(config.train.device)
     try:
         return _distill(config, Path(out_dir), env, device, print0(env, log), progress if env.is_main else False,

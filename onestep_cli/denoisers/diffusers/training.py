@@ -65,6 +65,16 @@ def load_text_teacher(config: DiffusersTeacherConfig):
         raise DiffusersLoadError(f"{error}{' ' + config.hint if config.hint else ''}") from None
 
 
+def locate_text_teacher(config: DiffusersTeacherConfig):
+    """The local folder of a `teacher: {kind: diffusers}` section, downloading a hub teacher first (no loading)."""
+    from . import DiffusersLoadError, resolve_pretrained
+
+    try:
+        return resolve_pretrained(config.resolved_path, config.revision, config.variant)
+    except DiffusersLoadError as error:
+        raise DiffusersLoadError(f"{error}{' ' + config.hint if config.hint else ''}") from None
+
+
 def text_latent_shape(pipeline, config: DiffusersTeacherConfig) -> tuple[int, int, int]:
     """Latent (C, H, W) of the generated images: teacher.image_size / the VAE's factor, or the network's native."""
     channels, height, width = pipeline.latent_shape
