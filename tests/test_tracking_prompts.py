@@ -66,9 +66,15 @@ class FakeWriter:
         self.closed = True
 
 
+class FakeWandbConfig(dict):
+    def update(self, values, allow_val_change=False):
+        assert allow_val_change or not any(self.get(k, v) != v for k, v in values.items())
+        super().update(values)
+
+
 class FakeWandbRun:
     def __init__(self, **init):
-        self.init, self.rows, self.exit_code = init, [], None
+        self.init, self.rows, self.exit_code, self.config = init, [], None, FakeWandbConfig()
 
     def log(self, data, step):
         self.rows.append((step, dict(data)))
@@ -134,7 +140,7 @@ def test_every_tick_and_evaluation_reaches_both_trackers_and_a_resume_appends(fa
     assert {step for _, step, _ in writer.scalars} == {4, 6}
     init = wandb_run.init
     assert init["project"] == "onestep-tests" and init["dir"] == str(run) and init["resume"] == "allow"
-    assert init["name"] == "run" and init["config"]["train"]["max_steps"] == 6 and wandb_run.exit_code == 0
+    assert init["name"] == "run" and wandb_run.config["train"]["max_steps"] == 6 and wandb_run.exit_code == 0
     run_id = (run / "wandb" / "onestep-run-id").read_text().strip()
     assert init["id"] == run_id
 

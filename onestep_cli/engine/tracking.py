@@ -112,8 +112,9 @@ def open_trackers(config: RunConfig, run_dir: Path, resumed_from: int | None, en
         try:
             wandb_run = wandb.init(project=logging.wandb.project, entity=logging.wandb.entity,
                                    name=logging.wandb.name or run_dir.resolve().name, dir=str(run_dir),
-                                   id=id_file.read_text().strip(), resume="allow",
-                                   config=config.model_dump(mode="json"))
+                                   id=id_file.read_text().strip(), resume="allow")
+            # A resumed run may have changed resumable keys (train.max_steps...): W&B refuses those unless allowed.
+            wandb_run.config.update(config.model_dump(mode="json"), allow_val_change=True)
         except Exception as error:  # Not logged in, no network, an unknown entity: wandb's own exception types.
             if tensorboard is not None:
                 tensorboard.close()
