@@ -114,10 +114,14 @@ TeacherConfig = Annotated[Union[GMMTeacherConfig, EDMTeacherConfig, DiffusersTea
 
 
 class PromptsConfig(Strict):
-    """Training prompts of a text-to-image teacher, encoded once into `prompts.safetensors` in the run directory."""
+    """Training prompts of a text-to-image teacher: up to cache_max encoded once into `prompts.safetensors` in the run
+    directory; a larger file is streamed, each step reading and encoding its batch's prompts."""
 
     path: Path | None = None  # .txt (one per line), .jsonl ('prompt'/'caption' key) or COCO .json; '@assets/...' too.
-    cache_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # Cached embeddings' dtype; None: encoder's.
+    cache_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # Embeddings' dtype; None: the encoder's.
+    # Most prompts encoded once and cached (236 KB each for SD, 630 KB for SDXL in float32); a file with more is
+    # streamed: its lines are indexed, not held, and the text encoders stay loaded on the training device. 0: stream.
+    cache_max: int = Field(100_000, ge=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -342,6 +346,22 @@ class EvalConfig(Strict):
         return resolve_asset_path(self.ref) if self.ref is not None else None
 
 
+class WandbConfig(Strict):
+    """A Weights & Biases run that receives the same records (needs `pip install wandb` and `wandb login`)."""
+
+    project: str
+    entity: str | None = None  # W&B team or user; None: the logged-in default.
+    name: str | None = None  # Display name; None: the run directory's name.
+
+
+class LoggingConfig(Strict):
+    """Experiment trackers, off by default: rank 0 sends each stats.jsonl record (every tick) and each in-training
+    evaluation's metrics to them, keyed by step; a resumed run appends."""
+
+    tensorboard: bool = False  # Event files in RUN/tensorboard/ by torch's SummaryWriter (pip install tensorboard).
+    wandb: WandbConfig | None = None  # e.g. {project: my-distillation}; None: no W&B run.
+
+
 class RunConfig(Strict):
     teacher: TeacherConfig
     prompts: PromptsConfig = PromptsConfig()
@@ -350,6 +370,7 @@ class RunConfig(Strict):
     objective: ObjectiveConfig = SIMObjectiveConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

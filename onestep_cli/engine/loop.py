@@ -31,6 +31,7 @@ from .progress import Progress
 from ..runs.run_dir import RunDir
 from .signals import StopRequest
 from .trainer import NonFiniteError, Trainer, training_mode
+from .tracking import check_trackers, open_trackers
 
 
 @dataclass
@@ -76,8 +77,9 @@ class GeneratorEvaluator:
 
 
 def check_inputs(config: RunConfig) -> None:
-    """Fail before any work on what the config names but this machine lacks: metrics, eval.ref."""
+    """Fail before any work on what the config names but this machine lacks: metrics, trackers, eval.ref."""
     check_metric_names(config.eval.metrics)
+    check_trackers(config.logging)
     reference = config.eval.resolved_ref
     if config.eval.metrics and reference is not None and not reference.exists():
         raise MissingFileError(f"eval.ref {reference} does not exist; pass reference statistics (.npz with mu and "
@@ -113,6 +115,7 @@ def _distill(config: RunConfig, out_dir: Path, env: DistEnv, device: torch.devic
     micro, rounds = batch_split(train, env.world_size)  # Fail before any work.
     run = RunDir(out_dir)
     trainer, resumed_from = _start(config, run, env, device, log, networks)
+    trackers = open_trackers(config, run.path, resumed_from, enabled=env.is_main)  # TensorBoard, W&B (rank 0).
     if env.is_distributed or rounds > 1:
         log(f"Training on {env.world_size} process{'es' if env.is_distributed else ''} "
             f"({trainer.parallelism.upper()}, {device.type}): global batch {train.batch_size} = {micro} per "
@@ -134,12 +137,14 @@ def _distill(config: RunConfig, out_dir: Path, env: DistEnv, device: torch.devic
         result = evaluator(trainer)  # Sharded networks need every rank in each forward.
         if env.is_main:
             run.append(run.metrics_path, {"step": step, "kimg": trainer.kimg, **result})
+            trackers.log_metrics(step, result["metrics"])
         return result["metrics"]
 
     evaluating_rank = env.is_main or trainer.sharded
     if config.eval.at_start and config.eval.metrics and trainer.step_count == 0 and evaluating_rank:
         evaluate_and_record(0)
-    with StopRequest() as stop, Progress(train.max_steps, trainer.step_count, enabled=progress, log=log) as bar:
+    with (StopRequest() as stop, trackers,
+          Progress(train.max_steps, trainer.step_count, enabled=progress, log=log) as bar):
         while trainer.step_count < train.max_steps:
             try:
                 stats = trainer.step()
@@ -156,6 +161,7 @@ def _distill(config: RunConfig, out_dir: Path, env: DistEnv, device: torch.devic
                                       time.time() - start_time, device, env)
                 if env.is_main:
                     run.append(run.stats_path, record)
+                    trackers.log_stats(record)
                 bar.tick(step, record)
                 sums, tick_start, tick_step = {}, time.time(), step
             evaluate_now = step == train.max_steps or (config.eval.every_steps and step % config.eval.every_steps == 0)

@@ -13,10 +13,11 @@ import yaml
 from ..config import ConfigError, RunConfig, config_to_yaml, upgrade_saved_config, validate_config
 from ..errors import OnestepError
 
-# Keys that may change between a run and its resumption: the length of the run, and memory/speed knobs that leave
-# the training maths unchanged (up to floating-point rounding).
+# Keys that may change between a run and its resumption: the length of the run, memory/speed knobs that leave the
+# training maths unchanged (up to floating-point rounding), and where its records are also sent (logging.*).
 RESUMABLE_CHANGES = {"train.max_steps", "train.grad_accumulation", "train.batch_gpu", "train.gradient_checkpointing",
-                     "train.tf32"}
+                     "train.tf32", "prompts.cache_max"}
+RESUMABLE_SECTIONS = ("logging.",)
 
 
 def flatten(data: dict, prefix: str = "") -> dict:
@@ -100,7 +101,8 @@ class RunDir:
             saved = flatten(self.read_config().model_dump(mode="json"))
             wanted = flatten(config.model_dump(mode="json"))
             changed = sorted(k for k in saved.keys() | wanted.keys()
-                             if saved.get(k) != wanted.get(k) and k not in RESUMABLE_CHANGES)
+                             if saved.get(k) != wanted.get(k) and k not in RESUMABLE_CHANGES
+                             and not k.startswith(RESUMABLE_SECTIONS))
             if changed:
                 details = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:5])
                 raise ConfigError(
