@@ -244,6 +244,9 @@ ObjectiveConfig = Annotated[
 # Training
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 class TrainConfig(Strict):
     batch_size: int = Field(256, gt=0)  # Images (or points) per generator update, over all processes (global batch).
     # Micro-batches per update on each process (per-process batch divides by it).
@@ -296,6 +299,15 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1)  # Newest complete checkpoints kept on disk.
     tick_every: int = Field(50, gt=0)  # Steps between status lines and stats.jsonl records.
     max_consecutive_nonfinite: int = Field(10, ge=1)  # Skipped non-finite steps in a row before the run stops.
+
+    @field_validator("lr", "generator_lr", "fake_lr")
+    @classmethod
+    def _check_lr(cls, lr, info):
+        # torch's optimizers refuse, at the first update, a step size that float32 weights cannot hold.
+        if lr is not None and not lr < FLOAT32_MAX:
+            raise ValueError(f"train.{info.field_name}={lr:g} is beyond the largest float32 ({FLOAT32_MAX:.2g}), "
+                             "which an optimizer step can hold; learning rates are typically 1e-6 to 1e-3")
+        return lr
 
     @field_validator("betas")
     @classmethod

@@ -1,11 +1,13 @@
 """`--gpus N` / `--nnodes`: re-run the same command under torch.distributed.run, one worker process per GPU.
 
 This process becomes torchrun's agent: it starts the workers (which join the group through distributed.init),
-forwards SIGTERM/SIGUSR1 to them and turns their outcome into one exit code.
+forwards SIGTERM/SIGUSR1/SIGINT/SIGHUP to them and turns their outcome into one exit code. On node 0 it holds the run
+directory's lock for the workers' whole life.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from dataclasses import dataclass
@@ -17,11 +19,12 @@ from ..config import ConfigError, RunConfig
 from ..errors import DeviceError
 from ..runtime.lifeline import LAUNCHER_PID_ENV, launcher_environment
 from .parallel import batch_split
-from ..runs.run_dir import RunDir
+from ..runs.run_dir import RunDir, lock_for_workers
+from .signals import PREEMPTION_SIGNALS as STOP_SIGNALS
 
-# Seconds torch.distributed.run gives workers to checkpoint and exit after forwarding SIGTERM/SIGUSR1 to them.
+# Seconds torch.distributed.run gives workers to checkpoint and exit after forwarding a stop signal to them.
 SHUTDOWN_TIMEOUT_S = 600
-PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+PREEMPTION_SIGNALS = tuple(sig.name for sig in STOP_SIGNALS)
 
 
 def torchrun_accepts(option: str) -> bool:
@@ -133,7 +136,7 @@ def failure_sentence(failures: dict, task: str) -> str:
 
 def launch(config: RunConfig, out: Path, plan: LaunchPlan, command: list[str], log) -> int:
     """Validate the layout, run `command` on every GPU of the plan and return the command's exit code: 0 when the
-    workers finished, or stopped on SIGTERM/SIGUSR1 after writing a checkpoint.
+    workers finished, or stopped on SIGTERM/SIGUSR1/SIGINT/SIGHUP after writing a checkpoint.
 
     The config, the files it names and the teacher (downloaded here if it is a hub id not yet cached) are checked
     once, in this process, before any rank starts: an error is printed once, not once per rank."""
@@ -144,7 +147,8 @@ def launch(config: RunConfig, out: Path, plan: LaunchPlan, command: list[str], l
     check_inputs(config)
     check_teacher(config)
     check_devices(plan, config.train.device, warn=log)
-    code, signal_name = run_torchrun(plan, command, log)
+    with lock_for_workers(out, warn=log) if plan.node_rank == 0 else contextlib.nullcontext():
+        code, signal_name = run_torchrun(plan, command, log)
     if signal_name is None:
         return code
     status = RunDir(out).read_status()

@@ -33,8 +33,8 @@ from ..denoisers.edm.augment import augment, draw_augmentation
 from ..errors import OnestepError
 from ..objectives import build_objective, fake_score_loss
 from ..objectives.sigmas import sample_sigma
-from ..runs.checkpoint import (CheckpointError, begin_save, commit, gather_hashes, hash_files, is_sharded,
-                               read_checkpoint, read_rng, read_sharded, unflatten_optimizer, write_full, write_rng,
+from ..runs.checkpoint import (CheckpointError, commit, gather_hashes, hash_files, is_sharded, read_checkpoint,
+                               read_rng, read_sharded, saving, unflatten_optimizer, write_full, write_rng,
                                write_sharded)
 from .cuda_graph import StepGraph
 from ..runtime.distributed import SINGLE, DistEnv, all_gather_object, all_reduce
@@ -441,22 +441,23 @@ class Trainer:
     def save(self, run: RunDir) -> Path:
         """Write the full state for the current step on every rank together; returns the checkpoint folder."""
         env = self.env
-        tmp = begin_save(run.checkpoints, self.step_count, env)
         rng = {"train": self.rng.get_state(), "sigma": self.sigma_rng.get_state()}
         for rank, states in enumerate(all_gather_object(self._rank_rng(), env)):
             rng.update({f"rank{rank}.{kind}": value for kind, value in states.items()})
         state = {"kimg": self.kimg, "nonfinite_total": self.nonfinite_total, "parallelism": self.parallelism,
                  "world_size": env.world_size, "modules": list(self.modules()),
                  "scalers": {"generator": self.scaler_generator.state_dict(), "fake": self.scaler_fake.state_dict()}}
-        written = []
-        if self.sharded_checkpoints:
-            written = write_sharded(tmp, self._sharded_state(), env)
-            if env.is_main:
-                written += write_rng(tmp, rng)
-        elif env.is_main:  # Every rank holds identical full networks: rank 0 writes them.
-            written, state["optimizers"] = write_full(tmp, self.modules(), self.optimizers(), rng)
-        hashes = gather_hashes(hash_files(tmp, written), env)
-        return commit(run.checkpoints, tmp, self.step_count, state, hashes, self.config.train.keep_checkpoints, env)
+        with saving(run.checkpoints, self.step_count, env) as tmp:
+            written = []
+            if self.sharded_checkpoints:
+                written = write_sharded(tmp, self._sharded_state(), env)
+                if env.is_main:
+                    written += write_rng(tmp, rng)
+            elif env.is_main:  # Every rank holds identical full networks: rank 0 writes them.
+                written, state["optimizers"] = write_full(tmp, self.modules(), self.optimizers(), rng)
+            hashes = gather_hashes(hash_files(tmp, written), env)
+            return commit(run.checkpoints, tmp, self.step_count, state, hashes, self.config.train.keep_checkpoints,
+                          env)
 
     def load(self, state: dict, folder: Path) -> None:
         """Restore the state saved in `folder` (already verified), under any number of ranks."""
