@@ -105,8 +105,8 @@ class DiffusersTeacherConfig(Strict):
     """A text-to-image diffusers pipeline (SD 1.5/2.1, SDXL, PixArt-α/Σ), distilled in its VAE's latent space."""
 
     kind: Literal["diffusers"] = "diffusers"
-    path: str  # Local diffusers folder (with model_index.json), a hub id in the local HF cache, or '@assets/...'.
-    revision: str | None = None  # Hub revision in the cache; None: the cached main.
+    path: str  # Local diffusers folder (with model_index.json), a hub id (downloaded on first use), or '@assets/...'.
+    revision: str | None = None  # Hub revision; a commit hash pins the files. None: main.
     variant: str | None = None  # Weight-file variant, e.g. 'fp16'.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # Frozen teacher's weights; trained copies stay fp32.
     guidance_scale: Float = Field(1.0, ge=0)  # Teacher's CFG scale in the generator loss (SiD-LSG kappa4); 1: none.
@@ -132,10 +132,14 @@ TeacherConfig = Annotated[Union[GMMTeacherConfig, EDMTeacherConfig, DiffusersTea
 
 
 class PromptsConfig(Strict):
-    """Training prompts of a text-to-image teacher, encoded once into `prompts.safetensors` in the run directory."""
+    """Training prompts of a text-to-image teacher: up to cache_max encoded once into `prompts.safetensors` in the run
+    directory; a larger file is streamed, each step reading and encoding its batch's prompts."""
 
     path: Path | None = None  # .txt (one per line), .jsonl ('prompt'/'caption' key) or COCO .json; '@assets/...' too.
-    cache_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # Cached embeddings' dtype; None: encoder's.
+    cache_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # Embeddings' dtype; None: the encoder's.
+    # Most prompts encoded once and cached (236 KB each for SD, 630 KB for SDXL in float32); a file with more is
+    # streamed: its lines are indexed, not held, and the text encoders stay loaded on the training device. 0: stream.
+    cache_max: int = Field(100_000, ge=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -258,6 +262,9 @@ ObjectiveConfig = Annotated[
 # Training
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 class TrainConfig(Strict):
     batch_size: Int = Field(256, gt=0)  # Images (or points) per generator update, over all processes (global batch).
     # Micro-batches per update on each process (per-process batch divides by it).
@@ -310,6 +317,15 @@ class TrainConfig(Strict):
     keep_checkpoints: Int = Field(2, ge=1)  # Newest complete checkpoints kept on disk.
     tick_every: Int = Field(50, gt=0)  # Steps between status lines and stats.jsonl records.
     max_consecutive_nonfinite: Int = Field(10, ge=1)  # Skipped non-finite steps in a row before the run stops.
+
+    @field_validator("lr", "generator_lr", "fake_lr")
+    @classmethod
+    def _check_lr(cls, lr, info):
+        # torch's optimizers refuse, at the first update, a step size that float32 weights cannot hold.
+        if lr is not None and not lr < FLOAT32_MAX:
+            raise ValueError(f"train.{info.field_name}={lr:g} is beyond the largest float32 ({FLOAT32_MAX:.2g}), "
+                             "which an optimizer step can hold; learning rates are typically 1e-6 to 1e-3")
+        return lr
 
     @field_validator("betas")
     @classmethod
@@ -367,6 +383,22 @@ class EvalConfig(Strict):
         return resolve_asset_path(self.ref) if self.ref is not None else None
 
 
+class WandbConfig(Strict):
+    """A Weights & Biases run that receives the same records (needs `pip install wandb` and `wandb login`)."""
+
+    project: str
+    entity: str | None = None  # W&B team or user; None: the logged-in default.
+    name: str | None = None  # Display name; None: the run directory's name.
+
+
+class LoggingConfig(Strict):
+    """Experiment trackers, off by default: rank 0 sends each stats.jsonl record (every tick) and each in-training
+    evaluation's metrics to them, keyed by step; a resumed run appends."""
+
+    tensorboard: bool = False  # Event files in RUN/tensorboard/ by torch's SummaryWriter (pip install tensorboard).
+    wandb: WandbConfig | None = None  # e.g. {project: my-distillation}; None: no W&B run.
+
+
 class RunConfig(Strict):
     teacher: TeacherConfig
     prompts: PromptsConfig = PromptsConfig()
@@ -375,6 +407,7 @@ class RunConfig(Strict):
     objective: ObjectiveConfig = SIMObjectiveConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ This module is the lowest layer: it imports nothing from the package.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+from pathlib import Path
+
 
 class OnestepError(Exception):
     """An error the user can fix; its message is one sentence naming the file/key/value and what to do."""
@@ -48,3 +52,47 @@ class LaunchError(DeviceError):
 
     every_rank = False
 
+
+
+class DiskFullError(OnestepError, OSError):
+    """A write refused for lack of disk space or quota; the message names the folder and says to free space there.
+
+    The disk may be one node's own, so the rank that meets it prints it."""
+
+    every_rank = False
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_out_of_space(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it wraps, is a write refused for lack of space or quota: an OSError, or one that a
+    library reports as text (safetensors: `... (os error 28)`) or per rank (torch.distributed.checkpoint)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            return True
+        if any(f"(os error {code})" in str(error) for code in NO_SPACE):
+            return True
+        failures = getattr(error, "failures", None)  # CheckpointException: {rank: error or (error, traceback)}.
+        if isinstance(failures, dict) and any(is_out_of_space(f[0] if isinstance(f, tuple) else f)
+                                              for f in failures.values()):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def disk_space(folder: Path, what: str, advice: str):
+    """Turn a write inside the block that fails for lack of space into a DiskFullError naming `folder` and `what` was
+    being written, followed by `advice` (what is intact, what to run once space is freed)."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as error:
+        if not is_out_of_space(error):
+            raise
+        raise DiskFullError(f"The disk of {folder} is full (no space left, or the quota is used up): writing {what} "
+                            f"failed. {advice}") from error

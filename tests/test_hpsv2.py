@@ -117,7 +117,7 @@ def test_missing_weights_name_the_file_its_source_and_the_command(tmp_path):
             HPSv2Score(MetricContext(options=options))
         message = " ".join(str(info.value).split())
         assert "Metric 'hpsv2'" in message and name in message
-        assert f"huggingface.co/xswu/HPSv2/resolve/main/{name}" in message
+        assert f"huggingface.co/xswu/HPSv2/resolve/697403c78157020a1ae59d23f111aa58ced35b0a/{name}" in message
         assert f"onestep weights fetch {key}" in message and str(tmp_path / "onestep-home") in message
 
 

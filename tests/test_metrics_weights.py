@@ -80,14 +80,29 @@ def test_inception_comes_from_the_installed_package_then_from_the_cache(home):
     assert row["sha256"] == installed.sha256["default_1.pt"] == WEIGHT_SETS["inception"].files[0].sha256
 
 
-def test_fetch_checks_pinned_hashes_and_records_the_others(home):
-    body = b"tensor bytes"
-    fetched = fetch("imagereward", opener=lambda url, timeout: FakeResponse(body + url.encode()), log=lambda m: None)
+def fake_hf_hub_download(body: bytes, calls: list):
+    """huggingface_hub.hf_hub_download writing `body` + repo/filename@revision into local_dir, as the real one does."""
+    def download(repo_id, filename, revision=None, local_dir=None, **kwargs):
+        calls.append((repo_id, filename, revision))
+        path = Path(local_dir) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body + f"{repo_id}/{filename}@{revision}".encode())
+        return str(path)
+
+    return download
+
+
+def test_fetch_checks_pinned_hashes_and_records_the_others(home, monkeypatch):
+    body, calls = b"tensor bytes", []
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_hf_hub_download(body, calls))
+    fetched = fetch("imagereward", log=lambda m: None)
     assert len(fetched) == 3 and all(p.is_file() for p in fetched)
+    assert calls[2] == ("google-bert/bert-base-uncased", "vocab.txt", "86b5e0934494bd15c9632b12f734a8a67f723594")
     record = json.loads((home / "fetched.json").read_text())
-    url = WEIGHT_SETS["imagereward"].files[0].url
-    assert record["imagereward/ImageReward.pt"]["sha256"] == hashlib.sha256(body + url.encode()).hexdigest()
+    assert record["imagereward/ImageReward.pt"]["sha256"] == hashlib.sha256(
+        body + b"THUDM/ImageReward/ImageReward.pt@main").hexdigest()
     assert verify("imagereward")["ok"]
+    assert not [p for p in (home / "imagereward").iterdir() if p.name.startswith(".")]  # No staging left behind.
     (home / "imagereward" / "med_config.json").write_text("{}")  # Changed after the fetch.
     assert not verify("imagereward")["ok"]
 

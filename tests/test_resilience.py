@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from onestep_cli import distill
 from onestep_cli.config import resolve_config
 from onestep_cli.runs.checkpoint import PAUSE_ENV, find_latest_checkpoint, list_checkpoints, verify_checkpoint
-from onestep_cli.engine.loop import NonFiniteError
+from onestep_cli.engine.trainer import NonFiniteError
 from onestep_cli.runs.networks import build_networks
 from poisoned_teacher import PoisonedTeacher
 
@@ -91,14 +92,19 @@ def test_sigkill_at_random_moments_and_mid_save_then_same_command_is_bitwise_uni
         process.wait()
         assert not (run / "export").exists(), "the run finished before it could be killed"
 
-    # And the newest checkpoint the kills left is damaged: reported, and the one before it is used.
+    # And the newest checkpoint the kills left is damaged: reported, and the one before it is used. When it is the
+    # only one the run refuses to start over silently (test_run_robustness.py), and does once it is moved away.
     complete = list_checkpoints(checkpoints)
     _damage(complete[-1], "truncated")
+    if len(complete) == 1:
+        refused = cli.run(*args, "--out", run, check=False)
+        assert refused.returncode == 1 and "No usable checkpoint" in refused.stderr
+        shutil.move(complete[-1], tmp_path / complete[-1].name)
     resumed = cli.run(*args, "--out", run)
-    message = " ".join(resumed.stderr.split())
+    message = " ".join((refused.stderr if len(complete) == 1 else resumed.stderr).split())
     assert f"{complete[-1].name}: file fake.safetensors is missing or does not match its recorded hash" in message
-    assert "Falling back to the previous checkpoint" in message
     if len(complete) > 1:
+        assert "Falling back to the previous checkpoint" in message
         assert f"Resuming {run} from {complete[-2].name}" in message
     assert not any(p.name.startswith(".partial-") for p in checkpoints.iterdir())
     assert_bitwise_equal(reference / "checkpoints" / "step-00000300", checkpoints / "step-00000300")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import typer
 
 from ..version import __version__
@@ -56,6 +54,4 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def main():
-    # Offline by design: never let a hub lookup stall a run on retries.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     app()

@@ -1,12 +1,15 @@
 """`--gpus N` / `--nnodes`: re-run the same command under torch.distributed.run, one worker process per GPU.
 
 This process becomes torchrun's agent: it starts the workers (which join the group through distributed.init),
-forwards SIGTERM/SIGUSR1 to them and turns their outcome into one exit code.
+forwards SIGTERM/SIGUSR1/SIGINT/SIGHUP to them and turns their outcome into one exit code. On node 0 it holds the run
+directory's lock for the workers' whole life.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,12 +17,14 @@ import torch
 
 from ..config import ConfigError, RunConfig
 from ..errors import DeviceError
+from ..runtime.lifeline import LAUNCHER_PID_ENV, launcher_environment
 from .parallel import batch_split
-from ..runs.run_dir import RunDir
+from ..runs.run_dir import RunDir, lock_for_workers
+from .signals import PREEMPTION_SIGNALS as STOP_SIGNALS
 
-# Seconds torch.distributed.run gives workers to checkpoint and exit after forwarding SIGTERM/SIGUSR1 to them.
+# Seconds torch.distributed.run gives workers to checkpoint and exit after forwarding a stop signal to them.
 SHUTDOWN_TIMEOUT_S = 600
-PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+PREEMPTION_SIGNALS = tuple(sig.name for sig in STOP_SIGNALS)
 
 
 def torchrun_accepts(option: str) -> bool:
@@ -97,23 +102,53 @@ def run_torchrun(plan: LaunchPlan, command: list[str], log, task: str = "the dis
     args = parse_args([*plan.torchrun_args(), "--module", "onestep_cli"])
     # Set after parsing: torchrun's parser would take the command's options for abbreviations of its own (--num).
     args.training_script_args = list(command)
+    os.environ.update(launcher_environment())  # Each worker dies with this process (runtime/lifeline.py).
     try:
         run(args)
     except SignalException as exc:
         return 128 + int(exc.sigval), exc.sigval.name
     except ChildFailedError as exc:
-        ranks = ", ".join(f"rank {rank} (exit code {failure.exitcode})" for rank, failure in exc.failures.items())
-        log(f"Error: {task} failed on {ranks}; the first error is printed above. {advice}")
+        log(f"Error: {failure_sentence(exc.failures, task)} {advice}")
         return 1, None
+    finally:
+        os.environ.pop(LAUNCHER_PID_ENV, None)
     return 0, None
+
+
+def failure_sentence(failures: dict, task: str) -> str:
+    """Why the workers stopped, from torchrun's {rank: ProcessFailure}: the ranks that failed first, not those the
+    agent then stopped with SIGTERM. A worker killed by a signal (SIGKILL from the OOM killer or `kill -9`) printed
+    nothing, so the sentence says so; one that exited with an error printed it above."""
+    causes = {rank: f for rank, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
+    killed = [f"rank {rank} was killed by {f.signal_name()}" for rank, f in sorted(causes.items()) if f.exitcode < 0]
+    exited = [f"rank {rank} (exit code {f.exitcode})" for rank, f in sorted(causes.items()) if f.exitcode >= 0]
+    parts = []
+    if exited:
+        parts.append(f"{task} failed on {', '.join(exited)}; the first error is printed above")
+    if killed:
+        parts.append(f"{task} stopped because {', '.join(killed)} (a signal from outside, such as the out-of-memory "
+                     "killer or `kill -9`; it leaves no error message)")
+    others = sorted(set(failures) - set(causes))
+    stopped = f", and the launcher stopped rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))}" \
+        if others else ""
+    return "; ".join(parts) + stopped + "."
 
 
 def launch(config: RunConfig, out: Path, plan: LaunchPlan, command: list[str], log) -> int:
     """Validate the layout, run `command` on every GPU of the plan and return the command's exit code: 0 when the
-    workers finished, or stopped on SIGTERM/SIGUSR1 after writing a checkpoint."""
+    workers finished, or stopped on SIGTERM/SIGUSR1/SIGINT/SIGHUP after writing a checkpoint.
+
+    The config, the files it names and the teacher (downloaded here if it is a hub id not yet cached) are checked
+    once, in this process, before any rank starts: an error is printed once, not once per rank."""
+    from ..runs.networks import check_teacher
+    from .loop import check_inputs
+
     batch_split(config.train, plan.world_size)
+    check_inputs(config)
+    check_teacher(config)
     check_devices(plan, config.train.device, warn=log)
-    code, signal_name = run_torchrun(plan, command, log)
+    with lock_for_workers(out, warn=log) if plan.node_rank == 0 else contextlib.nullcontext():
+        code, signal_name = run_torchrun(plan, command, log)
     if signal_name is None:
         return code
     status = RunDir(out).read_status()

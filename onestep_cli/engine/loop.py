@@ -1,11 +1,13 @@
 """The distillation loop on every rank: steps, ticks, evals and checkpoints; resume, preemption and export.
 
-Rank 0 alone prints and writes config.yaml, stats.jsonl, metrics.jsonl and run.json; every rank takes part in
-checkpoints (written together, visible only once all have finished).
+Rank 0 alone prints and writes config.yaml, stats.jsonl, metrics.jsonl and run.json, and holds the run directory's
+lock (unless the `--gpus` launcher holds it for all ranks); every rank takes part in checkpoints (written together,
+visible only once all have finished).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import time
@@ -15,22 +17,24 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig
-from ..errors import MissingFileError
+from ..config import ConfigError, RunConfig
+from ..errors import MissingFileError, OnestepError
 from ..eval import MetricContext, check_metric_names, compute_metrics
+from ..eval.registry import is_image_metric
 from ..sample_io import is_image_shape
 from ..sampling import generate_with_labels
 from ..runtime import distributed
-from ..runs.checkpoint import checkpoint_name, find_latest_checkpoint, remove_partial_checkpoints
+from ..runs.checkpoint import checkpoint_name, find_resume_checkpoint, remove_partial_checkpoints
 from .cuda_graph import WARMUP_STEPS
 from ..runtime.distributed import DistEnv, barrier, broadcast_object, on_main, print0
 from ..runs.networks import Networks, build_networks
 from .parallel import batch_split, resolve_parallelism, training_state_bytes
 from ..runtime.precision import resolve_precision, set_tf32
 from .progress import Progress
-from ..runs.run_dir import RunDir
+from ..runs.run_dir import RunDir, RunLock, lock_held_for_me
 from .signals import StopRequest
-from .trainer import NonFiniteError, Trainer, training_mode
+from .tracking import check_trackers, open_trackers
+from .trainer import Trainer, training_mode
 
 
 @dataclass
@@ -75,20 +79,28 @@ class GeneratorEvaluator:
                 "provenance": {k: {**r.provenance, "seeds": seeds} for k, r in results.items()}}
 
 
+def check_inputs(config: RunConfig) -> None:
+    """Fail before any work on what the config names but this machine lacks: metrics, trackers, eval.ref."""
+    check_metric_names(config.eval.metrics)
+    check_trackers(config.logging)
+    reference = config.eval.resolved_ref
+    if config.eval.metrics and reference is not None and not reference.exists():
+        raise MissingFileError(f"eval.ref {reference} does not exist; pass reference statistics (.npz with mu and "
+                               "sigma, e.g. from `onestep eval IMAGES --save-stats FILE`), an .npz of images or a "
+                               "folder of images.")
+
+
 def distill(config: RunConfig, out_dir: Path, *, log=None, progress: bool | None = None,
             networks: Networks | None = None) -> RunSummary:
     """Distil the configured teacher into a one-step generator in `out_dir`, resuming it if a run is there.
 
     Under torchrun or srun (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS set) every process calls this and they
-    train together; `train.batch_size` is the global batch. SIGTERM/SIGUSR1 end the run early with a checkpoint.
+    train together; `train.batch_size` is the global batch. SIGTERM, SIGUSR1, SIGINT (Ctrl-C) and SIGHUP end the run
+    early with a checkpoint. Everything that can be checked without training is checked before the run directory is
+    created or changed; while it trains, the run holds the directory's lock, so a second run there stops at once.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    check_metric_names(config.eval.metrics)
-    reference = config.eval.resolved_ref
-    if config.eval.metrics and reference is not None and not reference.exists():  # Fail before any work.
-        raise MissingFileError(f"eval.ref {reference} does not exist; pass reference statistics (.npz with mu and "
-                               "sigma, e.g. from `onestep eval IMAGES --save-stats FILE`), an .npz of images or a "
-                               "folder of images.")
+    check_inputs(config)
     env, device, initialised = distributed.init(config.train.device)
     try:
         return _distill(config, Path(out_dir), env, device, print0(env, log), progress if env.is_main else False,
@@ -104,10 +116,48 @@ def distill(config: RunConfig, out_dir: Path, *, log=None, progress: bool | None
 
 def _distill(config: RunConfig, out_dir: Path, env: DistEnv, device: torch.device, log, progress,
              networks: Networks | None) -> RunSummary:
-    train = config.train
-    micro, rounds = batch_split(train, env.world_size)  # Fail before any work.
+    batch_split(config.train, env.world_size)  # Fail before any work.
     run = RunDir(out_dir)
-    trainer, resumed_from = _start(config, run, env, device, log, networks)
+    # Build (and so load the teacher) first: a missing teacher file must not leave a run directory behind that
+    # would refuse the corrected command as a different configuration.
+    networks = networks or build_networks(config, run_dir=run.path)
+    _check_metrics_fit(config, networks.data_shape)
+    lock = RunLock(run.path, warn=log)
+    holds_lock = env.is_main and not lock_held_for_me(run.path)
+    on_main(lambda: lock.acquire() if holds_lock else None, env)  # Refused on every rank alike.
+    try:
+        trainer, resumed_from = _start(config, run, env, device, log, networks)
+        try:
+            return _train(config, run, trainer, resumed_from, env, device, log, progress)
+        except BaseException as exc:
+            _record_failure(run, trainer, env, exc)
+            raise
+    finally:
+        lock.release()
+
+
+def _record_failure(run: RunDir, trainer: Trainer, env: DistEnv, exc: BaseException) -> None:
+    """run.json says that the run failed and why (best effort: the failure may be a full disk)."""
+    if env.is_main:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        error = str(exc) if isinstance(exc, OnestepError) else f"{type(exc).__name__}: {exc}".rstrip(": ")
+        with contextlib.suppress(OSError):
+            run.write_status(status="interrupted" if interrupted else "failed", step=trainer.step_count,
+                             kimg=trainer.kimg, error=error, processes=env.world_size)
+
+
+def _check_metrics_fit(config: RunConfig, data_shape) -> None:
+    images = [name for name in config.eval.metrics if is_image_metric(name)]
+    if images and not is_image_shape(data_shape):
+        raise ConfigError(f"eval.metrics has {', '.join(images)}, which need images, but this teacher's samples are "
+                          f"points of shape {list(data_shape)}; use metrics of points such as swd, or "
+                          "--set eval.metrics=[] for none.")
+
+
+def _train(config: RunConfig, run: RunDir, trainer: Trainer, resumed_from: int | None, env: DistEnv,
+           device: torch.device, log, progress) -> RunSummary:
+    train = config.train
+    micro, rounds = batch_split(train, env.world_size)
     if env.is_distributed or rounds > 1:
         log(f"Training on {env.world_size} process{'es' if env.is_distributed else ''} "
             f"({trainer.parallelism.upper()}, {device.type}): global batch {train.batch_size} = {micro} per "
@@ -122,6 +172,7 @@ def _distill(config: RunConfig, out_dir: Path, env: DistEnv, device: torch.devic
     if env.is_main:
         run.write_status(status="running", step=trainer.step_count, kimg=trainer.kimg, processes=env.world_size)
     final_metrics, saved_step, evaluator = {}, None, None
+    trackers = open_trackers(config, run.path, resumed_from, enabled=env.is_main)  # TensorBoard, W&B (rank 0).
 
     def evaluate_and_record(step: int) -> dict:
         nonlocal evaluator
@@ -129,20 +180,19 @@ def _distill(config: RunConfig, out_dir: Path, env: DistEnv, device: torch.devic
         result = evaluator(trainer)  # Sharded networks need every rank in each forward.
         if env.is_main:
             run.append(run.metrics_path, {"step": step, "kimg": trainer.kimg, **result})
+            trackers.log_metrics(step, result["metrics"])
         return result["metrics"]
 
     evaluating_rank = env.is_main or trainer.sharded
     if config.eval.at_start and config.eval.metrics and trainer.step_count == 0 and evaluating_rank:
         evaluate_and_record(0)
-    with StopRequest() as stop, Progress(train.max_steps, trainer.step_count, enabled=progress, log=log) as bar:
+    stop_request = StopRequest(second_interrupt_aborts=not env.is_distributed, notify=lambda name: log(
+        f"Received {name}: stopping after the current step, with a checkpoint"
+        + (" (Ctrl-C again stops at once, without it)." if name == "SIGINT" and not env.is_distributed else ".")))
+    with stop_request as stop, trackers, Progress(train.max_steps, trainer.step_count, enabled=progress,
+                                                  log=log) as bar:
         while trainer.step_count < train.max_steps:
-            try:
-                stats = trainer.step()
-            except NonFiniteError as exc:
-                if env.is_main:
-                    run.write_status(status="failed", step=trainer.step_count, kimg=trainer.kimg, error=str(exc),
-                                     processes=env.world_size)
-                raise
+            stats = trainer.step()
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0) + value.float()
             step = trainer.step_count
@@ -151,36 +201,41 @@ def _distill(config: RunConfig, out_dir: Path, env: DistEnv, device: torch.devic
                                       time.time() - start_time, device, env)
                 if env.is_main:
                     run.append(run.stats_path, record)
+                    trackers.log_stats(record)
                 bar.tick(step, record)
                 sums, tick_start, tick_step = {}, time.time(), step
+            if step == train.max_steps:  # The last checkpoint before the last evaluation, which may fail.
+                trainer.save(run)
+                saved_step = step
             evaluate_now = step == train.max_steps or (config.eval.every_steps and step % config.eval.every_steps == 0)
             if evaluate_now and config.eval.metrics and evaluating_rank:
                 final_metrics = evaluate_and_record(step)
-            if step % train.checkpoint_every == 0 or step == train.max_steps:
+            if step % train.checkpoint_every == 0 and saved_step != step:
                 trainer.save(run)
                 saved_step = step
             if step < train.max_steps and distributed.any_rank(stop.requested, env, device):
                 return _stop(trainer, run, env, log, stop.signal_name, saved_step, start_time, resumed_from)
-    if not final_metrics and env.is_main:
-        rows = run.read_records(run.metrics_path)
-        final_metrics = rows[-1]["metrics"] if rows else {}
+        if not final_metrics:  # Resumed at its end: the last evaluation's row, unless it failed or eval.* changed.
+            rows = on_main(lambda: run.read_records(run.metrics_path), env)
+            last = rows[-1] if rows else {}
+            final_metrics = last.get("metrics", {})
+            up_to_date = last.get("step") == trainer.step_count and set(config.eval.metrics) <= set(final_metrics)
+            if config.eval.metrics and not up_to_date and evaluating_rank:
+                final_metrics = evaluate_and_record(trainer.step_count)
     export_generator(trainer, run)
     wall = time.time() - start_time
     if env.is_main:
         run.write_status(status="complete", step=trainer.step_count, kimg=trainer.kimg, wall_seconds=wall,
                          metrics=final_metrics, processes=env.world_size)
-    return RunSummary(out_dir, trainer.step_count, trainer.kimg, wall, resumed_from, final_metrics,
+    return RunSummary(run.path, trainer.step_count, trainer.kimg, wall, resumed_from, final_metrics,
                       rank=env.rank, world_size=env.world_size)
 
 
 def _start(config: RunConfig, run: RunDir, env: DistEnv, device: torch.device, log,
-           networks: Networks | None) -> tuple[Trainer, int | None]:
+           networks: Networks) -> tuple[Trainer, int | None]:
     """Prepare the run directory (rank 0), build the trainer and restore the newest intact checkpoint if any."""
     train = config.train
-    # Build (and so load the teacher) first: a missing teacher file must not leave a run directory behind that
-    # would refuse the corrected command as a different configuration.
-    networks = networks or build_networks(config, run_dir=run.path)
-    continuing = on_main(lambda: run.prepare(config), env)
+    continuing = on_main(lambda: run.prepare(config, log=log), env)
     precision = resolve_precision(train.precision, device)
     if device.type == "cuda":
         set_tf32(train.tf32)
@@ -189,7 +244,7 @@ def _start(config: RunConfig, run: RunDir, env: DistEnv, device: torch.device, l
         if env.is_main:
             remove_partial_checkpoints(run.checkpoints)
         barrier(env)
-        latest = find_latest_checkpoint(run.checkpoints, warn=log, env=env)
+        latest = find_resume_checkpoint(run.checkpoints, warn=log, env=env)
     state_bytes = training_state_bytes(networks.teacher, networks.generator, networks.fake,
                                        bool(train.ema_halflife_kimg))
     resumed_parallelism = latest[0].get("parallelism", "ddp") if latest else None

@@ -33,8 +33,8 @@ from ..denoisers.edm.augment import augment, draw_augmentation
 from ..errors import OnestepError
 from ..objectives import build_objective, fake_score_loss
 from ..objectives.sigmas import sample_sigma
-from ..runs.checkpoint import (CheckpointError, begin_save, commit, gather_hashes, hash_files, is_sharded,
-                               read_checkpoint, read_rng, read_sharded, unflatten_optimizer, write_full, write_rng,
+from ..runs.checkpoint import (CheckpointError, commit, gather_hashes, hash_files, is_sharded, read_checkpoint,
+                               read_rng, read_sharded, saving, unflatten_optimizer, write_full, write_rng,
                                write_sharded)
 from .cuda_graph import StepGraph
 from ..runtime.distributed import SINGLE, DistEnv, all_gather_object, all_reduce
@@ -64,9 +64,10 @@ def make_optimizer(config: RunConfig, params, lr: float, fused: bool = False,
                weight_decay=config.train.weight_decay, **extra)
 
 
-def cuda_graph_obstacles(precision: str, env: DistEnv, prompts_on_host: bool, parallelism: str = "ddp",
+def cuda_graph_obstacles(precision: str, env: DistEnv, prompts_on_host: bool | str, parallelism: str = "ddp",
                          lr_warmup: bool = False) -> list[str]:
-    """Why this run's step cannot be one static CUDA graph (empty: it can, on a CUDA device)."""
+    """Why this run's step cannot be one static CUDA graph (empty: it can, on a CUDA device). `prompts_on_host`: each
+    step's prompts come through the CPU: True (too many cached conditions for the GPU), or the reason, a phrase."""
     reasons = []
     if lr_warmup:
         reasons.append("train.lr_warmup_iterations changes the learning rate on the host every update (set it to 0)")
@@ -76,13 +77,15 @@ def cuda_graph_obstacles(precision: str, env: DistEnv, prompts_on_host: bool, pa
         reasons.append("fp16's GradScaler decides on the host (use train.precision=bf16)")
     if env.is_distributed:
         reasons.append(f"it runs one process, not {env.world_size} (drop --gpus or the launcher)")
-    if prompts_on_host:
+    if isinstance(prompts_on_host, str):
+        reasons.append(prompts_on_host)
+    elif prompts_on_host:
         reasons.append(f"the training prompts' conditions exceed the {PromptSampler.DEVICE_BYTES / 2**30:.0f} GiB kept "
                        "on the GPU, so each step copies its prompts from the CPU (use fewer prompts)")
     return reasons
 
 
-def use_cuda_graph(setting, precision: str, env: DistEnv, prompts_on_host: bool, device: torch.device,
+def use_cuda_graph(setting, precision: str, env: DistEnv, prompts_on_host: bool | str, device: torch.device,
                    parallelism: str = "ddp", lr_warmup: bool = False) -> bool:
     """train.cuda_graph resolved: true refuses, with the setting to change, a run that cannot be captured (and keeps
     its deferred checks on a CPU, with a warning from the Trainer); auto is on exactly where capture can apply."""
@@ -128,10 +131,11 @@ class Trainer:
         self.parallelism = parallelism
         train = config.train
         self.sample_condition = networks.sample_condition  # Per-sample text conditions; None: class labels.
-        if isinstance(self.sample_condition, PromptSampler):
+        prompts_on_host = False
+        if hasattr(self.sample_condition, "draws_on_host"):  # Training prompts, cached or streamed.
             self.sample_condition.place(device)
-        prompts_on_host = (isinstance(self.sample_condition, PromptSampler)
-                           and self.sample_condition.draws_on_host(device))
+            prompts_on_host = (self.sample_condition.draws_on_host(device)
+                               and getattr(self.sample_condition, "host_draw_reason", True))
         # Resolved before the networks are moved: a run that cannot be captured fails here.
         self.defer_checks = use_cuda_graph(train.cuda_graph, precision, env, prompts_on_host, device, parallelism,
                                            lr_warmup=train.lr_warmup_iterations > 0)
@@ -437,22 +441,23 @@ class Trainer:
     def save(self, run: RunDir) -> Path:
         """Write the full state for the current step on every rank together; returns the checkpoint folder."""
         env = self.env
-        tmp = begin_save(run.checkpoints, self.step_count, env)
         rng = {"train": self.rng.get_state(), "sigma": self.sigma_rng.get_state()}
         for rank, states in enumerate(all_gather_object(self._rank_rng(), env)):
             rng.update({f"rank{rank}.{kind}": value for kind, value in states.items()})
         state = {"kimg": self.kimg, "nonfinite_total": self.nonfinite_total, "parallelism": self.parallelism,
                  "world_size": env.world_size, "modules": list(self.modules()),
                  "scalers": {"generator": self.scaler_generator.state_dict(), "fake": self.scaler_fake.state_dict()}}
-        written = []
-        if self.sharded_checkpoints:
-            written = write_sharded(tmp, self._sharded_state(), env)
-            if env.is_main:
-                written += write_rng(tmp, rng)
-        elif env.is_main:  # Every rank holds identical full networks: rank 0 writes them.
-            written, state["optimizers"] = write_full(tmp, self.modules(), self.optimizers(), rng)
-        hashes = gather_hashes(hash_files(tmp, written), env)
-        return commit(run.checkpoints, tmp, self.step_count, state, hashes, self.config.train.keep_checkpoints, env)
+        with saving(run.checkpoints, self.step_count, env) as tmp:
+            written = []
+            if self.sharded_checkpoints:
+                written = write_sharded(tmp, self._sharded_state(), env)
+                if env.is_main:
+                    written += write_rng(tmp, rng)
+            elif env.is_main:  # Every rank holds identical full networks: rank 0 writes them.
+                written, state["optimizers"] = write_full(tmp, self.modules(), self.optimizers(), rng)
+            hashes = gather_hashes(hash_files(tmp, written), env)
+            return commit(run.checkpoints, tmp, self.step_count, state, hashes, self.config.train.keep_checkpoints,
+                          env)
 
     def load(self, state: dict, folder: Path) -> None:
         """Restore the state saved in `folder` (already verified), under any number of ranks."""

@@ -1,8 +1,8 @@
 """Checkpoints written atomically by every rank together, and found again (verified) on resume.
 
 A checkpoint is a folder `checkpoints/step-XXXXXXXX/` with `state.json` (step, kimg, optimizer hyper-parameters,
-scalers, the parallelism it was written under, and a SHA-256 of every other file) next to the tensors, in one of
-two formats:
+scalers, the parallelism it was written under, a SHA-256 of every other file and one of its own content) next to the
+tensors, in one of two formats:
 
 - full (single process and DDP, where every rank holds everything): rank 0 writes one safetensors file per network
   and `optimizers.safetensors` with the optimizer tensors and every rank's RNG states;
@@ -13,7 +13,8 @@ two formats:
 Every rank writes into `.partial-step-XXXXXXXX/` and hashes what it wrote; once all have finished, rank 0 writes
 state.json, fsyncs and renames the folder into place. A folder is complete only once renamed, and trusted only while
 every file matches its hash, so a SIGKILL at any moment leaves at worst a partial folder (removed on resume) or a
-corrupt one (skipped).
+corrupt one (skipped, and set aside as `damaged-step-XXXXXXXX` when the run resumes from an older one). A save that
+fails for lack of space removes its partial folder and raises a DiskFullError.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import OnestepError
+from ..errors import DiskFullError, OnestepError, disk_space
 from ..runtime.distributed import SINGLE, DistEnv, all_gather_object, barrier, broadcast_object
 
 PREFIX = "step-"
 PARTIAL_PREFIX = ".partial-"
+DAMAGED_PREFIX = "damaged-"  # A damaged checkpoint newer than the one a run resumed from, kept for inspection.
 STATE_FILE = "state.json"
+STATE_HASH = "state_sha256"  # state.json's key for the SHA-256 of its own content (without this key).
 OPTIMIZER_FILE = "optimizers.safetensors"
 RNG_FILE = "rng.safetensors"
 SHARDED_INDEX = ".metadata"  # Written by torch.distributed.checkpoint: marks the sharded format.
@@ -90,6 +93,12 @@ def hash_files(folder: Path, names: list[str]) -> dict[str, str]:
     return {name: _sha256(folder / name) for name in names}
 
 
+def state_digest(state: dict) -> str:
+    """SHA-256 of state.json's content without its own hash, independent of key order and indentation."""
+    content = {k: v for k, v in json.loads(json.dumps(state)).items() if k != STATE_HASH}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 # -- writing -------------------------------------------------------------------------------------------------------
 
 
@@ -115,6 +124,21 @@ def unflatten_optimizer(prefix: str, tensors: dict[str, torch.Tensor], meta: dic
     for index, entry in meta["scalars"].items():
         state.setdefault(int(index), {}).update(entry)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+@contextlib.contextmanager
+def saving(root: Path, step: int, env: DistEnv):
+    """The save of checkpoint `step`: yields its temporary folder (begin_save). A save that fails for lack of space
+    raises a DiskFullError after rank 0 has removed the partial folder, leaving the earlier checkpoints as they were."""
+    advice = ("The partial checkpoint was removed and the earlier ones are intact: free space there, then run the "
+              "same command again to resume from the newest one.")
+    try:
+        with disk_space(root, f"checkpoint {checkpoint_name(step)}", advice):
+            yield begin_save(root, step, env)
+    except DiskFullError:
+        if env.is_main:
+            shutil.rmtree(partial_dir(root, step), ignore_errors=True)
+        raise
 
 
 def begin_save(root: Path, step: int, env: DistEnv) -> Path:
@@ -168,10 +192,11 @@ def write_rng(folder: Path, rng_tensors: dict[str, torch.Tensor]) -> list[str]:
 
 def commit(root: Path, tmp: Path, step: int, state: dict, hashes: dict[str, str], keep: int, env: DistEnv) -> Path:
     """Rank 0 records the hashes in state.json, fsyncs and renames `tmp` into place, then prunes to the newest
-    `keep`; every rank returns once the checkpoint is visible."""
+    `keep` (this one always kept); every rank returns once the checkpoint is visible."""
     final = root / checkpoint_name(step)
     if env.is_main:
         state = {"step": step, **state, "files": dict(sorted(hashes.items()))}
+        state[STATE_HASH] = state_digest(state)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         for path in tmp.iterdir():
             _fsync(path)
@@ -180,7 +205,8 @@ def commit(root: Path, tmp: Path, step: int, state: dict, hashes: dict[str, str]
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(root)
-        for old in list_checkpoints(root)[:-keep]:
+        others = [path for path in list_checkpoints(root) if path != final]
+        for old in others[:max(len(others) - (keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(env)
     return final
@@ -225,13 +251,18 @@ def is_sharded(folder: Path) -> bool:
 def verify_checkpoint(folder: Path, env: DistEnv = SINGLE) -> str | None:
     """None when every file matches its recorded hash, else the reason; the ranks hash a share each and agree."""
     try:
-        expected = read_state(folder).get("files", {})
+        state = read_state(folder)
+        expected = state.get("files", {})
         names = sorted(expected)
         problems = [f"file {name} is missing or does not match its recorded hash"
                     for name in names[env.rank::env.world_size]
                     if not (folder / name).is_file() or _sha256(folder / name) != expected[name]]
         if not names:
             problems.append(f"{STATE_FILE} lists no files")
+        # Checkpoints written before state.json held its own hash stay readable, trusted as they were then.
+        if STATE_HASH in state and state[STATE_HASH] != state_digest(state):
+            problems.append(f"{STATE_FILE} was changed after it was written (its content does not match its "
+                            "recorded hash)")
     except CheckpointError as exc:
         problems = [str(exc)]
     found = sorted({p for part in all_gather_object(problems, env) for p in part})
@@ -277,10 +308,39 @@ def read_rng(folder: Path) -> dict[str, torch.Tensor]:
 def find_latest_checkpoint(root: Path, warn=print, env: DistEnv = SINGLE) -> tuple[dict, Path] | None:
     """The newest checkpoint whose files all match their hashes, as (state, folder), or None; every rank agrees.
 
-    A damaged newest checkpoint (truncated, corrupted, half-deleted) is reported through `warn` and skipped."""
-    for folder in reversed(broadcast_object(list_checkpoints(root), env)):
-        problem = verify_checkpoint(folder, env)
+    A damaged newest checkpoint (truncated, corrupted, half-deleted, state.json edited) is reported through `warn`
+    and skipped."""
+    folders = broadcast_object(list_checkpoints(root), env)
+    for index in reversed(range(len(folders))):
+        problem = verify_checkpoint(folders[index], env)
         if problem is None:
-            return read_state(folder), folder
-        warn(f"Warning: {problem} Falling back to the previous checkpoint.")
+            return read_state(folders[index]), folders[index]
+        warn(f"Warning: {problem} " + ("Falling back to the previous checkpoint." if index else
+                                       "No earlier checkpoint remains."))
     return None
+
+
+def find_resume_checkpoint(root: Path, warn=print, env: DistEnv = SINGLE) -> tuple[dict, Path] | None:
+    """The checkpoint a run resumes from (find_latest_checkpoint), or None when it has none.
+
+    Damaged checkpoints newer than it are moved aside by rank 0 (`damaged-step-XXXXXXXX`), so that the run's new
+    checkpoints, with lower step numbers, are not pruned in their favour. When every checkpoint is damaged the run
+    does not start over silently: a CheckpointError says so."""
+    latest = find_latest_checkpoint(root, warn, env)
+    newer = [p for p in list_checkpoints(root) if latest is None or p.name > latest[1].name]
+    if latest is None and newer:
+        names = ", ".join(folder.name for folder in newer)
+        raise CheckpointError(
+            f"No usable checkpoint in {root}: {names} {'is' if len(newer) == 1 else 'are all'} damaged (see the "
+            f"warnings above). To start this run over from step 0, move that folder away (e.g. `mv {root} "
+            f"{root}.damaged`) and run the same command again; to keep the progress, restore the checkpoints from a "
+            "copy.")
+    if env.is_main:
+        for folder in newer:
+            aside = root / f"{DAMAGED_PREFIX}{folder.name}"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(folder, aside)
+            warn(f"Note: moved the damaged {folder.name} aside to {aside}, so that it does not take the place of "
+                 "the checkpoints this run writes; delete it once you no longer need it.")
+    barrier(env)
+    return latest

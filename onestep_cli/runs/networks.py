@@ -29,17 +29,36 @@ class Networks:
     pipeline: object | None = None  # A diffusers teacher's DiffusersTeacher (VAE, text encoders), for sampling.
 
 
+def check_teacher(config: RunConfig) -> None:
+    """Raise, without loading any network, the error building the run's networks would raise for its teacher: options
+    that do not apply to it, a missing file. A hub teacher not yet in the Hugging Face cache is downloaded here. The
+    `--gpus N` launcher calls this once, before any rank starts."""
+    if isinstance(config.teacher, DiffusersTeacherConfig):
+        from ..denoisers.diffusers.training import locate_text_teacher
+
+        locate_text_teacher(config.teacher)
+        return
+    check_options_apply(config)
+    if isinstance(config.teacher, EDMTeacherConfig):
+        _edm_teacher_path(config.teacher)
+
+
+def _edm_teacher_path(config: EDMTeacherConfig) -> Path:
+    path = config.resolved_path
+    if not path.exists():
+        where = f" {config.hint}" if config.hint else ""
+        raise MissingFileError(
+            f"teacher.path {config.path} does not exist. Point it at an EDM/SiD network-snapshot .pkl or at a "
+            f"folder written by `onestep convert` (model.safetensors + config.json).{where}")
+    return path
+
+
 def build_teacher(config) -> Denoiser:
     """The frozen teacher denoiser described by a `teacher:` config section."""
     if isinstance(config, GMMTeacherConfig):
         teacher = GaussianMixtureDenoiser(config.means, config.stds, config.weights)
     elif isinstance(config, EDMTeacherConfig):
-        path = config.resolved_path
-        if not path.exists():
-            where = f" {config.hint}" if config.hint else ""
-            raise MissingFileError(
-                f"teacher.path {config.path} does not exist. Point it at an EDM/SiD network-snapshot .pkl or at a "
-                f"folder written by `onestep convert` (model.safetensors + config.json).{where}")
+        path = _edm_teacher_path(config)
         from ..denoisers.edm import load_edm_snapshot, load_edm_weights
 
         teacher = load_edm_weights(path) if path.is_dir() else load_edm_snapshot(path, config.snapshot_key)
@@ -62,13 +81,7 @@ def build_networks(config: RunConfig, teacher: Denoiser | None = None, run_dir: 
         parts = text_to_image_networks(config, run_dir, prompts)
         return Networks(parts.teacher, parts.generator, parts.fake, parts.data_shape, 0, parts.sample_condition,
                         parts.pipeline)
-    unused = [key for key, value in (("generator.lora_rank", config.generator.lora_rank),
-                                     ("fake.lora_rank", config.fake.lora_rank),
-                                     ("fake.guidance_scale", config.fake.guidance_scale != 1),
-                                     ("prompts.path", config.prompts.path)) if value]
-    if unused:
-        raise ConfigError(f"{', '.join(unused)} only apply to text-to-image teachers (teacher.kind: diffusers), and "
-                          f"this run's teacher.kind is {config.teacher.kind}; remove them.")
+    check_options_apply(config)
     teacher = teacher if teacher is not None else build_teacher(config.teacher)
     torch.manual_seed(config.train.seed)
     if isinstance(teacher, GaussianMixtureDenoiser):
@@ -93,6 +106,17 @@ def build_networks(config: RunConfig, teacher: Denoiser | None = None, run_dir: 
     freeze_unused(fake, augmented=config.fake.augment_p > 0)
     generator = OneStepGenerator(generator_denoiser, config.generator.sigma_init)
     return Networks(teacher, generator, fake, tuple(data_shape), label_dim)
+
+
+def check_options_apply(config: RunConfig) -> None:
+    """Refuse text-to-image options on a run whose teacher is not a diffusers pipeline."""
+    unused = [key for key, value in (("generator.lora_rank", config.generator.lora_rank),
+                                     ("fake.lora_rank", config.fake.lora_rank),
+                                     ("fake.guidance_scale", config.fake.guidance_scale != 1),
+                                     ("prompts.path", config.prompts.path)) if value]
+    if unused:
+        raise ConfigError(f"{', '.join(unused)} only apply to text-to-image teachers (teacher.kind: diffusers), and "
+                          f"this run's teacher.kind is {config.teacher.kind}; remove them.")
 
 
 def set_dropout(network: torch.nn.Module, p: float, key: str) -> None:

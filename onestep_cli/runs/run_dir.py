@@ -1,10 +1,14 @@
 """The run directory's format, written and read only here: resolved config.yaml, stats.jsonl, metrics.jsonl,
-checkpoints/ (runs/checkpoint.py), export/ and run.json."""
+checkpoints/ (runs/checkpoint.py), export/, run.json and the lock file `.lock` of the run using it."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -12,13 +16,25 @@ import yaml
 
 from ..config import (ConfigError, RunConfig, config_to_yaml, describe_yaml_error, load_yaml, upgrade_saved_config,
                       validate_config)
-from ..errors import OnestepError
+from ..errors import OnestepError, disk_space
 from ..jsonio import to_json
+from .checkpoint import list_checkpoints
 
-# Keys that may change between a run and its resumption: the length of the run, and memory/speed knobs that leave
-# the training maths unchanged (up to floating-point rounding).
+# Keys (or whole sections) that may change between a run and its resumption: the length of the run, memory/speed
+# knobs that leave the training maths unchanged (up to floating-point rounding), and what is recorded or kept.
 RESUMABLE_CHANGES = {"train.max_steps", "train.grad_accumulation", "train.batch_gpu", "train.gradient_checkpointing",
-                     "train.tf32"}
+                     "train.tf32", "train.tick_every", "train.checkpoint_every", "train.keep_checkpoints", "eval",
+                     "logging", "prompts.cache_max"}
+LOCK_FILE = ".lock"
+# Set by the `--gpus` launcher for its workers: the run directory whose lock it holds for them.
+LOCK_HELD_ENV = "ONESTEP_RUN_LOCK_HELD"
+RESUME_ADVICE = ("Free space there, then run the same command again: it resumes from the newest complete "
+                 "checkpoint.")
+
+
+def resumable(key: str) -> bool:
+    """Whether the config key `key` may differ between a run and its resumption."""
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
 
 
 def flatten(data: dict, prefix: str = "") -> dict:
@@ -118,22 +134,30 @@ class RunDir:
                                  "neither be resumed nor overwritten safely; restore its config.yaml, or choose "
                                  "another --out.")
 
-    def prepare(self, config: RunConfig) -> bool:
-        """Create the directory or check it belongs to this config; True when an earlier run is being continued."""
+    def prepare(self, config: RunConfig, log=print) -> bool:
+        """Create the directory or check it belongs to this config; True when an earlier run is being continued.
+
+        A run that wrote no checkpoint (it failed or was killed early) has nothing to resume: it starts again with
+        whatever configuration is given, and its stats and metrics rows are dropped."""
         self.check_layout()
         if self.is_run():
             saved = flatten(self.read_config().model_dump(mode="json"))
             wanted = flatten(config.model_dump(mode="json"))
             changed = sorted(k for k in saved.keys() | wanted.keys()
-                             if saved.get(k) != wanted.get(k) and k not in RESUMABLE_CHANGES)
-            if changed:
-                details = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:5])
+                             if saved.get(k) != wanted.get(k) and not resumable(k))
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:5])
+            if changed and list_checkpoints(self.checkpoints):
                 raise ConfigError(
                     f"{self.path} holds a run with a different configuration ({details}). "
                     "Use another --out to start a new run, or the same options to resume this one."
                 )
             self.write_config(config)
-            return True
+            if not changed:
+                return True
+            log(f"Note: {self.path} holds a run that wrote no checkpoint; it starts again with the new configuration "
+                f"({details}).")
+            self.truncate_records_after(-1)
+            return False
         self.path.mkdir(parents=True, exist_ok=True)
         self.write_config(config)
         return False
@@ -142,8 +166,17 @@ class RunDir:
         write_atomic(self.config_path, config_to_yaml(config))
 
     def append(self, path: Path, record: dict) -> None:
-        with open(path, "a") as f:
-            f.write(to_json(record) + "\n")
+        """Add one line to a JSON-lines file; a write that fails (for lack of space: a DiskFullError) leaves the file
+        as it was."""
+        line = (to_json(record) + "\n").encode()
+        with disk_space(path.parent, path.name, RESUME_ADVICE), open(path, "ab", buffering=0) as f:
+            size = f.seek(0, os.SEEK_END)
+            try:
+                while line:
+                    line = line[f.write(line):]
+            except OSError:
+                f.truncate(size)
+                raise
 
     def truncate_records_after(self, step: int) -> None:
         """Drop stats/metrics rows newer than `step`, written by a run that died before its next checkpoint."""
@@ -173,6 +206,103 @@ class RunDir:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` at once; a write that fails (for lack of space: a DiskFullError) leaves it as it was."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with disk_space(path.parent, path.name, RESUME_ADVICE):
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+class RunInUseError(OnestepError, RuntimeError):
+    """Another process holds the run directory's lock: two runs writing one folder would interleave and delete each
+    other's checkpoints."""
+
+
+class RunLock:
+    """The run directory's lock file, held with flock for a run's life by the one process that owns the run (one
+    process, or the `--gpus` launcher, or rank 0 under torchrun/srun).
+
+    The kernel releases a flock when its holder dies, however it dies, so a lock left by a killed run is taken over
+    at once; the file only records who holds it (PID, host, start time) for the message a second run prints."""
+
+    def __init__(self, folder: Path, warn=print):
+        self.folder, self.warn = Path(folder), warn
+        self.path = self.folder / LOCK_FILE
+        self._fd: int | None = None
+        self._created = False
+
+    def acquire(self) -> None:
+        self._created = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise RunInUseError(
+                    f"{self.folder} is in use by another onestep run ({holder}); two runs in one folder would mix "
+                    "their records and delete each other's checkpoints. Wait for it to finish or stop it, or pass "
+                    "another --out.") from None
+            except OSError as error:  # A file system without locks (some NFS or Lustre mounts).
+                os.close(fd)
+                self.warn(f"Warning: {self.path} cannot be locked ({error.strerror}); nothing stops a second run "
+                          "from using this folder at the same time.")
+                return
+            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # Locked a file its previous holder removed on release: lock the one on disk now.
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if self._created and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
+            self.path.unlink()  # A run that failed before writing anything leaves no folder behind.
+            self.folder.rmdir()
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        return f"PID {holder['pid']} on host {holder['host']}, started {holder['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its PID is not recorded yet"
+
+
+@contextlib.contextmanager
+def lock_for_workers(folder: Path, warn=print):
+    """Hold `folder`'s lock inside the block for the processes started in it (the `--gpus` workers), which learn so
+    from their environment."""
+    with RunLock(folder, warn):
+        previous = os.environ.get(LOCK_HELD_ENV)
+        os.environ[LOCK_HELD_ENV] = str(Path(folder).resolve())
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(LOCK_HELD_ENV, None)
+            else:
+                os.environ[LOCK_HELD_ENV] = previous
+
+
+def lock_held_for_me(folder: Path) -> bool:
+    """Whether the `--gpus` launcher that started this process holds `folder`'s lock for it."""
+    return os.environ.get(LOCK_HELD_ENV) == str(Path(folder).resolve())

@@ -11,15 +11,15 @@ from .guidance import NULL_MODES, GuidedDenoiser, guide, null_condition
 from .loading import (DiffusersLoadError, DiffusersTeacher, build_denoiser, decode_latents, load_diffusers_teacher,
                       load_pipeline, resolve_pretrained)
 from .pixart import PixArtDenoiser
-from .prompts import (PromptCache, PromptEncoder, PromptFileError, encode_prompts_cached, load_prompt_cache,
-                      read_prompts, save_prompt_cache)
+from .prompts import (PromptCache, PromptEncoder, PromptFile, PromptFileError, encode_prompts_cached,
+                      load_prompt_cache, read_prompts, save_prompt_cache)
 from .schedule import DDPMSigmaSchedule, FlowSigmaSchedule
 from .unet import UNetDenoiser
 
 __all__ = [
     "Conditioning", "DDPMDenoiser", "DDPMSigmaSchedule", "DiffusersDenoiser", "DiffusersLoadError", "DiffusersTeacher",
     "FlowDenoiser", "FlowSigmaSchedule", "GuidedDenoiser", "NULL_MODES", "PixArtDenoiser", "PromptCache",
-    "PromptEncoder", "PromptFileError", "UNetDenoiser", "build_denoiser", "decode_latents", "encode_prompts_cached",
-    "guide", "load_diffusers_teacher", "load_pipeline", "load_prompt_cache", "null_condition", "read_prompts",
-    "resolve_pretrained", "save_prompt_cache",
+    "PromptEncoder", "PromptFile", "PromptFileError", "UNetDenoiser", "build_denoiser", "decode_latents",
+    "encode_prompts_cached", "guide", "load_diffusers_teacher", "load_pipeline", "load_prompt_cache", "null_condition",
+    "read_prompts", "resolve_pretrained", "save_prompt_cache",
 ]

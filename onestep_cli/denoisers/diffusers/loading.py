@@ -1,7 +1,9 @@
-"""Load a diffusers teacher from a local folder or the local Hugging Face cache, and wrap it as a denoiser.
+"""Load a diffusers teacher from a local folder or a Hugging Face hub id, and wrap it as a denoiser.
 
-Nothing is ever downloaded: a hub id must already be in the cache (`HF_HOME` / `HF_HUB_CACHE`), so the call is
-fast and behaves the same with or without `HF_HUB_OFFLINE`. Weights load as safetensors where present (diffusers'
+A hub id loads as diffusers loads it: from the Hugging Face cache (`HF_HOME` / `HF_HUB_CACHE`) when it is there,
+else downloaded into that cache on first use by diffusers' own `DiffusionPipeline.download` (the pipeline's
+components only, safetensors, the asked variant), with its progress on stderr; `revision` (a commit hash) pins the
+files. `HF_HUB_OFFLINE=1` forbids the download and says so. Weights load as safetensors where present (diffusers'
 `.bin` fallback uses `torch.load(weights_only=True)`); no remote code is trusted.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +34,12 @@ class DiffusersLoadError(OnestepError, ValueError):
     """A teacher that cannot be loaded; the message names the folder or hub id and what to do."""
 
 
-def resolve_pretrained(source: str | Path, revision: str | None = None) -> Path:
-    """The local folder of `source`: an existing diffusers folder, or the cached snapshot of a hub id.
+def resolve_pretrained(source: str | Path, revision: str | None = None, variant: str | None = None) -> Path:
+    """The local folder of `source`: an existing diffusers folder, or the snapshot of a hub id in the Hugging Face
+    cache, downloaded first if it is not there (unless HF_HUB_OFFLINE is set).
 
-    Raises DiffusersLoadError when the folder is missing or not a diffusers pipeline, or the id is not cached.
+    Raises DiffusersLoadError when the folder is missing or not a diffusers pipeline, or the id can be neither found
+    in the cache nor downloaded.
     """
     text = os.path.expanduser(str(source))
     path = Path(text)
@@ -47,38 +52,60 @@ def resolve_pretrained(source: str | Path, revision: str | None = None) -> Path:
     if not HUB_ID.match(text) or path.is_absolute() or text.startswith("."):
         raise DiffusersLoadError(f"teacher folder {path} does not exist; give teacher.path as a local diffusers "
                                  "folder (with model_index.json) or a Hugging Face hub id such as "
-                                 "'stabilityai/stable-diffusion-xl-base-1.0' that is in the local cache.")
-    return _cached_snapshot(text, revision)
+                                 "'stabilityai/stable-diffusion-xl-base-1.0'.")
+    folder = _cached_snapshot(text, revision) or _download_snapshot(text, revision, variant)
+    if not (folder / "model_index.json").is_file():
+        raise DiffusersLoadError(f"the cached snapshot of {text!r} at {folder} has no model_index.json; it is not "
+                                 f"a diffusers pipeline or its download is incomplete: run `hf download {text}`.")
+    return folder
 
 
-def _cached_snapshot(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import constants, snapshot_download
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The snapshot of `repo_id` at `revision` in the Hugging Face cache, None when it is not there (no network)."""
+    from huggingface_hub import snapshot_download
 
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except Exception as error:  # LocalEntryNotFoundError, HFValidationError, a cache without this revision...
-        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+    except (OSError, ValueError):  # LocalEntryNotFoundError, HFValidationError, a cache without this revision...
+        return None
+    return folder if (folder / "model_index.json").is_file() else None
+
+
+def _download_snapshot(repo_id: str, revision: str | None, variant: str | None) -> Path:
+    """Download a pipeline into the Hugging Face cache as `DiffusionPipeline.from_pretrained` would."""
+    from huggingface_hub import constants
+
+    at = f" at revision {revision}" if revision else ""
+    if constants.HF_HUB_OFFLINE:
         raise DiffusersLoadError(
-            f"teacher {repo_id!r} is neither a local folder nor in the local Hugging Face cache "
-            f"{constants.HF_HUB_CACHE}{offline}; onestep "
-            f"never downloads teachers. Download it once where there is network access (`hf download {repo_id}` "
-            "with the same HF_HOME), or set teacher.path to a local diffusers folder.") from error
-    if not (folder / "model_index.json").is_file():
-        raise DiffusersLoadError(f"the cached snapshot of {repo_id!r} at {folder} has no model_index.json; it is not "
-                                 f"a diffusers pipeline or its download is incomplete: run `hf download {repo_id}`.")
-    return folder
+            f"teacher {repo_id!r}{at} is neither a local folder nor in the local Hugging Face cache "
+            f"{constants.HF_HUB_CACHE}, and HF_HUB_OFFLINE is set, so it cannot be downloaded. Download it once where "
+            f"there is network access (`hf download {repo_id}` with the same HF_HOME), unset HF_HUB_OFFLINE, or set "
+            "teacher.path to a local diffusers folder.")
+    from diffusers import DiffusionPipeline
+
+    print(f"Downloading teacher {repo_id}{at} into the Hugging Face cache {constants.HF_HUB_CACHE} (once; later "
+          "runs load it from there).", file=sys.stderr, flush=True)
+    try:
+        return Path(DiffusionPipeline.download(repo_id, revision=revision, variant=variant))
+    except (OSError, ValueError) as error:  # Not found, gated, no such revision, no network (all OSError)...
+        raise DiffusersLoadError(
+            f"teacher {repo_id!r}{at} could not be downloaded from the Hugging Face hub ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}). Check the id and teacher.revision, log in "
+            "with `hf auth login` for a gated model whose license you accepted, or set teacher.path to a local "
+            "diffusers folder.") from error
 
 
 def load_pipeline(source: str | Path, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   variant: str | None = None, revision: str | None = None):
-    """The diffusers pipeline of `source` (local folder or cached hub id), on `device` in `torch_dtype`."""
+    """The diffusers pipeline of `source` (local folder or hub id), on `device` in `torch_dtype`."""
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import are_progress_bars_disabled
 
     if are_progress_bars_disabled():  # HF_HUB_DISABLE_PROGRESS_BARS (`onestep --quiet` sets it), as transformers does.
         diffusers_logging.disable_progress_bar()
-    folder = resolve_pretrained(source, revision)
+    folder = resolve_pretrained(source, revision, variant)
     try:
         pipeline = DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, variant=variant,
                                                      local_files_only=True)
@@ -173,16 +200,16 @@ class DiffusersTeacher:
 
 
 def load_diffusers_teacher(
-    source: str | Path,                         # Local diffusers folder, or a hub id in the local cache.
+    source: str | Path,                         # Local diffusers folder, or a hub id (downloaded on first use).
     torch_dtype: torch.dtype = torch.float32,   # Weights' dtype (bf16 halves memory; training keeps fp32 masters).
     device: str | torch.device = "cpu",
     null: str = "auto",                         # Null condition: 'auto', 'empty_prompt' or 'zeros' (guidance.py).
     image_size: tuple[int, int] | None = None,  # Pixels (H, W) for SDXL time ids; None: the network's native size.
     variant: str | None = None,                 # Weight-file variant, e.g. 'fp16'.
-    revision: str | None = None,                # Hub revision in the cache; None: the cached main.
+    revision: str | None = None,                # Hub revision; a commit hash pins the files. None: main.
 ) -> DiffusersTeacher:
     """Load a teacher and return it ready to denoise: the adapter's `cond=None` means the recipe's null condition."""
-    folder = resolve_pretrained(source, revision)
+    folder = resolve_pretrained(source, revision, variant)
     pipeline = load_pipeline(folder, torch_dtype=torch_dtype, device=device, variant=variant)
     denoiser = build_denoiser(pipeline)
     encoder = PromptEncoder(pipeline, image_size=image_size)

@@ -2,6 +2,7 @@
 
 Prompt files: `.txt` (one prompt per line, blank lines skipped), `.jsonl` (one object per line with a `prompt` or
 `caption` key), `.json` (COCO captions: `{"annotations": [{"caption": ...}, ...]}`, or a plain list of strings).
+`read_prompts` reads a whole file; `PromptFile` reads the prompts it is asked for, for files too large to hold.
 Encoding calls the pipeline's `encode_prompt`, so embeddings are exactly what its sampler would use; the cache is a
 safetensors file holding the prompts' conditions and the empty prompt's, so the text encoders need not stay loaded.
 """
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors import safe_open
@@ -21,6 +24,7 @@ from ...errors import OnestepError
 from .conditioning import Conditioning
 
 PROMPT_KEYS = ("prompt", "caption")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # A pipeline's text encoders, where present.
 CACHE_FORMAT = "onestep-prompt-cache-1"
 
 
@@ -31,24 +35,110 @@ class PromptFileError(OnestepError, ValueError):
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts of a `.txt`, `.jsonl` or `.json` (COCO captions) file, in file order, stripped of outer spaces."""
     path = Path(path)
-    if not path.is_file():
-        raise PromptFileError(f"prompt file {path} does not exist; give prompts.path as a .txt (one prompt per line), "
-                              ".jsonl (a 'prompt' or 'caption' key per line) or COCO captions .json file.")
-    suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    suffix = _prompt_suffix(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise PromptFileError(f"prompt file {path} is not UTF-8 text ({error.reason} at byte {error.start}); save it "
+                              "as UTF-8.") from error
+    except OSError as error:
+        raise PromptFileError(f"prompt file {path} cannot be read ({error.strerror or error}); check that it is a "
+                              "readable file.") from error
     if suffix == ".jsonl":
         prompts = [_prompt_of_record(_json_line(line, path, number), path, f"line {number}")
                    for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
     elif suffix == ".json":
         prompts = _prompts_of_json(text, path)
-    elif suffix in (".txt", ".prompts", ""):
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise _no_prompts(path)
+    return prompts
+
+
+class PromptFile:
+    """The prompts of a prompt file, read on demand, for sets too large to hold (millions of prompts).
+
+    `.txt` and `.jsonl` files are indexed once, keeping the byte offset of each prompt's line (8 bytes a prompt, not
+    the strings; a malformed line is reported here, before training); `read(indices)` seeks to the lines it needs. A
+    COCO `.json` can only be parsed whole, so its strings are held. The prompts and their order are `read_prompts`'
+    (for files whose lines end in \\n or \\r\\n).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.suffix = _prompt_suffix(self.path)
+        self._texts = read_prompts(self.path) if self.suffix == ".json" else None
+        self._offsets = array("q")
+        if self._texts is None:
+            self._index()
+        if not len(self):
+            raise _no_prompts(self.path)
+
+    def __len__(self) -> int:
+        return len(self._texts) if self._texts is not None else len(self._offsets)
+
+    def _index(self) -> None:
+        offset = 0
+        try:
+            with self.path.open("rb") as file:
+                for number, raw in enumerate(file, start=1):
+                    if self._prompt_of_line(raw, number) is not None:
+                        self._offsets.append(offset)
+                    offset += len(raw)
+        except OSError as error:
+            raise PromptFileError(f"prompt file {self.path} cannot be read ({error.strerror or error}); check that "
+                                  "it is a readable file.") from error
+
+    def _prompt_of_line(self, raw: bytes, number: int) -> str | None:
+        """The prompt of one line of the file (None for a blank line)."""
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise PromptFileError(f"prompt file {self.path} line {number} is not UTF-8 text ({error.reason}); save "
+                                  "it as UTF-8.") from error
+        if not line.strip():
+            return None
+        if self.suffix == ".jsonl":
+            return _prompt_of_record(_json_line(line, self.path, number), self.path, f"line {number}")
+        return line.strip()
+
+    def read(self, indices: Sequence[int]) -> list[str]:
+        """The prompts at `indices` (0-based, among the file's prompts), in that order."""
+        if self._texts is not None:
+            return [self._texts[index] for index in indices]
+        prompts = []
+        try:
+            with self.path.open("rb") as file:
+                for index in indices:
+                    file.seek(self._offsets[index])
+                    prompts.append(self._prompt_of_line(file.readline(), index + 1))
+        except (OSError, PromptFileError) as error:
+            raise PromptFileError(f"prompt file {self.path} cannot be read as it was indexed ({error}); it must stay "
+                                  "in place, unchanged, while a run streams from it.") from error
+        if None in prompts:
+            raise PromptFileError(f"prompt file {self.path} changed after it was indexed; it must stay unchanged while "
+                                  "a run streams from it.")
+        return prompts
+
+
+def _prompt_suffix(path: Path) -> str:
+    """The suffix of a prompt file that exists, lower-cased ('.txt' for plain text); an error for anything else."""
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise PromptFileError(f"prompt file {path} {what}; give prompts.path as a .txt (one prompt per line), .jsonl "
+                              "(a 'prompt' or 'caption' key per line) or COCO captions .json file.")
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".prompts", ""):
+        return ".txt"
+    if suffix not in (".jsonl", ".json"):
         raise PromptFileError(f"prompt file {path} has the suffix {suffix!r}; use .txt (one prompt per line), .jsonl "
                               "or .json (COCO captions).")
-    if not prompts:
-        raise PromptFileError(f"prompt file {path} holds no prompts; add at least one.")
-    return prompts
+    return suffix
+
+
+def _no_prompts(path: Path) -> PromptFileError:
+    return PromptFileError(f"prompt file {path} holds no prompts (it is empty or blank); add at least one.")
 
 
 def _json_line(line: str, path: Path, number: int):
@@ -95,6 +185,7 @@ class PromptEncoder:
         self.pipeline = pipeline
         self.kind = pipeline_kind(pipeline)
         self.batch_size = batch_size
+        self.device = None  # Where the text encoders run; None: the pipeline's execution device.
         if image_size is None:
             size = pipeline_network(pipeline).config.sample_size
             size = (size, size) if isinstance(size, int) else tuple(size)
@@ -112,17 +203,27 @@ class PromptEncoder:
         name_or_path = getattr(self.pipeline.config, "_name_or_path", "")
         return f"{self.kind}|{name_or_path}|{self.image_size[0]}x{self.image_size[1]}"
 
+    def to(self, device: torch.device | str) -> PromptEncoder:
+        """Move the pipeline's text encoders to `device` and encode there (streamed training prompts: per step)."""
+        for name in TEXT_ENCODERS:
+            module = getattr(self.pipeline, name, None)
+            if module is not None:
+                module.to(device)
+        self.device = torch.device(device)
+        return self
+
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Conditioning:
-        """Conditions of `prompts` (a list of strings), on CPU, in the text encoders' dtype."""
+    def encode(self, prompts: list[str], device: torch.device | str = "cpu") -> Conditioning:
+        """Conditions of `prompts` (a list of strings), on `device`, in the text encoders' dtype."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        parts = [self._encode_batch(list(prompts[i:i + self.batch_size]))
+        parts = [self._encode_batch(list(prompts[i:i + self.batch_size])).to(device)
                  for i in range(0, len(prompts), self.batch_size)]
         return Conditioning.cat(parts)
 
     def _encode_batch(self, prompts: list[str]) -> Conditioning:
-        pipe, device = self.pipeline, self.pipeline._execution_device
+        pipe = self.pipeline
+        device = self.device if self.device is not None else pipe._execution_device
         if self.kind == "sd":
             embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
             cond = Conditioning(embeds=embeds)
@@ -130,7 +231,8 @@ class PromptEncoder:
             embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
                                                       do_classifier_free_guidance=False)
             height, width = self.image_size
-            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.dtype).repeat(len(prompts), 1)
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.dtype,
+                                    device=embeds.device).repeat(len(prompts), 1)
             cond = Conditioning(embeds=embeds, pooled=pooled, time_ids=time_ids)
         elif self.kind in ("pixart", "sana"):
             embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device)
@@ -139,7 +241,7 @@ class PromptEncoder:
             embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
                                                       do_classifier_free_guidance=False)
             cond = Conditioning(embeds=embeds, pooled=pooled)
-        return cond.to("cpu")
+        return cond
 
 
 def pipeline_kind(pipeline) -> str:

@@ -1,5 +1,6 @@
 """Text-to-image training on a diffusers teacher: the guided teacher, float32 copies of its network as generator and
-fake score (full or LoRA), and the training prompts' conditions drawn per sample."""
+fake score (full or LoRA), and the training prompts' conditions drawn per sample: cached, or for a file of more than
+prompts.cache_max prompts read and encoded per step (streamed)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,31 @@ class PromptSampler:
         return self.conditions[index.to(self.conditions.embeds.device)].to(device)
 
 
+class StreamingPromptSampler:
+    """Draws training prompts as PromptSampler does (the same indices from the same RNG), from a prompt file too large
+    to cache: each draw reads its batch's prompts from the file and encodes them with the teacher's frozen text
+    encoders, which `place(device)` moves to the training device. A draw always goes through the host."""
+
+    host_draw_reason = ("the training prompts are streamed (the file holds more than prompts.cache_max), each step "
+                        "reading and encoding its own through the host (raise prompts.cache_max to cache them)")
+
+    def __init__(self, prompts, encoder, dtype: torch.dtype | None = None):
+        self.prompts = prompts  # A PromptFile.
+        self.encoder = encoder  # The teacher's PromptEncoder.
+        self.dtype = dtype  # prompts.cache_dtype, so that streamed conditions equal cached ones; None: the encoder's.
+
+    def place(self, device: torch.device) -> None:
+        self.encoder.to(device)
+
+    def draws_on_host(self, device: torch.device) -> bool:
+        return True
+
+    def __call__(self, batch: int, generator: torch.Generator, device: torch.device):
+        index = torch.randint(len(self.prompts), (batch,), generator=generator, device=generator.device)
+        conditions = self.encoder.encode(self.prompts.read(index.tolist()), device=device)
+        return conditions.to(dtype=self.dtype) if self.dtype is not None else conditions
+
+
 def load_text_teacher(config: DiffusersTeacherConfig):
     """The DiffusersTeacher of a `teacher: {kind: diffusers}` section (on the CPU; the engine moves what it uses)."""
     from . import DiffusersLoadError, load_diffusers_teacher
@@ -61,6 +87,16 @@ def load_text_teacher(config: DiffusersTeacherConfig):
         return load_diffusers_teacher(config.resolved_path, torch_dtype=DTYPES[config.dtype],
                                       null=config.null_condition, image_size=config.image_size,
                                       variant=config.variant, revision=config.revision)
+    except DiffusersLoadError as error:
+        raise DiffusersLoadError(f"{error}{' ' + config.hint if config.hint else ''}") from None
+
+
+def locate_text_teacher(config: DiffusersTeacherConfig):
+    """The local folder of a `teacher: {kind: diffusers}` section, downloading a hub teacher first (no loading)."""
+    from . import DiffusersLoadError, resolve_pretrained
+
+    try:
+        return resolve_pretrained(config.resolved_path, config.revision, config.variant)
     except DiffusersLoadError as error:
         raise DiffusersLoadError(f"{error}{' ' + config.hint if config.hint else ''}") from None
 
@@ -94,7 +130,7 @@ class TextToImageNetworks:
     generator: OneStepGenerator
     fake: Denoiser
     data_shape: tuple[int, int, int]  # Latent (C, H, W).
-    sample_condition: Callable | None  # A PromptSampler of the training prompts; None when not asked for.
+    sample_condition: Callable | None  # A (Streaming)PromptSampler of the training prompts; None when not asked for.
     pipeline: object  # The DiffusersTeacher: VAE and text encoders, for sampling.
 
 
@@ -121,7 +157,7 @@ def text_to_image_networks(config: RunConfig, run_dir: Path | None = None, promp
     data_shape = text_latent_shape(pipeline, teacher_config)
     sample_condition = None
     if prompts:
-        sample_condition = PromptSampler(encode_training_prompts(config, pipeline, run_dir).conditions)
+        sample_condition = training_prompt_sampler(config, pipeline, run_dir)
     torch.manual_seed(config.train.seed)
     copies = []
     for rank in (config.generator.lora_rank, config.fake.lora_rank):
@@ -138,15 +174,31 @@ def text_to_image_networks(config: RunConfig, run_dir: Path | None = None, promp
     return TextToImageNetworks(teacher, generator, fake, data_shape, sample_condition, pipeline)
 
 
+def training_prompt_sampler(config: RunConfig, pipeline, run_dir: Path | None):
+    """The condition sampler of the training prompts: a PromptSampler of their cached conditions when the file holds
+    at most prompts.cache_max prompts, else a StreamingPromptSampler that reads and encodes each batch's."""
+    from .prompts import PromptFile
+
+    prompts = PromptFile(training_prompts_path(config))  # An index of its lines: cheap for any size.
+    if len(prompts) > config.prompts.cache_max:
+        dtype = DTYPES[config.prompts.cache_dtype] if config.prompts.cache_dtype else None
+        return StreamingPromptSampler(prompts, pipeline.encoder, dtype)
+    return PromptSampler(encode_training_prompts(config, pipeline, run_dir).conditions)
+
+
+def training_prompts_path(config: RunConfig) -> Path:
+    if config.prompts.path is None:
+        raise ConfigError("A text-to-image teacher needs training prompts: set prompts.path to a .txt (one prompt per "
+                          "line), .jsonl or COCO captions .json file, e.g. --set prompts.path=prompts.txt.")
+    return resolve_asset_path(config.prompts.path)
+
+
 def encode_training_prompts(config: RunConfig, pipeline, run_dir: Path | None):
     """The training prompts' PromptCache: read from (or written to) `run_dir/prompts.safetensors`, else in memory."""
     from . import PromptCache, read_prompts
     from .prompts import cache_key
 
-    if config.prompts.path is None:
-        raise ConfigError("A text-to-image teacher needs training prompts: set prompts.path to a .txt (one prompt per "
-                          "line), .jsonl or COCO captions .json file, e.g. --set prompts.path=prompts.txt.")
-    texts = read_prompts(resolve_asset_path(config.prompts.path))
+    texts = read_prompts(training_prompts_path(config))
     dtype = DTYPES[config.prompts.cache_dtype] if config.prompts.cache_dtype else None
     if run_dir is not None:
         # Under torchrun rank 0 writes the cache first and the other ranks then read it, never two writers at once.

@@ -1,0 +1,1 @@
+"""Where and how the code runs: process groups (torchrun, srun), devices, precision and compilation."""
