@@ -172,6 +172,7 @@ def _train(config: RunConfig, run: RunDir, trainer: Trainer, resumed_from: int |
     if env.is_main:
         run.write_status(status="running", step=trainer.step_count, kimg=trainer.kimg, processes=env.world_size)
     final_metrics, saved_step, evaluator = {}, None, None
+    reached_end_here = False  # The same on every rank, unlike final_metrics (rank 0's alone).
     trackers = open_trackers(config, run.path, resumed_from, enabled=env.is_main)  # TensorBoard, W&B (rank 0).
 
     def evaluate_and_record(step: int) -> dict:
@@ -206,7 +207,7 @@ def _train(config: RunConfig, run: RunDir, trainer: Trainer, resumed_from: int |
                 sums, tick_start, tick_step = {}, time.time(), step
             if step == train.max_steps:  # The last checkpoint before the last evaluation, which may fail.
                 trainer.save(run)
-                saved_step = step
+                saved_step, reached_end_here = step, True
             evaluate_now = step == train.max_steps or (config.eval.every_steps and step % config.eval.every_steps == 0)
             if evaluate_now and config.eval.metrics and evaluating_rank:
                 final_metrics = evaluate_and_record(step)
@@ -215,7 +216,7 @@ def _train(config: RunConfig, run: RunDir, trainer: Trainer, resumed_from: int |
                 saved_step = step
             if step < train.max_steps and distributed.any_rank(stop.requested, env, device):
                 return _stop(trainer, run, env, log, stop.signal_name, saved_step, start_time, resumed_from)
-        if not final_metrics:  # Resumed at its end: the last evaluation's row, unless it failed or eval.* changed.
+        if not reached_end_here:  # Resumed at its end: the last evaluation's row, unless it failed or eval.* changed.
             rows = on_main(lambda: run.read_records(run.metrics_path), env)
             last = rows[-1] if rows else {}
             final_metrics = last.get("metrics", {})
