@@ -12,7 +12,6 @@ import torch
 from ..version import __version__
 from ..config import ConfigError, is_preset, resolve_config
 from ..errors import InputError, MissingFileError, UsageError
-from ..jsonio import to_json
 from ..runtime import distributed
 from ..runs.loading import is_generator_source, load_generator_source
 from ..runs.networks import build_teacher
@@ -298,8 +297,4 @@ def store_result(result: dict, source: Path) -> Path | None:
         RunDir(source.parent.parent) if source.name.startswith("step-") else None)
     if run is None or not run.is_run() or not result["metrics"]:
         return None
-    step = result["provenance"]["common"].get("step", 0)
-    path = run.path / "eval" / f"{'-'.join(sorted(result['metrics']))}-step{step:08d}.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(to_json(result, indent=1))
-    return path
+    return run.write_eval_result(result)

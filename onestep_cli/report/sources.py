@@ -65,7 +65,7 @@ def _load_run(run_dir: Path) -> Source:
     metrics = dict(last.metrics) if last else {}
     provenance = dict(last.provenance) if last else {}
     # Results of `onestep eval` on the finished run, newest last so that a re-evaluation wins.
-    for eval_path in sorted((run_dir / "eval").glob("*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name)):
+    for eval_path in RunDir(run_dir).eval_result_paths():
         eval_metrics, eval_provenance = _read_eval_result(eval_path)
         metrics.update(eval_metrics)
         provenance.update(eval_provenance)

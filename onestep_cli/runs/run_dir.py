@@ -188,6 +188,20 @@ class RunDir:
     def read_records(self, path: Path) -> list[dict]:
         return [record for _, record in read_jsonl(path)] if path.is_file() else []
 
+    eval_results = property(lambda self: self.path / "eval")
+
+    def write_eval_result(self, result: dict) -> Path:
+        """Keep an `onestep eval` result of this run as eval/<metrics>-step<N>.json, where `onestep compare` reads it."""
+        step = result["provenance"]["common"].get("step", 0)
+        path = self.eval_results / f"{'-'.join(sorted(result['metrics']))}-step{step:08d}.json"
+        path.parent.mkdir(exist_ok=True)
+        write_atomic(path, to_json(result, indent=1))
+        return path
+
+    def eval_result_paths(self) -> list[Path]:
+        """The stored evaluation results, oldest first (so that a re-evaluation of the same metric wins)."""
+        return sorted(self.eval_results.glob("*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+
     def write_status(self, **status) -> None:
         write_atomic(self.status_path, to_json(status, indent=1))
 
