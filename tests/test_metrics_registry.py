@@ -47,6 +47,7 @@ def toy_reference(extractor) -> ReferenceStats:
 
 @pytest.fixture()
 def registered(monkeypatch):
+    metrics.load_plugins()  # Into the real registry first: the copies below are thrown away after the test.
     monkeypatch.setattr(metrics, "METRICS", dict(metrics.METRICS))
     monkeypatch.setattr(metrics, "FEATURE_SPACES", dict(metrics.FEATURE_SPACES))
     register_feature_space(FeatureSpace("toy", "channel means", MeanColour, distribution=True,
@@ -92,3 +93,13 @@ def test_lowdim_metrics_keep_their_entry_point():
     assert results["mode_coverage"].value == 1.0 and results["swd"].provenance["num_samples"] == 200
     with pytest.raises(MetricError, match="NaN or inf"):
         compute_metrics(["swd"], samples * float("nan"), teacher)
+
+
+def test_the_digits_metrics_come_through_their_entry_point_and_a_missing_one_says_how_to_fix_it(monkeypatch):
+    from importlib.metadata import entry_points
+
+    assert [e.value for e in entry_points(group=metrics.PLUGIN_GROUP)] == ["onestep_cli.digits.registration:register"]
+    assert metrics.get_metric("class_accuracy").name == "class_accuracy"
+    monkeypatch.setattr(metrics, "entry_points", lambda group: [])
+    with pytest.raises(MetricError, match="No metric plug-in is installed"):
+        metrics.get_metric("no_such_metric")

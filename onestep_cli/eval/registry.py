@@ -66,7 +66,10 @@ def get_metric(name: str) -> Metric:
     available = list(METRICS) + [f"{FD_PREFIX}{s}" for s, fs in FEATURE_SPACES.items() if fs.distribution]
     hint = difflib.get_close_matches(name, available, n=1)
     did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
-    raise MetricError(f"Unknown metric '{name}'.{did_you_mean} Available: {', '.join(available)}.")
+    no_plugins = "" if entry_points(group=PLUGIN_GROUP) else (
+        " No metric plug-in is installed (not even onestep's own digits metrics): reinstall onestep (`pip install "
+        "-e .` in a checkout) so that its `onestep.metrics` entry points are registered.")
+    raise MetricError(f"Unknown metric '{name}'.{did_you_mean} Available: {', '.join(available)}.{no_plugins}")
 
 
 def check_metric_names(names: list[str]) -> None:
