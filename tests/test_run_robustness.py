@@ -30,7 +30,7 @@ from onestep_cli.runs import checkpoint as checkpoint_module
 from onestep_cli.runs import run_dir as run_dir_module
 from onestep_cli.runs.checkpoint import (CheckpointError, find_latest_checkpoint, list_checkpoints, read_state,
                                          verify_checkpoint)
-from onestep_cli.runs.run_dir import RunInUseError, RunLock, lock_held_for_me
+from onestep_cli.runs.lock import RunInUseError, RunLock, lock_held_for_me
 
 SMALL = ["generator.mlp.hidden_dim=32", "fake.mlp.hidden_dim=32", "train.batch_size=64", "eval.metrics=[]",
          "train.tick_every=1", "train.checkpoint_every=2", "train.keep_checkpoints=5"]

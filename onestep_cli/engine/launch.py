@@ -19,7 +19,8 @@ from ..config import ConfigError, RunConfig
 from ..errors import DeviceError
 from ..runtime.lifeline import LAUNCHER_PID_ENV, launcher_environment
 from .parallel import batch_split
-from ..runs.run_dir import RunDir, lock_for_workers
+from ..runs.lock import lock_for_workers
+from ..runs.run_dir import RunDir
 from .signals import PREEMPTION_SIGNALS as STOP_SIGNALS
 
 # Seconds torch.distributed.run gives workers to checkpoint and exit after forwarding a stop signal to them.

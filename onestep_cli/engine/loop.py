@@ -31,7 +31,8 @@ from ..runs.networks import Networks, build_networks
 from .parallel import batch_split, resolve_parallelism, training_state_bytes
 from ..runtime.precision import resolve_precision, set_tf32
 from .progress import Progress
-from ..runs.run_dir import RunDir, RunLock, lock_held_for_me
+from ..runs.lock import RunLock, lock_held_for_me
+from ..runs.run_dir import RunDir
 from .signals import StopRequest
 from .tracking import check_trackers, open_trackers
 from .trainer import Trainer, training_mode
