@@ -416,7 +416,10 @@ def test_ctrl_c_and_sighup_finish_the_step_checkpoint_and_exit_zero(cli, tmp_pat
 
 
 def test_a_second_ctrl_c_stops_at_once_and_an_ignored_hangup_stays_ignored():
-    with default_dispositions(signal.SIGHUP):
+    # Python's own Ctrl-C handler, also where this test runs as a shell's background job (which ignores SIGINT).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    with default_dispositions(signal.SIGHUP), contextlib.ExitStack() as restore:
+        restore.callback(signal.signal, signal.SIGINT, previous_int)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # As under nohup.
         with StopRequest() as stop:
             assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
