@@ -184,7 +184,8 @@ class RunDir:
     eval_results = property(lambda self: self.path / "eval")
 
     def write_eval_result(self, result: dict) -> Path:
-        """Keep an `onestep eval` result of this run as eval/<metrics>-step<N>.json, where `onestep compare` reads it."""
+        """Keep an `onestep eval` result of this run as eval/<metrics>-step<N>.json, where `onestep compare` finds
+        it."""
         step = result["provenance"]["common"].get("step", 0)
         path = self.eval_results / f"{'-'.join(sorted(result['metrics']))}-step{step:08d}.json"
         path.parent.mkdir(exist_ok=True)
