@@ -32,8 +32,15 @@ def _not_a_boolean(value):
     return value
 
 
+def _switch(value):
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ValueError("expected true, false or auto")
+
+
 Int = Annotated[int, StrictType()]  # An integer: not a float, string or boolean, which pydantic would convert.
 Float = Annotated[float, BeforeValidator(_not_a_boolean)]  # A number; pydantic would read true/false as 1.0/0.0.
+Switch = Annotated[Union[bool, Literal["auto"]], BeforeValidator(_switch)]  # On, off, or the engine's choice.
 
 
 class ConfigError(OnestepError, ValueError):
@@ -303,16 +310,21 @@ class TrainConfig(Strict):
     # of teacher, generator, fake (the guided teacher holds half the generator update's activations: [teacher]
     # halves that memory for +2 of 13 forward passes, docs/benchmarks.md).
     gradient_checkpointing: Union[bool, list[Literal["teacher", "generator", "fake"]]] = False
+    # The speed switches (docs/benchmarks.md; engine/switches.py resolves them). auto, as every image preset sets
+    # them: the fastest measured configuration for the network family on one CUDA device, off where it cannot apply
+    # (the run says which and why once, and records it in run.json); eager on the CPU.
     # CUDA: NHWC activations; CPU ignores it. EDM U-Nets: slower eager; with compile and cuda_graph the fastest
-    # measured (our Triton GroupNorm kernels for NHWC, docs/benchmarks.md).
-    channels_last: bool = False
+    # measured (our Triton GroupNorm kernels for NHWC). auto: EDM U-Nets when compiled under the CUDA graph.
+    channels_last: Switch = False
     # CUDA: one fused Adam/AdamW kernel per network instead of per-tensor loops; CPU ignores it.
     fused_optimizer: bool = False
-    compile: bool = False  # torch.compile each network block (compiled once per distinct block); eager where it cannot.
+    # torch.compile each network block (compiled once per distinct block, cached under ONESTEP_HOME); eager where it
+    # cannot. auto: EDM U-Nets under the CUDA graph, diffusers transformers without FSDP.
+    compile: Switch = False
     # CUDA: record the whole step once as a CUDA graph and replay it (one process, bf16/fp32; fused Adam; non-finite
-    # steps skipped on the GPU and checked every tick_every steps). docs/benchmarks.md measures it. true: an error
-    # where it cannot apply; auto: on where it can (one CUDA process, no FSDP, bf16/fp32, prompts' conditions <= 4 GiB).
-    cuda_graph: Union[bool, Literal["auto"]] = False
+    # steps skipped on the GPU and checked every tick_every steps). true: an error where it cannot apply; auto: on
+    # where it can (one CUDA process, no FSDP, bf16/fp32, prompts' conditions <= 4 GiB).
+    cuda_graph: Switch = False
     checkpoint_every: Int = Field(500, gt=0)  # Steps between checkpoints (one is always written at the end).
     keep_checkpoints: Int = Field(2, ge=1)  # Newest complete checkpoints kept on disk.
     tick_every: Int = Field(50, gt=0)  # Steps between status lines and stats.jsonl records.

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from onestep_cli.bench import DEFAULT_ROWS, ROWS, Options, count_row, run_benchmarks
+from onestep_cli.bench.run import auto_engine
 from onestep_cli.bench.tracking import VARIANTS, tracking_check
 from onestep_cli.denoisers.edm.layers import GroupNorm
 from onestep_cli.runtime.precision import compile_failure
@@ -49,7 +50,9 @@ def test_quick_bench_table_says_what_utilisation_is_measured_against(cli):
     text = " ".join(result.stdout.split())
     for needle in ("dmd-cifar10", "heun-cifar10", "images/s", "peak GB", "TFLOP/s", "FLOP util.",
                    "this device's rate for a large square matrix product", "measured here (fp32:",
-                   "measured copy bandwidth", "timings mean nothing"):
+                   "measured copy bandwidth", "timings mean nothing", "dmd-cifar10: auto picks compile off, CUDA "
+                   "graph off, channels_last off: the device is the CPU (they are CUDA settings). Timed with: "
+                   "compile off, cuda_graph off, channels_last off."):
         assert needle in text
     for absent in ("target", "met", "H100"):  # Nothing of one machine's numbers or the project's goals.
         assert not re.search(rf"\b{absent}\b", text), absent
@@ -101,6 +104,11 @@ def test_switches_are_inert_on_the_cpu(one_thread):
     weight = trainer.generator.denoiser.model.enc["8x8_conv"].weight
     assert weight.is_contiguous()  # NCHW, as before: channels_last applies on CUDA only.
     trainer.step()
+    # `onestep bench --auto`: the training rows run what auto picks (eager on the CPU), as the bench reports it.
+    auto = build_trainer(ROWS["sid-cifar10"], 2, "fp32", Options.quick(auto_engine=True), torch.device("cpu"))
+    assert auto.config.train.compile == auto.config.train.cuda_graph == auto.config.train.channels_last == "auto"
+    assert auto.switches == auto_engine(ROWS["sid-cifar10"], "fp32", torch.device("cpu"))
+    assert not (auto.compiled or auto.defer_checks or auto.switches.channels_last)
 
 
 def test_group_norm_keeps_16_bit_activations_under_autocast():

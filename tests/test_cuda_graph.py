@@ -70,7 +70,7 @@ def test_deferred_checks_stop_at_the_next_check_after_the_limit():
 
 
 def test_auto_captures_exactly_where_a_graph_can_apply_and_refuses_nothing():
-    from onestep_cli.engine.trainer import use_cuda_graph
+    from onestep_cli.engine.switches import use_cuda_graph
 
     cuda, two = torch.device("cuda"), DistEnv(rank=0, world_size=2, local_rank=0)
     assert use_cuda_graph("auto", "bf16", DistEnv(), False, cuda)

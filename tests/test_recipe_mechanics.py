@@ -16,7 +16,8 @@ from onestep_cli.config import ConfigError, SIMObjectiveConfig, resolve_config
 from onestep_cli.runs.networks import build_networks
 from onestep_cli.engine.parallel import batch_split
 from onestep_cli.runs.run_dir import RunDir
-from onestep_cli.engine.trainer import Trainer, use_cuda_graph
+from onestep_cli.engine.switches import use_cuda_graph
+from onestep_cli.engine.trainer import Trainer
 from onestep_cli.runtime.distributed import DistEnv
 from onestep_cli.objectives import build_objective, fake_score_loss
 

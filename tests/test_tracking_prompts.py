@@ -22,7 +22,8 @@ from onestep_cli import distill
 from onestep_cli.config import ConfigError, resolve_config
 from onestep_cli.denoisers.diffusers.prompts import PromptFile, PromptFileError, read_prompts
 from onestep_cli.engine.tracking import TrackerError, open_trackers
-from onestep_cli.engine.trainer import Trainer, use_cuda_graph
+from onestep_cli.engine.switches import use_cuda_graph
+from onestep_cli.engine.trainer import Trainer
 from onestep_cli.runs.networks import build_networks
 from onestep_cli.runtime.distributed import DistEnv
 

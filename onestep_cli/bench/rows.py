@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TrainConfig
+from ..denoisers.blocks import EDM_UNET
 from ..denoisers.edm import EDMPrecond
 
 # EDM's train.py --arch=ddpmpp at CIFAR-10 (dropout 0.13, augmentation labels of size 9): 55.7M parameters.
@@ -32,6 +33,7 @@ TINY = {
                            num_blocks=1, attn_resolutions=[4]),
 }
 NETWORKS = {"ddpmpp-cifar10": DDPMPP_CIFAR10, "adm-imagenet64": ADM_IMAGENET64}
+NETWORK_FAMILIES = {"ddpmpp-cifar10": EDM_UNET, "adm-imagenet64": EDM_UNET}  # As network_family() finds them.
 GENERATOR_SIGMA_INIT = 2.5  # SiD's and our presets' sigma_init for EDM teachers.
 
 
@@ -76,6 +78,9 @@ class Options:
     fused_optimizer: bool = TrainConfig.model_fields["fused_optimizer"].default  # As train.fused_optimizer.
     compile: bool = TrainConfig.model_fields["compile"].default  # As train.compile.
     cuda_graph: bool = TrainConfig.model_fields["cuda_graph"].default  # As train.cuda_graph (training rows).
+    # Training rows: compile, cuda_graph and channels_last at auto, as the presets set them (the three above then
+    # apply to the sampling rows only).
+    auto_engine: bool = False
     batch: int | None = None  # Images per step; None: the row's default.
     warmup: int | None = None  # Untimed iterations; None: 3 (1 for Heun).
     iters: int | None = None  # Timed iterations; None: 10 (20 for one-step sampling, 2 for Heun).

@@ -18,11 +18,12 @@ from ..denoisers.generator import OneStepGenerator
 from ..runs.networks import build_networks
 from ..runtime.precision import (autocast, compile_blocks, resolve_device, resolve_precision, set_tf32,
                                  use_channels_last)
+from ..engine.switches import SWITCHES, EngineSwitches, resolve_switches
 from ..engine.trainer import Trainer
 from ..sampling import heun_sample
 from .count import Work, count_work
 from .eval_rows import measure_eval_row
-from .rows import EVAL_WORK, GENERATOR_SIGMA_INIT, Options, Row, build_network
+from .rows import EVAL_WORK, GENERATOR_SIGMA_INIT, NETWORK_FAMILIES, Options, Row, build_network
 from .timing import (copy_rate, device_name, free_memory, matmul_rate, peak_memory_gb, reset_peak_memory,
                      time_iterations)
 
@@ -57,11 +58,16 @@ def measure_row(row: Row, options: Options, log=None) -> dict:
     flops, peak_flops, bandwidth = work.flops(batch), matmul_rate(device, precision), copy_rate(device)
     result.update(flops_per_image=flops, matrix_bytes_per_image=work.bytes(batch), matmul_flops_per_s=peak_flops,
                   copy_bytes_per_s=bandwidth, floor_images_per_s=1 / work.floor_seconds(batch, peak_flops, bandwidth))
-    log(f"{row.name}: batch {batch}, {precision}, {_describe(options)}")
+    if row.work == "train":  # What the presets' auto would run here, measured with --auto.
+        result["auto_engine"] = auto_engine(row, precision, device).record()
+    log(f"{row.name}: batch {batch}, {precision}, {_describe(options, row)}")
     free_memory(device)
     reset_peak_memory(device)
     try:
         iterate, compiled, graph_captured = prepare_row(row, batch, precision, options, device)
+        if row.work == "train":
+            # The switches the row's Trainer (whose bound step `iterate` is) runs with, as a run records them.
+            result["engine"] = iterate.__self__.switches.record()
         timings = time_iterations(iterate, device, *_counts(row, options))
         if graph_captured is not None:
             result["graph_captured"] = graph_captured()
@@ -80,9 +86,20 @@ def measure_row(row: Row, options: Options, log=None) -> dict:
     return result
 
 
-def _describe(options: Options) -> str:
-    flags = [name for name in ("channels_last", "fused_optimizer", "compile", "cuda_graph") if getattr(options, name)]
+def _describe(options: Options, row: Row) -> str:
+    if options.auto_engine and row.work == "train":
+        flags = ["compile, cuda_graph and channels_last auto"] + ["fused_optimizer"] * options.fused_optimizer
+    else:
+        flags = [name for name in ("channels_last", "fused_optimizer", "compile", "cuda_graph")
+                 if getattr(options, name)]
     return ", ".join(flags + [f"tf32 {'on' if options.tf32 else 'off'}"])
+
+
+def auto_engine(row: Row, precision: str, device: torch.device) -> EngineSwitches:
+    """The switches `auto` picks for a training row on `device` (one process, as the row runs; torch.compile assumed
+    to work, which a run with --auto checks)."""
+    return resolve_switches("auto", "auto", "auto", device_type=device.type, precision=precision,
+                            family=NETWORK_FAMILIES[row.network])
 
 
 def _counts(row: Row, options: Options) -> tuple[int, int]:
@@ -97,7 +114,7 @@ def prepare_row(row: Row, batch: int, precision: str, options: Options, device: 
     if row.work == "train":
         trainer = build_trainer(row, batch, precision, options, device)
         captured = None
-        if options.cuda_graph:
+        if trainer.defer_checks:
             captured = lambda: trainer.step_graph is not None and trainer.step_graph.captured  # noqa: E731
         return trainer.step, trainer.compiled, captured
     network = build_network(row.network, options.tiny).to(device)
@@ -125,9 +142,8 @@ def build_trainer(row: Row, batch: int, precision: str, options: Options, device
         "generator": {"sigma_init": GENERATOR_SIGMA_INIT},
         "objective": {"name": row.objective},
         "train": {"batch_size": batch, "lr": 1e-5, "ema_halflife_kimg": 500, "precision": precision,
-                  "device": device.type, "tf32": options.tf32, "channels_last": options.channels_last,
-                  "fused_optimizer": options.fused_optimizer, "compile": options.compile,
-                  "cuda_graph": options.cuda_graph},
+                  "device": device.type, "tf32": options.tf32, "fused_optimizer": options.fused_optimizer,
+                  **{name: "auto" if options.auto_engine else getattr(options, name) for name in SWITCHES}},
         "eval": {"metrics": []},
     })
     networks = build_networks(config, teacher=build_network(row.network, options.tiny))

@@ -34,6 +34,9 @@ def bench_command(
     cuda_graph: bool = typer.Option(False, "--cuda-graph/--no-cuda-graph", help="As train.cuda_graph (training "
                                     "rows): two eager steps, then the step is captured; keep --warmup at 3 or more "
                                     "so that only replays are timed."),
+    auto: bool = typer.Option(False, "--auto", help="Training rows: train.compile, train.cuda_graph and "
+                              "train.channels_last at auto, as the presets set them (what auto picks is reported "
+                              "either way); --compile, --cuda-graph and --channels-last then apply to the other rows."),
     warmup: Optional[int] = typer.Option(None, "--warmup", min=1, help="Untimed iterations (default 3, Heun 1; "
                                          "fid50k-cifar10 has none: its untimed reference statistics warm it up)."),
     iters: Optional[int] = typer.Option(None, "--iters", min=1, help="Timed iterations (default 10, sampling 20, "
@@ -55,7 +58,7 @@ def bench_command(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     settings = dict(precision=precision, tf32=tf32, channels_last=channels_last, fused_optimizer=fused_optimizer,
-                    compile=compile, cuda_graph=cuda_graph, batch=batch, warmup=warmup, iters=iters)
+                    compile=compile, cuda_graph=cuda_graph, auto_engine=auto, batch=batch, warmup=warmup, iters=iters)
     options = Options.quick(**settings) if quick else Options(**settings)
     results = run_benchmarks(chosen, options, log=(lambda message: None) if as_json else info)
     if as_json:
@@ -104,14 +107,33 @@ def _caption(results: list[dict]) -> str:
             rates[setting] = r["matmul_flops_per_s"]
     bandwidth = next((r["copy_bytes_per_s"] for r in results if "copy_bytes_per_s" in r), None)
     if not rates:
-        return ""
+        return _auto_picks(results)
     measured = "; ".join(f"{setting}: {rate / 1e12:.3g} TFLOP/s" for setting, rate in rates.items())
+    picks = _auto_picks(results)
     caption = ("FLOP utilisation: matrix-product FLOPs per image (torch.utils.flop_counter) x images/s over this "
                f"device's rate for a large square matrix product in the row's precision, measured here ({measured}).")
     if bandwidth is not None:
         caption += (" Floor: the larger of those FLOPs over that rate and the matrix operands' bytes over this "
                     f"device's measured copy bandwidth ({bandwidth / 1e12:.3g} TB/s).")
-    return caption
+    return caption + (f"\n{picks}" if picks else "")
+
+
+def _auto_picks(results: list[dict]) -> str:
+    """Which switches train.*: auto (the presets' setting) picks for the training rows here, and what ran."""
+    from ..engine.switches import EngineSwitches
+
+    lines = []
+    for r in results:
+        if "auto_engine" in r:
+            pick = EngineSwitches(**{k: v for k, v in r["auto_engine"].items() if k != "network"},
+                                  family=r["auto_engine"]["network"])
+            ran = ""
+            if "engine" in r:
+                used = ", ".join(f"{name} {'on' if r['engine'][name] else 'off'}"
+                                 for name in ("compile", "cuda_graph", "channels_last"))
+                ran = f" Timed with: {used}."
+            lines.append(f"{r['row']}: auto picks {pick.describe().removeprefix('engine: ')}{ran}")
+    return "\n".join(lines)
 
 
 def _number(result: dict, key: str, form: str, scale: float = 1.0) -> str:

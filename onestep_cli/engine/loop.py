@@ -29,11 +29,13 @@ from .cuda_graph import WARMUP_STEPS
 from ..runtime.distributed import DistEnv, barrier, broadcast_object, on_main, print0
 from ..runs.networks import Networks, build_networks
 from .parallel import batch_split, resolve_parallelism, training_state_bytes
+from ..runtime.compile_cache import compile_cache_dir
 from ..runtime.precision import resolve_precision, set_tf32
 from .progress import Progress
 from ..runs.lock import RunLock, lock_held_for_me
 from ..runs.run_dir import RunDir
 from .signals import StopRequest
+from .switches import any_auto
 from .tracking import check_trackers, open_trackers
 from .trainer import Trainer, training_mode
 
@@ -144,7 +146,7 @@ def _record_failure(run: RunDir, trainer: Trainer, env: DistEnv, exc: BaseExcept
         error = str(exc) if isinstance(exc, OnestepError) else f"{type(exc).__name__}: {exc}".rstrip(": ")
         with contextlib.suppress(OSError):
             run.write_status(status="interrupted" if interrupted else "failed", step=trainer.step_count,
-                             kimg=trainer.kimg, error=error, processes=env.world_size)
+                             kimg=trainer.kimg, error=error, processes=env.world_size, engine=engine_record(trainer))
 
 
 def _check_metrics_fit(config: RunConfig, data_shape) -> None:
@@ -163,15 +165,19 @@ def _train(config: RunConfig, run: RunDir, trainer: Trainer, resumed_from: int |
         log(f"Training on {env.world_size} process{'es' if env.is_distributed else ''} "
             f"({trainer.parallelism.upper()}, {device.type}): global batch {train.batch_size} = {micro} per "
             f"micro-batch x {rounds} accumulation rounds x {env.world_size} processes.")
+    if any_auto(train):  # What auto chose, and why not the rest: once, from rank 0.
+        log(trainer.switches.describe())
     if trainer.step_graph is not None:
         log(f"train.cuda_graph={str(train.cuda_graph).lower()}: after {WARMUP_STEPS} eager steps the whole step is "
             f"captured as a CUDA graph and replayed; NaN/inf steps are skipped on the GPU and checked every "
             f"{train.tick_every} steps.")
+    engine = engine_record(trainer)
 
     start_time, tick_start, tick_step = time.time(), time.time(), trainer.step_count
     sums: dict[str, torch.Tensor] = {}
     if env.is_main:
-        run.write_status(status="running", step=trainer.step_count, kimg=trainer.kimg, processes=env.world_size)
+        run.write_status(status="running", step=trainer.step_count, kimg=trainer.kimg, processes=env.world_size,
+                         engine=engine)
     final_metrics, saved_step, evaluator = {}, None, None
     reached_end_here = False  # The same on every rank, unlike final_metrics (rank 0's alone).
     trackers = open_trackers(config, run.path, resumed_from, enabled=env.is_main)  # TensorBoard, W&B (rank 0).
@@ -193,8 +199,16 @@ def _train(config: RunConfig, run: RunDir, trainer: Trainer, resumed_from: int |
         + (" (Ctrl-C again stops at once, without it)." if name == "SIGINT" and not env.is_distributed else ".")))
     with stop_request as stop, trackers, Progress(train.max_steps, trainer.step_count, enabled=progress,
                                                   log=log) as bar:
+        compiling = trainer.compiled  # This process's first step compiles the blocks (or loads them from the cache).
+        if compiling and trainer.step_count < train.max_steps:
+            bar.note(f"compiling the networks' blocks in the first step (minutes on a new machine; cached in "
+                     f"{compile_cache_dir()})")
         while trainer.step_count < train.max_steps:
+            first_step_start = time.time()
             stats = trainer.step()
+            if compiling:
+                bar.note(f"compiled: the first step took {time.time() - first_step_start:.0f} s")
+                compiling = False
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0) + value.float()
             step = trainer.step_count
@@ -228,7 +242,7 @@ def _train(config: RunConfig, run: RunDir, trainer: Trainer, resumed_from: int |
     wall = time.time() - start_time
     if env.is_main:
         run.write_status(status="complete", step=trainer.step_count, kimg=trainer.kimg, wall_seconds=wall,
-                         metrics=final_metrics, processes=env.world_size)
+                         metrics=final_metrics, processes=env.world_size, engine=engine_record(trainer))
     return RunSummary(run.path, trainer.step_count, trainer.kimg, wall, resumed_from, final_metrics,
                       rank=env.rank, world_size=env.world_size)
 
@@ -265,6 +279,15 @@ def _start(config: RunConfig, run: RunDir, env: DistEnv, device: torch.device, l
     return trainer, resumed_from
 
 
+def engine_record(trainer: Trainer) -> dict:
+    """run.json's "engine": the speed switches this run uses (train.* auto resolved), why any is off, and where
+    compiled kernels are cached."""
+    record = trainer.switches.record()
+    if trainer.compiled:
+        record["compile_cache"] = str(compile_cache_dir())
+    return record
+
+
 def _tick_record(trainer: Trainer, sums: dict, steps: int, seconds: float, elapsed: float, device, env) -> dict:
     """One stats.jsonl row: per-step means since the last tick (losses already averaged over ranks)."""
     batch = trainer.config.train.batch_size
@@ -287,7 +310,7 @@ def _stop(trainer: Trainer, run: RunDir, env: DistEnv, log, signal_name, saved_s
     reason = signal_name or "a stop signal on another rank"
     if env.is_main:
         run.write_status(status="stopped", step=step, kimg=trainer.kimg, signal=reason, wall_seconds=wall,
-                         processes=env.world_size)
+                         processes=env.world_size, engine=engine_record(trainer))
     log(f"Received {reason}: stopped after step {step} with checkpoint {checkpoint_name(step)} written. Run the "
         "same command again to continue from it.")
     return RunSummary(run.path, step, trainer.kimg, wall, resumed_from, {}, stopped_by=reason, rank=env.rank,

@@ -31,6 +31,13 @@ class Progress:
             self.task = self.bar.add_task("distill", total=self.total, completed=self.start, status="")
         return self
 
+    def note(self, message: str) -> None:
+        """What the run is doing between ticks (compiling its first step): in the bar's status, or as a line."""
+        if self.bar is not None:
+            self.bar.update(self.task, status=message)
+        else:
+            self.log(message)
+
     def tick(self, step: int, record: dict) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=step,

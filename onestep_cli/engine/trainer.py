@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, RunConfig
+from ..config import RunConfig
 from ..denoisers.edm.augment import augment, draw_augmentation
 from ..errors import OnestepError
 from ..objectives import build_objective, fake_score_loss
@@ -40,10 +40,11 @@ from .cuda_graph import StepGraph
 from ..runtime.distributed import SINGLE, DistEnv, all_gather_object, all_reduce
 from .ema import EMA, ema_beta
 from .lr_schedule import warmup_factor
-from ..denoisers.diffusers.training import PromptSampler
 from ..runs.networks import Networks
 from .parallel import batch_split, gradient_sync, wrap
-from ..runtime.precision import autocast, compile_blocks, make_scaler, use_channels_last
+from .switches import EngineSwitches, resolve_switches
+from ..denoisers.blocks import network_family
+from ..runtime.precision import autocast, compile_blocks, compile_failure, make_scaler, use_channels_last
 from ..runs.run_dir import RunDir
 
 
@@ -62,40 +63,6 @@ def make_optimizer(config: RunConfig, params, lr: float, fused: bool = False,
         extra["capturable"] = True
     return cls(params, lr=lr, betas=tuple(config.train.betas), eps=config.train.eps,
                weight_decay=config.train.weight_decay, **extra)
-
-
-def cuda_graph_obstacles(precision: str, env: DistEnv, prompts_on_host: bool | str, parallelism: str = "ddp",
-                         lr_warmup: bool = False) -> list[str]:
-    """Why this run's step cannot be one static CUDA graph (empty: it can, on a CUDA device). `prompts_on_host`: each
-    step's prompts come through the CPU: True (too many cached conditions for the GPU), or the reason, a phrase."""
-    reasons = []
-    if lr_warmup:
-        reasons.append("train.lr_warmup_iterations changes the learning rate on the host every update (set it to 0)")
-    if parallelism == "fsdp":
-        reasons.append("FSDP gathers and frees shards from the host around every block (use train.parallelism=ddp)")
-    if precision == "fp16":
-        reasons.append("fp16's GradScaler decides on the host (use train.precision=bf16)")
-    if env.is_distributed:
-        reasons.append(f"it runs one process, not {env.world_size} (drop --gpus or the launcher)")
-    if isinstance(prompts_on_host, str):
-        reasons.append(prompts_on_host)
-    elif prompts_on_host:
-        reasons.append(f"the training prompts' conditions exceed the {PromptSampler.DEVICE_BYTES / 2**30:.0f} GiB kept "
-                       "on the GPU, so each step copies its prompts from the CPU (use fewer prompts)")
-    return reasons
-
-
-def use_cuda_graph(setting, precision: str, env: DistEnv, prompts_on_host: bool | str, device: torch.device,
-                   parallelism: str = "ddp", lr_warmup: bool = False) -> bool:
-    """train.cuda_graph resolved: true refuses, with the setting to change, a run that cannot be captured (and keeps
-    its deferred checks on a CPU, with a warning from the Trainer); auto is on exactly where capture can apply."""
-    reasons = cuda_graph_obstacles(precision, env, prompts_on_host, parallelism, lr_warmup)
-    if setting == "auto":
-        return device.type == "cuda" and not reasons
-    if setting and reasons:
-        raise ConfigError("train.cuda_graph is set, but " + "; and ".join(reasons) + ". Set train.cuda_graph=false "
-                          "(or auto) for this run.")
-    return bool(setting)
 
 
 @contextlib.contextmanager
@@ -137,8 +104,8 @@ class Trainer:
             prompts_on_host = (self.sample_condition.draws_on_host(device)
                                and getattr(self.sample_condition, "host_draw_reason", True))
         # Resolved before the networks are moved: a run that cannot be captured fails here.
-        self.defer_checks = use_cuda_graph(train.cuda_graph, precision, env, prompts_on_host, device, parallelism,
-                                           lr_warmup=train.lr_warmup_iterations > 0)
+        self.switches = self._resolve_switches(networks, prompts_on_host)
+        self.defer_checks = self.switches.cuda_graph
         micro, rounds = batch_split(train, env.world_size)
         share_start = env.rank * micro * rounds
         # This rank's micro-batches, as slices of the global batch.
@@ -149,13 +116,15 @@ class Trainer:
         self.data_shape, self.label_dim = networks.data_shape, networks.label_dim
         # Losses are sums over a sample's elements; train.grad_clip is in the units of their mean (DMD2's).
         self.max_grad_norm = (train.grad_clip * math.prod(self.data_shape)) if train.grad_clip else math.inf
-        if train.channels_last:  # Before the EMA copy, so that the average and its source share one layout.
+        if self.switches.channels_last:  # Before the EMA copy, so that the average and its source share one layout.
             use_channels_last([self.teacher, self.generator, self.fake], device)
         self.objective = build_objective(config.objective)
         self.ema = None
         if train.ema_halflife_kimg:  # Copied before wrapping: under FSDP the EMA is sharded like the generator.
             self.ema = EMA(self.generator)
-        self.compiled = train.compile and compile_blocks([self.teacher, self.generator, self.fake], device)
+        self.compiled = self.switches.compile and compile_blocks([self.teacher, self.generator, self.fake], device)
+        if self.switches.compile and not self.compiled:  # compile_blocks said why, in a warning.
+            self.switches = self.switches.without_compile("torch.compile does not work here")
         wrapped = wrap(self.teacher, self.generator, self.fake, self.ema.module if self.ema else None, parallelism,
                        precision, device, env, train.checkpointed_networks)
         self.generator_train, self.fake_train = wrapped.generator_train, wrapped.fake_train
@@ -189,6 +158,25 @@ class Trainer:
         elif self.defer_checks:
             warnings.warn("train.cuda_graph is set but the device is the CPU: the step runs eagerly (with its "
                           "checks deferred as on a GPU). Turn train.cuda_graph off to silence this.", stacklevel=2)
+
+    def _resolve_switches(self, networks: Networks, prompts_on_host: bool | str) -> EngineSwitches:
+        """train.compile, cuda_graph and channels_last for this run (engine/switches.py); where auto would compile,
+        a probe first checks that torch.compile works on this device."""
+        train = self.config.train
+
+        def resolve(failure: str | None = None) -> EngineSwitches:
+            return resolve_switches(train.compile, train.cuda_graph, train.channels_last, device_type=self.device.type,
+                                    precision=self.precision, family=network_family(networks.generator),
+                                    world_size=self.env.world_size, parallelism=self.parallelism,
+                                    prompts_on_host=prompts_on_host, lr_warmup=train.lr_warmup_iterations > 0,
+                                    compile_failure=failure)
+
+        switches = resolve()
+        if switches.compile and train.compile == "auto":
+            failure = compile_failure(self.device)
+            if failure is not None:
+                switches = resolve(failure)
+        return switches
 
     @property
     def kimg(self) -> float:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import OnestepError
+from ..runtime.home import onestep_home
 from .base import MetricError
 
 HASH_CHUNK_BYTES = 1 << 20
@@ -171,11 +172,8 @@ WEIGHT_SETS: dict[str, WeightSet] = {s.key: s for s in [
 
 
 def weights_home() -> Path:
-    """ONESTEP_HOME, else $XDG_CACHE_HOME/onestep, else ~/.cache/onestep."""
-    if os.environ.get("ONESTEP_HOME"):
-        return Path(os.environ["ONESTEP_HOME"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(cache).expanduser() / "onestep"
+    """ONESTEP_HOME, else $XDG_CACHE_HOME/onestep, else ~/.cache/onestep (runtime/home.py)."""
+    return onestep_home()
 
 
 def get_weight_set(key: str) -> WeightSet:

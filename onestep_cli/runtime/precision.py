@@ -69,7 +69,12 @@ def use_channels_last(networks: list[nn.Module], device: torch.device) -> None:
 
 
 def compile_failure(device: torch.device) -> str | None:
-    """Why torch.compile cannot run on `device` (no compiler, no Triton, ...), or None when a probe compiles."""
+    """Why torch.compile cannot run on `device` (no compiler, no Triton, ...), or None when a probe compiles.
+
+    The first compilation of the process: it points inductor's caches at ONESTEP_HOME first (compile_cache.py)."""
+    from .compile_cache import use_persistent_compile_cache
+
+    use_persistent_compile_cache()
     try:
         probe = torch.compile(lambda x: torch.nn.functional.silu(x) * 2, dynamic=False)
         probe(torch.randn(8, device=device))
@@ -82,8 +87,9 @@ def compile_blocks(networks: list[nn.Module], device: torch.device, setting: str
     """torch.compile every repeated block of `networks` in place (regional compilation), keeping parameter names.
 
     Blocks of one shape share a compiled graph, so compile time grows with the number of distinct blocks, not with
-    depth. Returns False, with a warning naming `setting` (the option that asked for it), and leaves the networks
-    eager when torch.compile does not work here.
+    depth; the compiled kernels are cached under ONESTEP_HOME (runtime/compile_cache.py). Returns False, with a
+    warning naming `setting` (the option that asked for it), and leaves the networks eager when torch.compile does not
+    work here.
     """
     from ..denoisers.blocks import blocks
 
