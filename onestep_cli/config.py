@@ -116,7 +116,7 @@ class DiffusersTeacherConfig(Strict):
     revision: str | None = None  # Hub revision; a commit hash pins the files. None: main.
     variant: str | None = None  # Weight-file variant, e.g. 'fp16'.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # Frozen teacher's weights; trained copies stay fp32.
-    guidance_scale: Float = Field(1.0, ge=0)  # Teacher's CFG scale in the generator loss (SiD-LSG kappa4); 1: none.
+    guidance_scale: Float = Field(1.0, ge=0)  # SiD-LSG's kappa4: the teacher's CFG scale in the generator loss; 1: off.
     null_condition: Literal["auto", "empty_prompt", "zeros"] = "auto"  # Guidance null (auto: the pipeline's own).
     image_size: tuple[Int, Int] | None = None  # (H, W) pixels of generated images; None: the network's native size.
     hint: str | None = None  # Where the teacher is published; shown when it cannot be loaded.
@@ -195,8 +195,30 @@ class LogNormalSigmaConfig(Strict):
     std_log: Float = Field(1.2, gt=0)
 
 
+class UniformTimestepSigmaConfig(Strict):
+    """SiD-LSG's noise levels: a uniform integer DDPM timestep t in [t_min, t_max) (t_max excluded, torch.randint's
+    bounds), sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) on a DDPM beta schedule (defaults: Stable Diffusion's)."""
+
+    kind: Literal["uniform_timestep"] = "uniform_timestep"
+    t_min: Int = Field(20, ge=0)  # SiD-LSG's --tmin.
+    t_max: Int = Field(980, gt=0)  # SiD-LSG's --tmax, never drawn.
+    num_train_timesteps: Int = Field(1000, ge=2)
+    beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
+    beta_start: Float = Field(0.00085, gt=0, lt=1)
+    beta_end: Float = Field(0.012, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check_range(self):
+        if not self.t_min < self.t_max <= self.num_train_timesteps:
+            raise ValueError(f"the timesteps drawn, [t_min, t_max) = [{self.t_min}, {self.t_max}), must be a non-empty "
+                             f"range within the schedule's {self.num_train_timesteps} timesteps; SiD-LSG uses "
+                             "t_min: 20, t_max: 980")
+        return self
+
+
 SigmaConfig = Annotated[
-    Union[KarrasSigmaConfig, KarrasIndexSigmaConfig, LogNormalSigmaConfig], Field(discriminator="kind")
+    Union[KarrasSigmaConfig, KarrasIndexSigmaConfig, LogNormalSigmaConfig, UniformTimestepSigmaConfig],
+    Field(discriminator="kind"),
 ]
 
 # Dropout of a trained copy of an EDM teacher, active only in that copy's own update (SiD); None keeps the teacher's.
@@ -210,16 +232,55 @@ class GeneratorConfig(Strict):
     dropout: Dropout = None  # EDM teachers: dropout probability in the generator's U-Net blocks; None: the teacher's.
 
 
+# `fake.guidance_scale` is shorthand for both of the fake score's guidance scales (SiD-LSG's kappa1 = kappa2 = kappa3).
+FAKE_GUIDANCE_SHORTHAND = "guidance_scale"
+FAKE_GUIDANCE_KEYS = ("train_guidance_scale", "generator_loss_guidance_scale")
+
+
+def expand_fake_guidance(fake: Any, where: str = "fake") -> Any:
+    """A `fake:` section with the shorthand `guidance_scale: k` written out as both scales it stands for; an error
+    when the same section also gives one of them another value (which one was meant cannot be known)."""
+    if not isinstance(fake, dict) or FAKE_GUIDANCE_SHORTHAND not in fake:
+        return fake
+    out = dict(fake)
+    scale = out.pop(FAKE_GUIDANCE_SHORTHAND)
+    for key in FAKE_GUIDANCE_KEYS:
+        if key in out and out[key] != scale:
+            raise ConfigError(f"{where} sets fake.guidance_scale={scale} and fake.{key}={out[key]}: guidance_scale "
+                              "is shorthand for fake.train_guidance_scale (kappa1) and "
+                              "fake.generator_loss_guidance_scale (kappa2 = kappa3) together; give either it or "
+                              "those two.")
+        out[key] = scale
+    return out
+
+
 class FakeScoreConfig(Strict):
     mlp: MLPConfig = MLPConfig()
     lora_rank: Int = Field(0, ge=0)  # Diffusers teachers: 0 trains every weight, r > 0 only rank-r LoRA adapters.
-    guidance_scale: Float = Field(1.0, ge=0)  # CFG scale of the fake score in both steps (SiD-LSG kappa1-3); 1: none.
+    # Classifier-free guidance of the fake score (diffusers teachers; 1: none), SiD-LSG's kappas. `guidance_scale: k`
+    # is accepted as shorthand for both. kappa1: its scale in its own denoising loss (SiD-LSG's cfg_train_fake).
+    train_guidance_scale: Float = Field(1.0, ge=0)
+    # kappa2 = kappa3: its scale where the generator loss evaluates it (cfg_eval_fake; one evaluation serves both).
+    generator_loss_guidance_scale: Float = Field(1.0, ge=0)
     sigma: SigmaConfig = LogNormalSigmaConfig()  # Noise levels of its denoising score matching loss (EDM, SiD).
-    sigma_data: Float = Field(0.5, gt=0)  # EDM loss weight lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+    # EDM loss weight lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2; null: its limit 1 / sigma^2, the
+    # epsilon-prediction MSE that SiD-LSG trains its fake score with (sid_training_loop.py's (noise_fake - noise)^2).
+    sigma_data: Annotated[Float, Field(gt=0)] | None = 0.5
+    # Probability that a sample of the fake score's own update has its prompt replaced by the null condition, for the
+    # generator's sample and the fake score alike (diffusers teachers). SiD-LSG: 0.1 when the fake score is guided.
+    prompt_dropout: Float = Field(0.0, ge=0, lt=1)
     dropout: Dropout = None  # EDM teachers: dropout probability in the fake score's U-Net blocks; None: the teacher's.
     # EDM's non-leaking augmentation of the generated images that train the fake score (its CIFAR-10 geometric ops,
     # each with probability augment_p; labels to the network's 9 augment inputs); 0: off. SiD's CIFAR-10 uses 0.12.
     augment_p: Float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_guidance_shorthand(cls, data):
+        try:
+            return expand_fake_guidance(data, "the config")
+        except ConfigError as error:
+            raise ValueError(str(error).rstrip(".")) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -591,17 +652,30 @@ def resolve_config(
     preset: str | None = None, config_file: Path | None = None, overrides: list[str] = ()
 ) -> RunConfig:
     """Build and validate a RunConfig from a preset, an optional YAML file and `key.path=value` overrides."""
-    data = read_preset(DEFAULT_PRESET if preset is None else preset)
+    name = DEFAULT_PRESET if preset is None else preset
+    # Shorthands are written out in each source before merging, so a later source's key overrides an earlier one's.
+    data = expand_shorthands(read_preset(name), f"Preset {name}")
     if config_file is not None:
-        data = deep_merge(data, read_config_file(config_file))
+        data = deep_merge(data, expand_shorthands(read_config_file(config_file), f"Config file {config_file}"))
     if overrides:
         # Overrides apply to the defaults-filled config, so `--set objective.sigma.t_max=0.5` works on a preset
         # that never spelled out objective.sigma.
         data = validate_config(data).model_dump(mode="json")
     for assignment in overrides:
         path, value = parse_set(assignment)
-        data = apply_set(data, path, value)
+        targets = [path]
+        if path == ["fake", FAKE_GUIDANCE_SHORTHAND]:
+            targets = [["fake", key] for key in FAKE_GUIDANCE_KEYS]
+        for target in targets:
+            data = apply_set(data, target, value)
     return validate_config(data)
+
+
+def expand_shorthands(data: dict, where: str) -> dict:
+    """One source of a config (preset, file) with its shorthand keys written out (fake.guidance_scale)."""
+    if isinstance(data.get("fake"), dict):
+        data = {**data, "fake": expand_fake_guidance(data["fake"], where)}
+    return data
 
 
 def upgrade_saved_config(data: Any) -> Any:

@@ -98,6 +98,9 @@ class Trainer:
         self.parallelism = parallelism
         train = config.train
         self.sample_condition = networks.sample_condition  # Per-sample text conditions; None: class labels.
+        self.fake_train_guidance_scale = networks.fake_train_guidance_scale  # kappa1 of a guided fake score.
+        # The condition that replaces dropped prompts in the fake score's update (fake.prompt_dropout, SiD-LSG's).
+        self.null_condition = networks.fake.null_condition if config.fake.prompt_dropout else None
         prompts_on_host = False
         if hasattr(self.sample_condition, "draws_on_host"):  # Training prompts, cached or streamed.
             self.sample_condition.place(device)
@@ -336,6 +339,9 @@ class Trainer:
                 sigma = sigma_fake
             else:
                 (z, cond, sigma, noise), samples = self._draw(sigma_fake), None
+            if self.null_condition is not None:  # Drawn for the global batch, so any split drops the same prompts.
+                draw = torch.rand(cfg.train.batch_size, generator=self.rng, device=self.device)
+                cond = cond.where(draw >= cfg.fake.prompt_dropout, self.null_condition)
             augmentation = None
             if cfg.fake.augment_p:  # Drawn for the global batch, like the noise, so any split sees the same.
                 augmentation = draw_augmentation(cfg.train.batch_size, cfg.fake.augment_p, self.rng, self.device)
@@ -352,7 +358,8 @@ class Trainer:
                     x_g, labels = augment(x_g, augmentation[part]), augmentation[part].labels()
                 with autocast(self.precision, self.device):
                     return fake_score_loss(self.fake_train, x_g, sigma[part], noise[part], c, cfg.fake.sigma_data,
-                                           augment_labels=labels).float().mean()
+                                           augment_labels=labels,
+                                           guidance_scale=self.fake_train_guidance_scale).float().mean()
 
             loss_fake, grad_fake, outcome = self._update(fake_loss, self.fake_train, self.fake, self.opt_fake,
                                                          self.scaler_fake, self._warmup_lr(index))

@@ -6,13 +6,16 @@ Each follows the official code it names (file and line in docs/presets.md):
 - `karras_index`: DMD2 (`edm_guidance.py`): a uniform integer index into a Karras grid ordered from sigma_min (index
   0) up to sigma_max, between int(min_fraction N) and int(max_fraction N) inclusive (capped at N - 1).
 - `lognormal`: EDM's training distribution, SiD's fake-score loss.
+- `uniform_timestep`: SiD-LSG (`training/sid_training_loop.py`): a uniform integer DDPM timestep in [t_min, t_max)
+  (`torch.randint(tmin, tmax)`), at the noise level of that timestep on the teacher's beta schedule.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..config import KarrasIndexSigmaConfig, KarrasSigmaConfig, LogNormalSigmaConfig
+from ..config import KarrasIndexSigmaConfig, KarrasSigmaConfig, LogNormalSigmaConfig, UniformTimestepSigmaConfig
+from ..denoisers.diffusers.schedule import DDPMSigmaSchedule
 
 
 def karras_sigma(u: torch.Tensor, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
@@ -33,6 +36,12 @@ def karras_index_range(config: KarrasIndexSigmaConfig) -> tuple[int, int]:
     return low, max(low, high)
 
 
+def ddpm_sigmas(config: UniformTimestepSigmaConfig) -> torch.Tensor:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of timesteps 0..T-1 (float64) on the config's beta schedule."""
+    return DDPMSigmaSchedule.from_betas(config.beta_schedule, config.beta_start, config.beta_end,
+                                        config.num_train_timesteps).sigmas
+
+
 def sample_sigma(config, batch: int, generator: torch.Generator | None) -> torch.Tensor:
     """Draw `batch` noise levels (float32, on the CPU) from a sigma config."""
     if isinstance(config, KarrasSigmaConfig):
@@ -42,6 +51,8 @@ def sample_sigma(config, batch: int, generator: torch.Generator | None) -> torch
         ascending = karras_grid(config.num_levels, config.sigma_min, config.sigma_max, config.rho).flip(0)
         low, high = karras_index_range(config)
         sigma = ascending[torch.randint(low, high + 1, (batch,), generator=generator)]
+    elif isinstance(config, UniformTimestepSigmaConfig):
+        sigma = ddpm_sigmas(config)[torch.randint(config.t_min, config.t_max, (batch,), generator=generator)]
     elif isinstance(config, LogNormalSigmaConfig):
         sigma = (torch.randn(batch, generator=generator, dtype=torch.float64) * config.std_log + config.mean_log).exp()
     else:  # pragma: no cover - config validation rules this out

@@ -27,6 +27,9 @@ class Networks:
     # (batch, torch.Generator, device) -> per-sample conditions (text prompts); None: class labels or nothing.
     sample_condition: Callable | None = None
     pipeline: object | None = None  # A diffusers teacher's DiffusersTeacher (VAE, text encoders), for sampling.
+    # The guided fake score's CFG scale in its own loss (SiD-LSG's kappa1; in the generator loss it uses its stored
+    # scale, kappa2 = kappa3); None: a fake score without guidance.
+    fake_train_guidance_scale: float | None = None
 
 
 def check_teacher(config: RunConfig) -> None:
@@ -80,7 +83,7 @@ def build_networks(config: RunConfig, teacher: Denoiser | None = None, run_dir: 
 
         parts = text_to_image_networks(config, run_dir, prompts)
         return Networks(parts.teacher, parts.generator, parts.fake, parts.data_shape, 0, parts.sample_condition,
-                        parts.pipeline)
+                        parts.pipeline, parts.fake_train_guidance_scale)
     check_options_apply(config)
     teacher = teacher if teacher is not None else build_teacher(config.teacher)
     torch.manual_seed(config.train.seed)
@@ -112,7 +115,10 @@ def check_options_apply(config: RunConfig) -> None:
     """Refuse text-to-image options on a run whose teacher is not a diffusers pipeline."""
     unused = [key for key, value in (("generator.lora_rank", config.generator.lora_rank),
                                      ("fake.lora_rank", config.fake.lora_rank),
-                                     ("fake.guidance_scale", config.fake.guidance_scale != 1),
+                                     ("fake.train_guidance_scale", config.fake.train_guidance_scale != 1),
+                                     ("fake.generator_loss_guidance_scale",
+                                      config.fake.generator_loss_guidance_scale != 1),
+                                     ("fake.prompt_dropout", config.fake.prompt_dropout),
                                      ("prompts.path", config.prompts.path)) if value]
     if unused:
         raise ConfigError(f"{', '.join(unused)} only apply to text-to-image teachers (teacher.kind: diffusers), and "

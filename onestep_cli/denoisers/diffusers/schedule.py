@@ -43,6 +43,19 @@ class DDPMSigmaSchedule:
             raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod: it is not a DDPM-family scheduler.")
         return cls(scheduler.alphas_cumprod)
 
+    @classmethod
+    def from_betas(cls, beta_schedule: str, beta_start: float, beta_end: float,
+                   num_train_timesteps: int) -> DDPMSigmaSchedule:
+        """The schedule a diffusers DDPM-family scheduler builds from these settings (betas and their cumulative
+        product in float32, as diffusers computes them, so the levels equal a teacher's own)."""
+        if beta_schedule == "scaled_linear":
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+        elif beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+        else:
+            raise ValueError(f"beta_schedule {beta_schedule!r} is not supported; use scaled_linear or linear.")
+        return cls(torch.cumprod(1.0 - betas, dim=0))
+
     @property
     def num_timesteps(self) -> int:
         return len(self.sigmas)

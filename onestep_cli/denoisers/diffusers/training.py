@@ -11,9 +11,11 @@ from typing import Callable
 
 import torch
 
-from ...config import ConfigError, DiffusersTeacherConfig, RunConfig, resolve_asset_path
+from ...config import (ConfigError, DiffusersTeacherConfig, RunConfig, UniformTimestepSigmaConfig,
+                       resolve_asset_path)
 from ..base import Denoiser
 from ..generator import OneStepGenerator
+from .schedule import DDPMSigmaSchedule
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]  # Attention and MLP projections.
@@ -132,6 +134,7 @@ class TextToImageNetworks:
     data_shape: tuple[int, int, int]  # Latent (C, H, W).
     sample_condition: Callable | None  # A (Streaming)PromptSampler of the training prompts; None when not asked for.
     pipeline: object  # The DiffusersTeacher: VAE and text encoders, for sampling.
+    fake_train_guidance_scale: float | None = None  # kappa1: the fake score's CFG scale in its own loss.
 
 
 def text_to_image_networks(config: RunConfig, run_dir: Path | None = None, prompts: bool = True
@@ -139,7 +142,10 @@ def text_to_image_networks(config: RunConfig, run_dir: Path | None = None, promp
     """Guided frozen teacher; generator and fake score as float32 copies of its network (full, or LoRA adapters).
 
     Generator: `G(z, c) = D_gen(sigma_init z, sigma_init, c)` (no guidance: the teacher's is distilled into it).
-    Fake score: guided with `fake.guidance_scale` in both of its uses, as SiD-LSG's kappa1 = kappa2 = kappa3.
+    SiD-LSG's four guidance scales (its `training/sid_training_loop.py`): the teacher is guided with
+    teacher.guidance_scale (kappa4, `cfg_eval_real`); the fake score stores fake.generator_loss_guidance_scale, its
+    scale where the generator loss evaluates it (kappa2 = kappa3, `cfg_eval_fake`), and its own loss overrides it with
+    fake.train_guidance_scale (kappa1, `cfg_train_fake`), returned as `fake_train_guidance_scale`.
     """
     from . import GuidedDenoiser
 
@@ -155,6 +161,7 @@ def text_to_image_networks(config: RunConfig, run_dir: Path | None = None, promp
     teacher_config = config.teacher
     pipeline = load_text_teacher(teacher_config)
     data_shape = text_latent_shape(pipeline, teacher_config)
+    check_timestep_schedules(config, pipeline.denoiser)
     sample_condition = None
     if prompts:
         sample_condition = training_prompt_sampler(config, pipeline, run_dir)
@@ -168,10 +175,32 @@ def text_to_image_networks(config: RunConfig, run_dir: Path | None = None, promp
         copies.append(network.train())
     generator_denoiser, fake_denoiser = copies
     pipeline.denoiser.requires_grad_(False).eval()
-    teacher = pipeline.guided(teacher_config.guidance_scale)
-    fake = GuidedDenoiser(fake_denoiser, config.fake.guidance_scale)
+    teacher = pipeline.guided(teacher_config.guidance_scale)  # kappa4.
+    fake = GuidedDenoiser(fake_denoiser, config.fake.generator_loss_guidance_scale)  # kappa2 = kappa3.
     generator = OneStepGenerator(generator_denoiser, config.generator.sigma_init)
-    return TextToImageNetworks(teacher, generator, fake, data_shape, sample_condition, pipeline)
+    return TextToImageNetworks(teacher, generator, fake, data_shape, sample_condition, pipeline,
+                               config.fake.train_guidance_scale)  # kappa1.
+
+
+def check_timestep_schedules(config: RunConfig, denoiser) -> None:
+    """Refuse `uniform_timestep` noise levels whose beta schedule is not the teacher's: their timesteps would land
+    between the teacher's own levels, so the network would see other timesteps than the config names."""
+    schedule = getattr(denoiser, "schedule", None)
+    teacher = schedule.sigmas if isinstance(schedule, DDPMSigmaSchedule) else None
+    for key, sigma in (("objective.sigma", config.objective.sigma), ("fake.sigma", config.fake.sigma)):
+        if not isinstance(sigma, UniformTimestepSigmaConfig):
+            continue
+        ours = DDPMSigmaSchedule.from_betas(sigma.beta_schedule, sigma.beta_start, sigma.beta_end,
+                                            sigma.num_train_timesteps).sigmas
+        if teacher is not None and teacher.shape == ours.shape and torch.allclose(ours, teacher, rtol=1e-5):
+            continue
+        theirs = ("no DDPM schedule" if teacher is None else
+                  f"{len(teacher)} timesteps, sigma {float(teacher[0]):.4g} to {float(teacher[-1]):.4g}")
+        raise ConfigError(f"{key}.kind=uniform_timestep draws the timesteps of a {sigma.beta_schedule} schedule, "
+                          f"betas {sigma.beta_start:g} to {sigma.beta_end:g} over {sigma.num_train_timesteps} "
+                          f"timesteps (sigma {float(ours[0]):.4g} to {float(ours[-1]):.4g}), but the teacher's "
+                          f"schedule differs ({theirs}); set {key}.beta_schedule, beta_start, beta_end and "
+                          f"num_train_timesteps to its scheduler_config.json values, or use another {key}.kind.")
 
 
 def training_prompt_sampler(config: RunConfig, pipeline, run_dir: Path | None):
