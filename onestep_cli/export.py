@@ -1,4 +1,5 @@
-"""Export a trained generator: a diffusers pipeline folder that runs it in one step, or plain safetensors + JSON.
+"""Export a trained generator: a diffusers pipeline folder that runs it in one step, its LoRA adapter alone, or plain
+safetensors + JSON.
 
 The diffusers folder is the teacher's pipeline with two parts replaced:
 
@@ -11,11 +12,17 @@ The diffusers folder is the teacher's pipeline with two parts replaced:
 
 Call it with `guidance_scale=1.0` (guidance is distilled into the generator; the pipelines' defaults would apply it a
 second time) and, for the same image as `onestep sample`, `generator=torch.Generator().manual_seed(seed)`.
+
+A LoRA run (generator.lora_rank > 0) can instead export its adapter alone: `pytorch_lora_weights.safetensors` in
+diffusers' layout (peft key names under `unet.` or `transformer.`, the LoraConfig in the file's metadata), which the
+teacher's own pipeline reads with `load_lora_weights(folder)`, plus the one-step scheduler above in `scheduler/`. The
+teacher's weights plus the adapter are the generator, because LoRA training leaves every base weight frozen.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import shutil
@@ -26,8 +33,9 @@ import torch
 from .config import ConfigError, config_to_yaml
 from .jsonio import to_json
 
-FORMATS = ("diffusers", "safetensors")
+FORMATS = ("diffusers", "lora", "safetensors")
 EXPORT_FORMAT = "onestep-generator-1"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # The file name diffusers' `load_lora_weights(folder)` looks for.
 
 
 def export_run(source: str | Path, out: str | Path, format: str = "diffusers") -> dict:
@@ -43,12 +51,14 @@ def export_run(source: str | Path, out: str | Path, format: str = "diffusers") -
     provenance = {"source": str(Path(source).resolve()), "step": loaded.step, "kimg": loaded.kimg,
                   "sigma_init": loaded.generator.sigma_init}
     if loaded.pipeline is None:
-        if format == "diffusers":
+        if format != "safetensors":
             raise ConfigError(f"{source} distils a {loaded.config.teacher.kind} teacher, which has no diffusers "
                               "pipeline; export it with --format safetensors.")
         return _write_safetensors(loaded.generator.state_dict(), out, {
             **provenance, "data_shape": list(loaded.data_shape), "label_dim": loaded.label_dim,
             "config": json.loads(json.dumps(loaded.config.model_dump(mode="json")))})
+    if format == "lora":
+        return write_lora(loaded, out, provenance)
     network = merged_network(loaded.generator.denoiser.model)
     teacher = loaded.pipeline
     info = {**provenance, "teacher": teacher.source, "network_class": type(network).__name__,
@@ -92,8 +102,7 @@ def one_step_scheduler(teacher_scheduler_config, sigma_init: float, sigma_min: f
 def write_diffusers(network, teacher, out: Path, info: dict, config) -> dict:
     """The teacher's pipeline folder with the generator's network and a one-step scheduler (see the module doc)."""
     folder = Path(teacher.folder)
-    part = "unet" if (folder / "unet").is_dir() and getattr(teacher.pipeline, "unet", None) is not None \
-        else "transformer"
+    part = network_part(teacher)
     out.mkdir(parents=True, exist_ok=True)
     for entry in folder.iterdir():
         if entry.name in (part, "scheduler", "model_index.json"):
@@ -117,6 +126,120 @@ def write_diffusers(network, teacher, out: Path, info: dict, config) -> dict:
                 "not trained for. guidance_scale must be 1.0: guidance is already distilled in."}, indent=1))
     (out / "onestep_config.yaml").write_text(config_to_yaml(config))
     return {"out": str(out), "format": "diffusers", "network": part, "call": call, **_summary(info)}
+
+
+def network_part(teacher) -> str:
+    """The pipeline component the generator replaces or adapts: `unet` or `transformer`."""
+    has_unet = (Path(teacher.folder) / "unet").is_dir() and getattr(teacher.pipeline, "unet", None) is not None
+    return "unet" if has_unet else "transformer"
+
+
+def write_lora(loaded, out: Path, provenance: dict) -> dict:
+    """The generator's LoRA adapter for the teacher's pipeline, its one-step scheduler and how to load both."""
+    from diffusers.loaders.lora_base import LoraBaseMixin
+    from peft.utils import get_peft_model_state_dict
+
+    config, teacher, model = loaded.config, loaded.pipeline, loaded.generator.denoiser.model
+    if not config.generator.lora_rank:
+        raise ConfigError(f"{provenance['source']} trained every weight of its generator (generator.lora_rank: 0), "
+                          "so it has no LoRA adapter to export; use --format diffusers, which writes the whole network "
+                          "into a pipeline folder.")
+    moved = _moved_base_weight(model, teacher.denoiser.model)
+    if moved:
+        raise ConfigError(f"the generator's frozen weight {moved} differs from the teacher's at {teacher.source}: the "
+                          "teacher changed since training, so the adapter alone would not give this generator; use "
+                          "--format diffusers, which carries the whole network.")
+    part, pipeline_class = network_part(teacher), type(teacher.pipeline)
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    lora_config = model.peft_config["default"].to_dict()  # As diffusers' LoRA training scripts record it.
+    has_loader = issubclass(pipeline_class, LoraBaseMixin)
+    out.mkdir(parents=True, exist_ok=True)
+    if has_loader:
+        pipeline_class.save_lora_weights(out, weight_name=LORA_WEIGHTS, **{
+            f"{part}_lora_layers": layers, f"{part}_lora_adapter_metadata": lora_config})
+    else:  # PixArt's pipeline has no LoRA loader: the same layout, loaded with peft (README.md).
+        LoraBaseMixin.write_lora_layers(
+            LoraBaseMixin.pack_weights(layers, part), str(out), is_main_process=True, weight_name=LORA_WEIGHTS,
+            save_function=None, safe_serialization=True,
+            lora_adapter_metadata={f"{part}.{key}": value for key, value in lora_config.items()})
+    one_step_scheduler(teacher.pipeline.scheduler.config, provenance["sigma_init"],
+                       teacher.sigma_min).save_pretrained(out / "scheduler")
+    lora = {"r": lora_config["r"], "lora_alpha": lora_config["lora_alpha"],
+            "target_modules": sorted(lora_config["target_modules"])}
+    info = {"format": EXPORT_FORMAT, **provenance, "teacher": teacher.source,
+            "teacher_revision": config.teacher.revision, "pipeline_class": pipeline_class.__name__, "network": part,
+            "weights": LORA_WEIGHTS, "lora": lora, "loader": "load_lora_weights" if has_loader else "peft",
+            "scheduler": "scheduler/",
+            "note": "Load the teacher's pipeline, then this adapter and scheduler/ as README.md shows. One step only, "
+                    "guidance_scale 1.0: guidance is already distilled in."}
+    (out / "onestep.json").write_text(to_json(info, indent=1))
+    (out / "README.md").write_text(lora_readme(info, pipeline_class, out))
+    (out / "onestep_config.yaml").write_text(config_to_yaml(config))
+    return {"out": str(out), "format": "lora", "network": part, "teacher": teacher.source, "rank": lora["r"],
+            "loader": info["loader"], "files": [LORA_WEIGHTS, "scheduler/", "onestep.json", "README.md",
+                                                "onestep_config.yaml"], **_summary(provenance)}
+
+
+def _moved_base_weight(model: torch.nn.Module, teacher_model: torch.nn.Module) -> str | None:
+    """The first non-LoRA weight of `model` that is not the teacher's (up to the EMA's float rounding), or None."""
+    theirs = teacher_model.state_dict()
+    for key, value in model.state_dict().items():
+        name = key.replace(".base_layer.", ".")
+        if "lora_" not in key and not torch.allclose(value.float(), theirs[name].float(), rtol=1e-4, atol=1e-6):
+            return name
+    return None
+
+
+LORA_README = '''# One-step generator as a LoRA adapter
+
+The step-{step} generator of the onestep run {source}: a rank-{rank} LoRA adapter of the {part} of the teacher
+{teacher}, and in `scheduler/` the Euler scheduler whose single step starts at sigma_init = {sigma_init}.
+
+```python
+{imports}import torch
+from diffusers import DiffusionPipeline, EulerDiscreteScheduler
+
+folder = {out}
+pipe = DiffusionPipeline.from_pretrained({teacher}{revision})
+{load}
+pipe.scheduler = EulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+image = pipe(prompt, num_inference_steps=1, guidance_scale=1.0{extra},
+             generator=torch.Generator().manual_seed(seed)).images[0]
+```
+
+One step only, and `guidance_scale=1.0`: guidance is already distilled into the generator. With the same prompt and
+seed this is the image `onestep sample` writes. `onestep.json` records the run, step and LoRA settings,
+`onestep_config.yaml` the run's config.
+'''
+
+PEFT_IMPORTS = '''import json
+from pathlib import Path
+
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+'''
+
+PEFT_LOAD = '''lora = json.loads((Path(folder) / "onestep.json").read_text())["lora"]
+inject_adapter_in_model(LoraConfig(**lora), pipe.{part})
+weights = load_file(str(Path(folder) / "{weights}"))
+set_peft_model_state_dict(pipe.{part}, {{key.removeprefix("{part}."): value for key, value in weights.items()}})'''
+
+
+def lora_readme(info: dict, pipeline_class, out: Path) -> str:
+    """How to run the exported adapter (`info`: its onestep.json) in one step: diffusers' `load_lora_weights`, or peft
+    where the pipeline has no LoRA loader (PixArt); prompt cleaning and resolution binning off where the pipeline has
+    them, as onestep encodes prompts uncleaned at the run's size."""
+    parameters = inspect.signature(pipeline_class.__call__).parameters
+    extra = "".join(f", {name}=False" for name in ("use_resolution_binning", "clean_caption") if name in parameters)
+    peft = info["loader"] == "peft"
+    part = info["network"]
+    revision = f", revision={json.dumps(info['teacher_revision'])}" if info["teacher_revision"] else ""
+    return LORA_README.format(
+        step=info["step"], source=info["source"], rank=info["lora"]["r"], part=part,
+        teacher=json.dumps(info["teacher"]), revision=revision, sigma_init=info["sigma_init"],
+        out=json.dumps(str(out)), extra=extra,
+        imports=PEFT_IMPORTS + "\n" if peft else "",
+        load=PEFT_LOAD.format(part=part, weights=LORA_WEIGHTS) if peft else "pipe.load_lora_weights(folder)")
 
 
 def _write_safetensors(state: dict, out: Path, info: dict) -> dict:

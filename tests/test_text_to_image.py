@@ -28,6 +28,7 @@ from onestep_cli.engine.trainer import Trainer, make_optimizer  # noqa: E402
 from onestep_cli.sampling import generate_text_to_image  # noqa: E402
 
 from host_data import tensors_from_host_data  # noqa: E402
+from test_export_lora import readme_namespace  # noqa: E402
 from test_diffusers_adapters import build_pixart, build_sd, build_sdxl  # noqa: E402
 
 PRESET_TEACHERS = {"sd15-sid": "sd", "sdxl-sim": "sdxl", "sdxl-dmd2": "sdxl", "pixart-sim": "pixart"}
@@ -247,7 +248,9 @@ def test_export_round_trip_matches_onestep_sample(cli, tiny, sd_run, tmp_path):
 @pytest.mark.e2e
 @pytest.mark.parametrize("preset", ["sdxl-dmd2", "pixart-sim"])
 def test_export_round_trip_sdxl_and_pixart_with_lora(cli, tiny, preset, tmp_path):
-    """LoRA runs export merged weights; SDXL's time ids and PixArt's learned-sigma output go through diffusers."""
+    """LoRA runs export merged weights; SDXL's time ids and PixArt's learned-sigma output go through diffusers. Their
+    adapter alone (--format lora) loads into the teacher's pipeline as its README.md says: with diffusers'
+    `load_lora_weights` for SDXL, with peft for PixArt (whose pipeline has no LoRA loader)."""
     config = tiny_config(tiny, preset, "train.max_steps=1", "generator.lora_rank=4", "fake.lora_rank=4",
                          "train.generator_lr=1e-2", "train.ema_halflife_kimg=null")  # Export the raw generator.
     run = tmp_path / "run"
@@ -262,6 +265,17 @@ def test_export_round_trip_sdxl_and_pixart_with_lora(cli, tiny, preset, tmp_path
     assert cli.invoke("export", run, "--out", out).exit_code == 0
     _, images = _pipeline_images(out, PROMPTS[0], [5], **extra)
     assert (images - ours).abs().max() < 1e-4
+
+    adapter = tmp_path / "lora"
+    assert cli.invoke("export", run, "--out", adapter, "--format", "lora").exit_code == 0
+    assert json.loads((adapter / "onestep.json").read_text())["loader"] == \
+        ("peft" if preset == "pixart-sim" else "load_lora_weights")
+    namespace = readme_namespace(adapter, prompt=PROMPTS[0], seed=5)
+    assert np.abs(np.asarray(namespace["image"], dtype=np.float64) - (ours[0].permute(1, 2, 0).numpy() * 255).round()
+                  ).max() <= 1  # The README's own call, PixArt's options included, up to uint8 rounding.
+    adapted = namespace["pipe"](PROMPTS[0], num_inference_steps=1, guidance_scale=1.0, output_type="pt",
+                                generator=torch.Generator().manual_seed(5), **extra).images
+    assert (adapted - ours).abs().max() < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------------------
