@@ -187,6 +187,11 @@ def test_cli_distills_samples_and_exports_a_two_step_digits_generator(cli, tmp_p
     expected = ((images.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).squeeze(-1).numpy()
     assert np.abs(written.astype(np.float64) - expected.reshape(written.shape)).max() <= 1
     assert (images - one_step).abs().max() > 1e-2  # The file holds the two-step samples, not the first step's.
+    from onestep_cli.sampling import generator_source
+
+    in_memory = generator_source(loaded.generator, [0, 1, 2, 3], loaded.data_shape, loaded.label_dim)
+    (_, batch), = in_memory.batches(4)
+    assert np.array_equal(batch[..., 0], written.reshape(batch.shape[:3]))  # What `onestep eval RUN` scores.
     weights = tmp_path / "weights"
     result = cli.invoke("export", run, "--out", weights, "--format", "safetensors", "--json")
     assert result.exit_code == 0, result.output
