@@ -13,6 +13,10 @@ networks up to floating-point summation order, and any rank count can resume any
 The order of updates inside a step is train.update_order: SiD's (k fake updates, then the generator) or DMD2's
 (the generator, then k fake updates, the first on the samples the generator update drew, before it changed them).
 
+A multi-step generator (generator.num_steps > 1) is trained by DMD2's backward simulation: each update draws one step
+index on the host, and its samples are the generator's estimate at that step, made from the generator's own earlier
+steps without gradients; the re-noising noise is drawn with the batch's other noise.
+
 Under train.cuda_graph the device part of the step (`_iteration`, everything but drawing the noise levels and
 computing the EMA's decay on the CPU) is recorded once as a CUDA graph and replayed (`cuda_graph.py`); its checks for
 NaN/inf are deferred: the fused optimizer skips a non-finite update on the GPU, and the host reads the count of
