@@ -230,6 +230,22 @@ class GeneratorConfig(Strict):
     mlp: MLPConfig = MLPConfig()
     lora_rank: Int = Field(0, ge=0)  # Diffusers teachers: 0 trains every weight, r > 0 only rank-r LoRA adapters.
     dropout: Dropout = None  # EDM teachers: dropout probability in the generator's U-Net blocks; None: the teacher's.
+    # Denoiser steps per sample, re-noised in between (DMD2's multi-step generator, trained by backward simulation).
+    num_steps: Int = Field(1, ge=1)
+    # The noise level of each step, decreasing (overrides sigma_init); None: the default schedule (docs/guide.md).
+    step_sigmas: list[Annotated[Float, Field(gt=0)]] | None = None
+
+    @model_validator(mode="after")
+    def _check_step_sigmas(self):
+        sigmas = self.step_sigmas
+        if sigmas is None:
+            return self
+        if len(sigmas) != self.num_steps:
+            raise ValueError(f"generator.step_sigmas has {len(sigmas)} levels but generator.num_steps is "
+                             f"{self.num_steps}; give one level per step, or set generator.num_steps={len(sigmas)}")
+        if any(later >= earlier for earlier, later in zip(sigmas, sigmas[1:])):
+            raise ValueError(f"generator.step_sigmas must decrease from the first step to the last, got {sigmas}")
+        return self
 
 
 # `fake.guidance_scale` is shorthand for both of the fake score's guidance scales (SiD-LSG's kappa1 = kappa2 = kappa3).

@@ -1,14 +1,21 @@
-"""Export a trained generator: a diffusers pipeline folder that runs it in one step, its LoRA adapter alone, or plain
-safetensors + JSON.
+"""Export a trained generator: a diffusers pipeline folder that runs its steps, its LoRA adapter alone,
+or plain safetensors + JSON.
 
 The diffusers folder is the teacher's pipeline with two parts replaced:
 
 - the network (`unet/` or `transformer/`): the generator's weights, LoRA adapters merged in;
-- the scheduler: an `EulerDiscreteScheduler` on the teacher's own DDPM schedule with `use_karras_sigmas`,
+- the scheduler. One step: an `EulerDiscreteScheduler` on the teacher's own DDPM schedule with `use_karras_sigmas`,
   `sigma_max = sigma_init` and `timestep_spacing = "trailing"`. With `num_inference_steps=1` its one level is exactly
   sigma_init, so the pipeline starts from `sigma_init * z`, gives the network `x / sqrt(1 + sigma_init^2)` at the
   fractional timestep of sigma_init (log-sigma interpolation, the rule our adapter uses), and its Euler step to
   sigma = 0 returns the network's x0 estimate: the generator's `D(sigma_init z, sigma_init, c)`, decoded by the VAE.
+  N steps (generator.num_steps): an `LCMScheduler`, DMD2's multi-step sampler (tianweiy/DMD2 README), on the
+  teacher's schedule. It starts from unit noise, as the generator's first step does, and each step takes the
+  network's x0 estimate and re-noises it to the next step's timestep with noise drawn from the call's generator,
+  as `onestep sample` draws it per seed. Its `original_inference_steps` is the number of training timesteps, so
+  `num_inference_steps=N` gives DMD2's timesteps T-1, T-1-T//N, ... (where N divides T), and `timestep_scaling` is
+  large enough that its consistency-model boundary terms (c_skip, c_out) are exactly 0 and 1 in float32. Other
+  step levels are passed as `timesteps=[...]`, written into onestep.json's call.
 
 Call it with `guidance_scale=1.0` (guidance is distilled into the generator; the pipelines' defaults would apply it a
 second time) and, for the same image as `onestep sample`, `generator=torch.Generator().manual_seed(seed)`.
@@ -24,6 +31,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -50,6 +58,8 @@ def export_run(source: str | Path, out: str | Path, format: str = "diffusers") -
     loaded = load_generator_source(Path(source))
     provenance = {"source": str(Path(source).resolve()), "step": loaded.step, "kimg": loaded.kimg,
                   "sigma_init": loaded.generator.sigma_init}
+    if loaded.generator.num_steps > 1:
+        provenance.update(num_steps=loaded.generator.num_steps, step_sigmas=list(loaded.generator.step_sigmas))
     if loaded.pipeline is None:
         if format != "safetensors":
             raise ConfigError(f"{source} distils a {loaded.config.teacher.kind} teacher, which has no diffusers "
@@ -68,7 +78,7 @@ def export_run(source: str | Path, out: str | Path, format: str = "diffusers") -
             "scheduler_config": dict(teacher.pipeline.scheduler.config)}
     if format == "safetensors":
         return _write_safetensors(network.state_dict(), out, info)
-    return write_diffusers(network, teacher, out, info, loaded.config)
+    return write_diffusers(network, teacher, out, info, loaded.config, loaded.generator)
 
 
 def merged_network(model: torch.nn.Module) -> torch.nn.Module:
@@ -99,8 +109,39 @@ def one_step_scheduler(teacher_scheduler_config, sigma_init: float, sigma_min: f
         interpolation_type="linear", timestep_type="discrete", final_sigmas_type="zero")
 
 
-def write_diffusers(network, teacher, out: Path, info: dict, config) -> dict:
-    """The teacher's pipeline folder with the generator's network and a one-step scheduler (see the module doc)."""
+LCM_TIMESTEP_SCALING = 1e6  # c_skip = 0.25 / (1e6 t)^2 < 3e-13 for t >= 1: the boundary terms vanish in float32.
+
+
+def multi_step_scheduler(teacher_scheduler_config, schedule, step_sigmas) -> tuple[object, list[int] | None]:
+    """An LCMScheduler that runs the generator's steps, and the `timesteps=` a call must pass (None: the scheduler's
+    own for `num_inference_steps=N` are the generator's). ConfigError for steps off the teacher's integer timesteps."""
+    from diffusers import LCMScheduler
+
+    timesteps = [_integer_timestep(schedule, sigma) for sigma in step_sigmas]
+    num_train_timesteps = schedule.num_timesteps
+    scheduler = LCMScheduler.from_config(
+        teacher_scheduler_config, original_inference_steps=num_train_timesteps, timestep_scaling=LCM_TIMESTEP_SCALING,
+        clip_sample=False, thresholding=False, set_alpha_to_one=True)
+    scheduler.set_timesteps(len(timesteps))
+    own = [int(t) for t in scheduler.timesteps]
+    return scheduler, (None if own == timesteps else timesteps)
+
+
+def _integer_timestep(schedule, sigma: float) -> int:
+    """The teacher timestep whose level is `sigma`; ConfigError if none is (LCMScheduler takes whole timesteps)."""
+    sigmas = schedule.sigmas
+    index = int((sigmas.log() - math.log(sigma)).abs().argmin())
+    if index < 1 or abs(float(sigmas[index]) / float(sigma) - 1) > 1e-5:
+        raise ConfigError(
+            f"generator.step_sigmas holds {sigma:g}, which is not the level of a timestep from 1 to "
+            f"{len(sigmas) - 1} of the teacher's schedule, so diffusers' LCMScheduler cannot run that step; "
+            "export with --format safetensors, or train with the default step levels (generator.step_sigmas: null).")
+    return index
+
+
+def write_diffusers(network, teacher, out: Path, info: dict, config, generator) -> dict:
+    """The teacher's pipeline folder with the generator's network and a scheduler of its steps (see the module
+    doc)."""
     folder = Path(teacher.folder)
     part = network_part(teacher)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,18 +153,27 @@ def write_diffusers(network, teacher, out: Path, info: dict, config) -> dict:
         else:
             _link_or_copy(entry, out / entry.name)
     network.save_pretrained(out / part, safe_serialization=True)
-    scheduler = one_step_scheduler(teacher.pipeline.scheduler.config, info["sigma_init"], teacher.sigma_min)
+    steps, timesteps = generator.num_steps, None
+    if steps == 1:
+        scheduler = one_step_scheduler(teacher.pipeline.scheduler.config, info["sigma_init"], teacher.sigma_min)
+    else:
+        scheduler, timesteps = multi_step_scheduler(teacher.pipeline.scheduler.config, generator.denoiser.schedule,
+                                                    generator.step_sigmas)
     scheduler.save_pretrained(out / "scheduler")
     index = json.loads((folder / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", type(scheduler).__name__]
     (out / "model_index.json").write_text(to_json(index, indent=2))
-    call = ("DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=1, guidance_scale=1.0, "
+    steps_argument = f"timesteps={timesteps}" if timesteps else f"num_inference_steps={steps}"
+    call = (f"DiffusionPipeline.from_pretrained(folder)(prompt, {steps_argument}, guidance_scale=1.0, "
             "generator=torch.Generator().manual_seed(seed))")
+    note = ("One step only: more inference steps run a Karras schedule below sigma_init that the generator was not "
+            "trained for." if steps == 1 else
+            f"{steps} steps, at the timesteps the generator was trained on; other step counts run timesteps it was "
+            "not trained for.")
     (out / "onestep.json").write_text(to_json({
         "format": EXPORT_FORMAT, **{k: v for k, v in info.items() if k not in ("network_config", "scheduler_config")},
         "network": part, "call": call,
-        "note": "One step only: more inference steps run a Karras schedule below sigma_init that the generator was "
-                "not trained for. guidance_scale must be 1.0: guidance is already distilled in."}, indent=1))
+        "note": note + " guidance_scale must be 1.0: guidance is already distilled in."}, indent=1))
     (out / "onestep_config.yaml").write_text(config_to_yaml(config))
     return {"out": str(out), "format": "diffusers", "network": part, "call": call, **_summary(info)}
 
@@ -144,6 +194,10 @@ def write_lora(loaded, out: Path, provenance: dict) -> dict:
         raise ConfigError(f"{provenance['source']} trained every weight of its generator (generator.lora_rank: 0), "
                           "so it has no LoRA adapter to export; use --format diffusers, which writes the whole network "
                           "into a pipeline folder.")
+    if loaded.generator.num_steps > 1:
+        raise ConfigError(f"{provenance['source']} is a {loaded.generator.num_steps}-step generator; the LoRA export "
+                          "writes a one-step scheduler beside the adapter, so use --format diffusers, whose scheduler "
+                          "runs its steps.")
     moved = _moved_base_weight(model, teacher.denoiser.model)
     if moved:
         raise ConfigError(f"the generator's frozen weight {moved} differs from the teacher's at {teacher.source}: the "
@@ -253,7 +307,7 @@ def _write_safetensors(state: dict, out: Path, info: dict) -> dict:
 
 
 def _summary(info: dict) -> dict:
-    return {k: info[k] for k in ("source", "step", "kimg", "sigma_init") if k in info}
+    return {k: info[k] for k in ("source", "step", "kimg", "sigma_init", "num_steps", "step_sigmas") if k in info}
 
 
 def _link_or_copy(source, destination) -> None:

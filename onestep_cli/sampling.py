@@ -1,4 +1,5 @@
-"""One-step generation with per-sample seeds, and the teacher's reference sampler (EDM Heun)."""
+"""Generation with per-sample seeds (one step, or a multi-step generator's steps), and the teacher's reference sampler
+(EDM Heun)."""
 
 from __future__ import annotations
 
@@ -45,15 +46,44 @@ def parse_seeds(text: str) -> list[int]:
 
 def seeded_latents(seeds: list[int], shape: tuple[int, ...], label_dim: int = 0, device="cpu"):
     """Noise (and one-hot class labels) for each seed, independent of batch composition."""
-    latents, labels = [], []
+    return seeded_inputs(seeds, shape, label_dim, device)[:2]
+
+
+def seeded_inputs(seeds: list[int], shape: tuple[int, ...], label_dim: int = 0, device="cpu", num_steps: int = 1):
+    """(noise, one-hot labels or None, re-noising noise [batch, num_steps - 1, ...] or None for one step) per seed.
+
+    Each seed's generator draws its noise, then its label, then one noise per later step: the order in which a
+    diffusers pipeline called with `generator=torch.Generator().manual_seed(seed)` draws its latents and then its
+    scheduler's step noise."""
+    latents, labels, step_noise = [], [], []
     for seed in seeds:
         rng = torch.Generator().manual_seed(int(seed))
         latents.append(torch.randn(shape, generator=rng))
         if label_dim:
             labels.append(torch.randint(label_dim, (), generator=rng))
+        if num_steps > 1:
+            step_noise.append(torch.stack([torch.randn(shape, generator=rng) for _ in range(num_steps - 1)]))
     z = torch.stack(latents).to(device)
     cond = torch.nn.functional.one_hot(torch.stack(labels), label_dim).float().to(device) if label_dim else None
-    return z, cond
+    return z, cond, (torch.stack(step_noise).to(device) if step_noise else None)
+
+
+def generator_steps(model) -> int:
+    """The denoiser steps `model(z, cond)` takes per sample: a generator's num_steps, 1 for other samplers."""
+    return getattr(model, "num_steps", 1)
+
+
+def generator_sampler(generator) -> dict:
+    """How a generator makes a sample, for samples.json and eval results: its sampler, evaluations and step levels."""
+    steps = generator_steps(generator)
+    if steps == 1:
+        return {"sampler": "one_step", "nfe": 1}
+    return {"sampler": "multi_step", "nfe": steps, "step_sigmas": list(generator.step_sigmas)}
+
+
+def run_generator(model, z: torch.Tensor, cond, step_noise: torch.Tensor | None) -> torch.Tensor:
+    """`model(z, cond)`, with the seeds' re-noising noise for a multi-step generator."""
+    return model(z, cond) if step_noise is None else model(z, cond, step_noise)
 
 
 def seed_labels(seeds: list[int], shape, label_dim: int = 0) -> np.ndarray | None:
@@ -66,19 +96,20 @@ def seed_labels(seeds: list[int], shape, label_dim: int = 0) -> np.ndarray | Non
 
 @torch.no_grad()
 def generate(generator, seeds: list[int], shape, label_dim=0, batch_size=1024, device="cpu") -> torch.Tensor:
-    """One-step samples for `seeds`, float32 on the CPU, in seed order."""
+    """The generator's samples for `seeds`, float32 on the CPU, in seed order."""
     return generate_with_labels(generator, seeds, shape, label_dim, batch_size, device)[0]
 
 
 @torch.no_grad()
 def generate_with_labels(generator, seeds: list[int], shape, label_dim=0, batch_size=1024, device="cpu"
                          ) -> tuple[torch.Tensor, np.ndarray | None]:
-    """One-step samples for `seeds` (float32 on the CPU, in seed order) and their class indices (None if
+    """The generator's samples for `seeds` (float32 on the CPU, in seed order) and their class indices (None if
     unconditional)."""
     out, labels = [], []
     for start in range(0, len(seeds), batch_size):
-        z, cond = seeded_latents(seeds[start:start + batch_size], shape, label_dim, device)
-        out.append(generator(z, cond).float().cpu())
+        z, cond, step_noise = seeded_inputs(seeds[start:start + batch_size], shape, label_dim, device,
+                                            generator_steps(generator))
+        out.append(run_generator(generator, z, cond, step_noise).float().cpu())
         if cond is not None:
             labels.append(cond.argmax(dim=1).cpu().numpy())
     return torch.cat(out), (np.concatenate(labels) if labels else None)
@@ -151,9 +182,9 @@ def text_to_image_batch(model, pipeline, cond, seeds: list[int], shape, device, 
     """Decoded images in [-1, 1] (float32, on `device`) of `model` on the seeds' noise with conditions `cond` (one
     row per seed); the model runs under `precision`, the VAE as loaded."""
     device = torch.device(device)
-    z, _ = seeded_latents(seeds, shape, device=device)
+    z, _, step_noise = seeded_inputs(seeds, shape, device=device, num_steps=generator_steps(model))
     with generation_autocast(precision, device):
-        latents = model(z, cond.to(device)).float()
+        latents = run_generator(model, z, cond.to(device), step_noise).float()
     return pipeline.decode(latents).float()
 
 
@@ -196,9 +227,9 @@ def generator_source(generator, seeds: list[int], shape, label_dim: int = 0, bat
     @torch.no_grad()
     def read(start: int, stop: int) -> np.ndarray:
         # `generate` for one batch, without its float32 copy to the host.
-        z, cond = seeded_latents(seeds[start:stop], shape, label_dim, device)
+        z, cond, step_noise = seeded_inputs(seeds[start:stop], shape, label_dim, device, generator_steps(generator))
         with generation_autocast(precision, device):
-            images = generator(z, cond).float()
+            images = run_generator(generator, z, cond, step_noise).float()
         return as_uint8_nhwc(images, description)  # Quantised on `device`: elementwise, the same bits as on the CPU.
 
     def labels(start: int, stop: int) -> np.ndarray:  # The classes `generate` drew for these seeds.

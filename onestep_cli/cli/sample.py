@@ -45,7 +45,7 @@ def sample_command(
     from ..runs.loading import load_generator_source
     from ..runtime.precision import resolve_device
     from ..sample_io import write_samples
-    from ..sampling import generate, generate_teacher, seed_labels
+    from ..sampling import generate, generate_teacher, generator_sampler, seed_labels
 
     seed_list = resolve_seeds(num, seeds)
     out = output_folder(out)
@@ -58,7 +58,7 @@ def sample_command(
         what = {"model": "teacher", "sampler": "edm_heun", "steps": steps, "nfe": 2 * steps - 1}
     else:
         samples = generate(loaded.generator, seed_list, loaded.data_shape, loaded.label_dim, batch, device)
-        what = {"model": "generator", "sampler": "one_step", "nfe": 1, "step": loaded.step, "kimg": loaded.kimg}
+        what = {"model": "generator", **generator_sampler(loaded.generator), "step": loaded.step, "kimg": loaded.kimg}
     meta = {"source": str(Path(source).resolve()), **what, "seeds": seeds or f"0-{len(seed_list) - 1}"}
     labels = seed_labels(seed_list, loaded.data_shape, loaded.label_dim)
     written = write_samples(samples, seed_list, out, meta, labels)
@@ -71,7 +71,7 @@ def sample_command(
 def _sample_text(loaded, source, prompts, seed_list, seeds, out, teacher, steps, batch, device, as_json):
     from ..denoisers.diffusers import read_prompts
     from ..sample_io import write_prompt_samples
-    from ..sampling import generate_text_to_image, teacher_sampler
+    from ..sampling import generate_text_to_image, generator_sampler, teacher_sampler
 
     if loaded.pipeline is None:
         raise UsageError(f"--prompts needs a text-to-image run (teacher.kind: diffusers); {source} distils a "
@@ -87,7 +87,7 @@ def _sample_text(loaded, source, prompts, seed_list, seeds, out, teacher, steps,
                 "guidance_scale": loaded.config.teacher.guidance_scale}
     else:
         model = loaded.generator
-        what = {"model": "generator", "sampler": "one_step", "nfe": 1, "step": loaded.step, "kimg": loaded.kimg}
+        what = {"model": "generator", **generator_sampler(loaded.generator), "step": loaded.step, "kimg": loaded.kimg}
     images = generate_text_to_image(model, loaded.pipeline, texts, seed_list, loaded.data_shape, batch, device)
     meta = {"source": str(Path(source).resolve()), **what, "seeds": seeds or f"0-{len(seed_list) - 1}",
             "prompt_file": str(prompts)}

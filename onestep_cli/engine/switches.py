@@ -63,10 +63,13 @@ class EngineSwitches:
 
 
 def cuda_graph_obstacles(precision: str, world_size: int, prompts_on_host: bool | str, parallelism: str = "ddp",
-                         lr_warmup: bool = False) -> list[str]:
+                         lr_warmup: bool = False, generator_steps: int = 1) -> list[str]:
     """Why this run's step cannot be one static CUDA graph (empty: it can, on a CUDA device). `prompts_on_host`: each
     step's prompts come through the CPU: True (too many cached conditions for the GPU), or the reason, a phrase."""
     reasons = []
+    if generator_steps > 1:
+        reasons.append(f"generator.num_steps={generator_steps} runs a different number of generator steps in each "
+                       "update (set generator.num_steps=1)")
     if lr_warmup:
         reasons.append("train.lr_warmup_iterations changes the learning rate on the host every update (set it to 0)")
     if parallelism == "fsdp":
@@ -95,15 +98,17 @@ def _cuda_graph(setting, obstacles: list[str], on_cuda: bool) -> bool:
 
 
 def use_cuda_graph(setting, precision: str, env, prompts_on_host: bool | str, device, parallelism: str = "ddp",
-                   lr_warmup: bool = False) -> bool:
+                   lr_warmup: bool = False, generator_steps: int = 1) -> bool:
     """train.cuda_graph alone resolved for the process group `env` on `device` (see `_cuda_graph`)."""
-    obstacles = cuda_graph_obstacles(precision, env.world_size, prompts_on_host, parallelism, lr_warmup)
+    obstacles = cuda_graph_obstacles(precision, env.world_size, prompts_on_host, parallelism, lr_warmup,
+                                     generator_steps)
     return _cuda_graph(setting, obstacles, device.type == "cuda")
 
 
 def resolve_switches(compile, cuda_graph, channels_last, *, device_type: str, precision: str, family: str,
                      world_size: int = 1, parallelism: str = "ddp", prompts_on_host: bool | str = False,
-                     lr_warmup: bool = False, compile_failure: str | None = None) -> EngineSwitches:
+                     lr_warmup: bool = False, compile_failure: str | None = None,
+                     generator_steps: int = 1) -> EngineSwitches:
     """train.compile, train.cuda_graph and train.channels_last (each true, false or "auto") for a run on
     `device_type` with `world_size` processes, `parallelism` (ddp or fsdp), `precision` (resolved: fp32, bf16, fp16)
     and the network `family`. `compile_failure`: why torch.compile does not work here, if a probe found it so.
@@ -115,7 +120,7 @@ def resolve_switches(compile, cuda_graph, channels_last, *, device_type: str, pr
     sharded = parallelism == "fsdp" and world_size > 1
     family_name = FAMILY_NAMES.get(family, "this network")
 
-    obstacles = cuda_graph_obstacles(precision, world_size, prompts_on_host, parallelism, lr_warmup)
+    obstacles = cuda_graph_obstacles(precision, world_size, prompts_on_host, parallelism, lr_warmup, generator_steps)
     graph = _cuda_graph(cuda_graph, obstacles, on_cuda)
     if cuda_graph == "auto" and not graph:
         reasons["cuda_graph"] = off_device if not on_cuda else "; ".join(obstacles)

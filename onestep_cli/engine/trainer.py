@@ -13,6 +13,10 @@ networks up to floating-point summation order, and any rank count can resume any
 The order of updates inside a step is train.update_order: SiD's (k fake updates, then the generator) or DMD2's
 (the generator, then k fake updates, the first on the samples the generator update drew, before it changed them).
 
+A multi-step generator (generator.num_steps > 1) is trained by DMD2's backward simulation: each update draws one step
+index on the host, and its samples are the generator's estimate at that step, made from the generator's own earlier
+steps without gradients; the re-noising noise is drawn with the batch's other noise.
+
 Under train.cuda_graph the device part of the step (`_iteration`, everything but drawing the noise levels and
 computing the EMA's decay on the CPU) is recorded once as a CUDA graph and replayed (`cuda_graph.py`); its checks for
 NaN/inf are deferred: the fused optimizer skips a non-finite update on the GPU, and the host reads the count of
@@ -172,7 +176,7 @@ class Trainer:
                                     precision=self.precision, family=network_family(networks.generator),
                                     world_size=self.env.world_size, parallelism=self.parallelism,
                                     prompts_on_host=prompts_on_host, lr_warmup=train.lr_warmup_iterations > 0,
-                                    compile_failure=failure)
+                                    compile_failure=failure, generator_steps=networks.generator.num_steps)
 
         switches = resolve()
         if switches.compile and train.compile == "auto":
@@ -208,7 +212,8 @@ class Trainer:
     # -- one iteration -------------------------------------------------------------------------------------------
 
     def _draw(self, sigma: torch.Tensor):
-        """The global batch's latents, labels and noise (same on every rank), with its noise levels `sigma`."""
+        """The global batch's latents, labels and noise (same on every rank), with its noise levels `sigma`, and the
+        re-noising noise of a multi-step generator's later steps (None for one step)."""
         batch = self.config.train.batch_size
         z = torch.randn((batch, *self.data_shape), generator=self.rng, device=self.device)
         cond = None
@@ -218,7 +223,11 @@ class Trainer:
             labels = torch.randint(self.label_dim, (batch,), generator=self.rng, device=self.device)
             cond = torch.nn.functional.one_hot(labels, self.label_dim).float()
         noise = torch.randn((batch, *self.data_shape), generator=self.rng, device=self.device)
-        return z, cond, sigma, noise
+        step_noise = None
+        if self.generator.num_steps > 1:
+            step_noise = torch.randn((batch, self.generator.num_steps - 1, *self.data_shape), generator=self.rng,
+                                     device=self.device)
+        return z, cond, sigma, noise, step_noise
 
     def _update(self, micro_loss, wrapped, module, optimizer, scaler,
                 lr: float | None = None) -> tuple[torch.Tensor, torch.Tensor, str | torch.Tensor]:
@@ -277,13 +286,23 @@ class Trainer:
         if self.ema:
             beta = ema_beta(cfg.train.batch_size, cfg.train.ema_halflife_kimg, cfg.train.ema_rampup_ratio,
                             nimg=self.step_count * cfg.train.batch_size)
+        steps = self._draw_generator_steps(len(sigma_configs))
         inputs = [from_host(x, where) for x in [*inputs, torch.tensor([beta])]]
-        stats = self.step_graph(inputs) if self.step_graph is not None else self._iteration(inputs)
+        stats = self.step_graph(inputs) if self.step_graph is not None else self._iteration(inputs, steps)
         self.step_count += 1
         last = self.step_count == cfg.train.max_steps
         if self.defer_checks and (self.step_count % cfg.train.tick_every == 0 or last):
             self.check_nonfinite()
         return stats
+
+    def _draw_generator_steps(self, updates: int) -> list[int] | None:
+        """How many steps of a multi-step generator make each update's samples: a uniform step index per update,
+        shared by the whole batch (DMD2's selected_step, main/sd_unified_model.py L138), plus one; None (nothing
+        drawn) for a one-step generator."""
+        num_steps = self.generator.num_steps
+        if num_steps == 1:
+            return None
+        return [int(index) + 1 for index in torch.randint(num_steps, (updates,), generator=self.sigma_rng)]
 
     def _warmup_lr(self, update: int) -> float | None:
         """The learning rate of this step's `update`-th fake update (-1: its generator update) during a warm-up,
@@ -297,18 +316,20 @@ class Trainer:
         base = train.generator_learning_rate if update < 0 else train.fake_learning_rate
         return base * warmup_factor(iteration, train.lr_warmup_iterations)
 
-    def _iteration(self, inputs: list[torch.Tensor]) -> dict:
+    def _iteration(self, inputs: list[torch.Tensor], steps: list[int] | None = None) -> dict:
         """The device work of one iteration, given its host inputs: the noise levels of each update in the order they
-        run (train.update_order), then the EMA's decay beta (a 1-element tensor)."""
+        run (train.update_order), then the EMA's decay beta (a 1-element tensor); `steps`: the generator steps of each
+        update's samples, in the same order (None: all of them, one for a one-step generator)."""
         sigmas, beta = inputs[:-1], inputs[-1]
+        steps = steps or [None] * len(sigmas)
         outcomes = []
         if self.generator_first:
-            loss_gen, grad_gen, outcome, drawn = self._generator_update(sigmas[0])
+            loss_gen, grad_gen, outcome, drawn = self._generator_update(sigmas[0], steps[0])
             outcomes.append(outcome)
-            loss_fake, grad_fake = self._fake_updates(sigmas[1:], outcomes, reuse=drawn)
+            loss_fake, grad_fake = self._fake_updates(sigmas[1:], outcomes, reuse=drawn, steps=steps[1:])
         else:
-            loss_fake, grad_fake = self._fake_updates(sigmas[:-1], outcomes)
-            loss_gen, grad_gen, outcome, _ = self._generator_update(sigmas[-1])
+            loss_fake, grad_fake = self._fake_updates(sigmas[:-1], outcomes, steps=steps[:-1])
+            loss_gen, grad_gen, outcome, _ = self._generator_update(sigmas[-1], steps[-1])
             outcomes.append(outcome)
 
         cfg = self.config
@@ -328,17 +349,20 @@ class Trainer:
         return {"loss_generator": loss_gen, "loss_fake": loss_fake,
                 "grad_norm_generator": grad_gen, "grad_norm_fake": grad_fake}
 
-    def _fake_updates(self, sigmas: list[torch.Tensor], outcomes: list, reuse=None):
+    def _fake_updates(self, sigmas: list[torch.Tensor], outcomes: list, reuse=None, steps: list[int | None] = ()):
         """One fake-score update per noise-level tensor; `reuse`: (latents, conditions, samples per micro-batch) of the
-        generator update just made, whose samples the first of them trains on. Returns the last loss and grad norm."""
+        generator update just made, whose samples the first of them trains on; `steps`: the generator steps of each
+        update's samples (DMD2 trains its fake score on the multi-step generator's backward-simulated outputs).
+        Returns the last loss and grad norm."""
         cfg = self.config
         for index, sigma_fake in enumerate(sigmas):
+            step_noise, generator_steps = None, steps[index] if steps else None
             if reuse is not None and index == 0:
                 z, cond, samples = reuse
                 noise = torch.randn((cfg.train.batch_size, *self.data_shape), generator=self.rng, device=self.device)
                 sigma = sigma_fake
             else:
-                (z, cond, sigma, noise), samples = self._draw(sigma_fake), None
+                (z, cond, sigma, noise, step_noise), samples = self._draw(sigma_fake), None
             if self.null_condition is not None:  # Drawn for the global batch, so any split drops the same prompts.
                 draw = torch.rand(cfg.train.batch_size, generator=self.rng, device=self.device)
                 cond = cond.where(draw >= cfg.fake.prompt_dropout, self.null_condition)
@@ -352,7 +376,7 @@ class Trainer:
                     x_g = samples[round_index]
                 else:
                     with torch.no_grad(), autocast(self.precision, self.device), training_mode(self.generator, False):
-                        x_g = self.generator(z[part], c).float()
+                        x_g = self._generate(self.generator, z, c, step_noise, generator_steps, part)
                 labels = None
                 if augmentation is not None:
                     x_g, labels = augment(x_g, augmentation[part]), augmentation[part].labels()
@@ -366,19 +390,27 @@ class Trainer:
             outcomes.append(outcome)
         return loss_fake, grad_fake
 
-    def _generator_update(self, sigma: torch.Tensor):
-        """The generator update: the fake score's parameters are frozen, its inputs still carry gradients. Returns
+    def _generate(self, generator, z, cond, step_noise, steps: int | None, part: slice) -> torch.Tensor:
+        """Micro-batch `part` of the generator's samples (float32): one step, or the x0 of step `steps` of a multi-step
+        generator, its input made by the generator's own earlier steps (backward simulation)."""
+        if step_noise is None:
+            return generator(z[part], cond).float()
+        return generator(z[part], cond, step_noise[part], steps).float()
+
+    def _generator_update(self, sigma: torch.Tensor, steps: int | None = None):
+        """The generator update: the fake score's parameters are frozen, its inputs still carry gradients; `steps`:
+        which step of a multi-step generator is trained (its earlier steps only make that step's input). Returns
         (loss, grad norm, outcome, (latents, conditions, this rank's samples per micro-batch, detached))."""
         trainable = [p for p in self.fake.parameters() if p.requires_grad]  # Restored as they were (LoRA, frozen).
         self.fake.requires_grad_(False)
         samples = []
         try:
-            z, cond, sigma, noise = self._draw(sigma)
+            z, cond, sigma, noise, step_noise = self._draw(sigma)
 
             def generator_loss(round_index, part):
                 c = cond[part] if cond is not None else None
                 with autocast(self.precision, self.device):
-                    x_g = self.generator_train(z[part], c).float()
+                    x_g = self._generate(self.generator_train, z, c, step_noise, steps, part)
                     if self.generator_first:  # The next fake update trains on these.
                         samples.append(x_g.detach())
                     return self.objective.generator_loss(x_g, sigma[part], noise[part], self.teacher, self.fake,

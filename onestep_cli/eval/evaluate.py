@@ -21,7 +21,7 @@ from . import (DEFAULT_FID_MODE, FEATURE_SPACES, MetricContext, MetricError, che
 from ..denoisers.diffusers.prompts import read_prompts
 from ..sample_io import (SAMPLES_META, SAMPLES_NPZ, SourceError, folder_source, format_seeds, is_image_shape,
                          list_image_files, npz_image_source, read_samples, recorded_prompts)
-from ..sampling import generate, generator_source
+from ..sampling import generate, generator_source, generator_steps
 
 DEFAULT_NUM = 2000  # Samples generated for low-dimensional metrics when neither --num nor --seeds is given.
 DEFAULT_IMAGE_NUM = 50000  # Images generated for image metrics by default: the EDM protocol (seeds 0-49999).
@@ -156,7 +156,7 @@ def _evaluate_lowdim(source: Path, metrics, num, seeds, ref) -> dict:
         samples = generate(loaded.generator, seeds, loaded.data_shape, loaded.label_dim)
         teacher = teacher_from_reference(ref) if ref else loaded.teacher
         common.update(source_kind="generator", step=loaded.step, kimg=loaded.kimg, seeds=format_seeds(seeds),
-                      generation="in memory, one step")
+                      generation=_generation(loaded.generator))
     else:
         if source.is_dir() and not (source / SAMPLES_NPZ).is_file() and list_image_files(source):
             raise MetricError(f"{', '.join(metrics)} measure low-dimensional samples, but {source} holds images; "
@@ -176,6 +176,11 @@ def _evaluate_lowdim(source: Path, metrics, num, seeds, ref) -> dict:
         common.update(source_kind="samples", samples_meta=meta)
     results = compute_metrics(metrics, samples, teacher)
     return _result(source, results, {**common, "num_samples": int(samples.shape[0])})
+
+
+def _generation(generator) -> str:
+    steps = generator_steps(generator)
+    return "in memory, one step" if steps == 1 else f"in memory, {steps} steps"
 
 
 def open_image_source(path: Path):
@@ -217,8 +222,8 @@ def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, 
                                  "match.")
             images = generator_source(loaded.generator, seeds, loaded.data_shape, loaded.label_dim, batch_size,
                                       device, precision, description=description)
-        common.update(source_kind="generator", step=loaded.step, kimg=loaded.kimg, generation="in memory, one step",
-                      precision=precision, compiled=compiled)
+        common.update(source_kind="generator", step=loaded.step, kimg=loaded.kimg,
+                      generation=_generation(loaded.generator), precision=precision, compiled=compiled)
         if loaded.pipeline is not None:
             common.update(text_to_image="image i * len(seeds) + j is prompt i of --prompts with seed j "
                                         "(the order of `onestep sample --prompts` file names)")

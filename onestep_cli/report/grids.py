@@ -1,4 +1,4 @@
-"""Side-by-side samples: every image generator of a comparison on the same per-sample seeds, in one step each.
+"""Side-by-side samples: every image generator of a comparison on the same per-sample seeds, with its own steps.
 
 A model's grid is what `onestep sample --seeds` draws for those seeds (class-conditional generators get the labels
 the seeds imply), tiled by `image_grid` with a column per seed. Text-to-image runs get a row per prompt for the first

@@ -70,8 +70,8 @@ def _table(header: list[str], rows: list[list[str]], numeric_from: int | None = 
 
 def _grids(grids: Grids, files: GridFiles) -> list[str]:
     parts = ["<h2>Samples</h2>",
-             f"<p>One generator step per image, on the seeds {escape(_seed_text(grids.seeds))} for every model, a "
-             "column per seed.</p>"]
+             f"<p>Each generator's own steps (one unless it has generator.num_steps) per image, on the seeds "
+             f"{escape(_seed_text(grids.seeds))} for every model, a column per seed.</p>"]
     if files.combined is not None:
         parts.append(_figure(files.combined, "All models, one below the other", pixels=True))
     for label, path in files.models.items():

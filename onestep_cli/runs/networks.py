@@ -9,9 +9,9 @@ from typing import Callable
 
 import torch
 
-from ..config import ConfigError, DiffusersTeacherConfig, EDMTeacherConfig, GMMTeacherConfig, RunConfig
+from ..config import ConfigError, DiffusersTeacherConfig, EDMTeacherConfig, GeneratorConfig, GMMTeacherConfig, RunConfig
 from ..denoisers.base import Denoiser
-from ..denoisers.generator import OneStepGenerator
+from ..denoisers.generator import OneStepGenerator, karras_step_sigmas
 from ..denoisers.gmm import GaussianMixtureDenoiser
 from ..denoisers.mlp import MLPDenoiser
 from ..errors import MissingFileError
@@ -107,8 +107,16 @@ def build_networks(config: RunConfig, teacher: Denoiser | None = None, run_dir: 
     fake.requires_grad_(True).train()
     freeze_unused(generator_denoiser)
     freeze_unused(fake, augmented=config.fake.augment_p > 0)
-    generator = OneStepGenerator(generator_denoiser, config.generator.sigma_init)
+    generator = OneStepGenerator(generator_denoiser, config.generator.sigma_init, step_sigmas(config.generator))
     return Networks(teacher, generator, fake, tuple(data_shape), label_dim)
+
+
+def step_sigmas(config: GeneratorConfig) -> tuple[float, ...] | None:
+    """The levels of an EDM or analytic teacher's generator steps: generator.step_sigmas as given, or N levels evenly
+    spaced down the Karras ramp from sigma_init (`karras_step_sigmas`); None for the default one step."""
+    if config.step_sigmas is not None:
+        return tuple(config.step_sigmas)
+    return karras_step_sigmas(config.sigma_init, config.num_steps) if config.num_steps > 1 else None
 
 
 def check_options_apply(config: RunConfig) -> None:

@@ -11,10 +11,10 @@ from typing import Callable
 
 import torch
 
-from ...config import (ConfigError, DiffusersTeacherConfig, RunConfig, UniformTimestepSigmaConfig,
-                       resolve_asset_path)
+from ...config import (ConfigError, DiffusersTeacherConfig, GeneratorConfig, RunConfig,
+                       UniformTimestepSigmaConfig, resolve_asset_path)
 from ..base import Denoiser
-from ..generator import OneStepGenerator
+from ..generator import OneStepGenerator, ddpm_step_timesteps, pure_noise_scale
 from .schedule import DDPMSigmaSchedule
 
 
@@ -177,7 +177,8 @@ def text_to_image_networks(config: RunConfig, run_dir: Path | None = None, promp
     pipeline.denoiser.requires_grad_(False).eval()
     teacher = pipeline.guided(teacher_config.guidance_scale)  # kappa4.
     fake = GuidedDenoiser(fake_denoiser, config.fake.generator_loss_guidance_scale)  # kappa2 = kappa3.
-    generator = OneStepGenerator(generator_denoiser, config.generator.sigma_init)
+    generator = OneStepGenerator(generator_denoiser, config.generator.sigma_init,
+                                 *multi_step_schedule(config.generator, generator_denoiser))
     return TextToImageNetworks(teacher, generator, fake, data_shape, sample_condition, pipeline,
                                config.fake.train_guidance_scale)  # kappa1.
 
@@ -201,6 +202,28 @@ def check_timestep_schedules(config: RunConfig, denoiser) -> None:
                           f"timesteps (sigma {float(ours[0]):.4g} to {float(ours[-1]):.4g}), but the teacher's "
                           f"schedule differs ({theirs}); set {key}.beta_schedule, beta_start, beta_end and "
                           f"num_train_timesteps to its scheduler_config.json values, or use another {key}.kind.")
+
+
+def multi_step_schedule(config: GeneratorConfig, denoiser) -> tuple[tuple[float, ...] | None, float | None]:
+    """(step levels, start scale) of a generator on a diffusers teacher; one step: (generator.step_sigmas, None).
+
+    As DMD2's multi-step generator (tianweiy/DMD2 main/sd_unified_model.py L31-35, L186-199): the steps sit at its
+    timesteps T-1, T-1-T//N, ... (or at generator.step_sigmas), and the first reads pure noise in the teacher's
+    parametrisation (`x_vp = z`), which is also where diffusers' LCMScheduler starts, so an export reproduces it.
+    """
+    if config.num_steps == 1:  # One step reads sigma_init z, as SiD does.
+        return config.step_sigmas, None
+    schedule = getattr(denoiser, "schedule", None)
+    if not isinstance(schedule, DDPMSigmaSchedule):
+        raise ConfigError(f"generator.num_steps={config.num_steps} needs a DDPM-family teacher (SD 1.5/2.1, SDXL, "
+                          f"PixArt); this teacher's {type(denoiser).__name__} is a flow-matching network, whose "
+                          "generator takes one step. Set generator.num_steps=1.")
+    if config.step_sigmas is not None:
+        sigmas = tuple(config.step_sigmas)
+    else:
+        timesteps = ddpm_step_timesteps(schedule.num_timesteps, config.num_steps)
+        sigmas = tuple(float(schedule.sigmas[t]) for t in timesteps)
+    return sigmas, pure_noise_scale(sigmas[0])
 
 
 def training_prompt_sampler(config: RunConfig, pipeline, run_dir: Path | None):
