@@ -284,3 +284,20 @@ def test_cli_names_a_missing_gan_data_and_leaves_no_run_behind(cli, tmp_path):
                         "--out", str(out))
     assert result.exit_code != 0 and "gan.data" in result.stderr and "does not exist" in result.stderr
     assert not out.exists()
+
+
+def test_under_train_compile_the_hooked_bottleneck_block_stays_eager(monkeypatch):
+    import torch._dynamo
+
+    import onestep_cli.runtime.precision as precision
+
+    for name in ("suppress_errors", "recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):  # compile_blocks raises them: restored after the test.
+            monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
+    compiled = []
+    monkeypatch.setattr(precision, "compile_failure", lambda device: None)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **kwargs: compiled.append(module))
+    run = gan_trainer("train.compile=true")
+    bottleneck = run.gan.bottleneck.module
+    assert compiled and all(module is not bottleneck for module in compiled)
+    assert any(module is block for module in compiled for block in run.fake.model.dec.values())

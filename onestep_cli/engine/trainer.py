@@ -181,7 +181,10 @@ class Trainer:
         self.ema = None
         if train.ema_halflife_kimg:  # Copied before wrapping: under FSDP the EMA is sharded like the generator.
             self.ema = EMA(self.generator)
-        self.compiled = train.compile and compile_blocks([self.teacher, self.generator, self.fake], device)
+        # The GAN term reads the fake score's bottleneck block through a hook: that block stays eager.
+        hooked = (self.gan.bottleneck.module,) if self.gan else ()
+        self.compiled = train.compile and compile_blocks([self.teacher, self.generator, self.fake], device,
+                                                         eager=hooked)
         wrapped = wrap(self.teacher, self.generator, self.fake, self.ema.module if self.ema else None, parallelism,
                        precision, device, env, train.checkpointed_networks)
         self.generator_train, self.fake_train = wrapped.generator_train, wrapped.fake_train
