@@ -343,6 +343,32 @@ ObjectiveConfig = Annotated[
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# DMD2's GAN term (docs/objectives.md#the-gan-term)
+
+
+class GANConfig(Strict):
+    """DMD2's GAN term: a classifier head on the fake score's bottleneck features tells real images from generated
+    ones (non-saturating softplus losses); the head trains with the fake score, the generator learns to fool it.
+
+    Both weights are in DMD2's units, relative to its losses averaged over a sample's elements (onestep's losses are
+    sums over them, so each GAN loss enters multiplied by the element count C*H*W)."""
+
+    # Real images: a folder of images or an .npz (uint8 'samples' [N, H, W, C] or [-1, 1] float [N, C, H, W], with
+    # 'labels' for a class-conditional teacher); '@assets/...' points inside the package, e.g. the digits at 8x8:
+    # '@assets/digits_real/digits8.npz'. Held in memory as uint8, drawn uniformly with replacement each update.
+    data: Path
+    gen_cls_loss_weight: Float = Field(3e-3, ge=0)  # The generator's GAN loss weight (DMD2 ImageNet 3e-3, SDXL 5e-3).
+    guidance_cls_loss_weight: Float = Field(1e-2, ge=0)  # The head's classification loss weight in the fake update.
+    # Noise levels of the images the fake score classifies, each image its own draw (DMD2's --diffusion_gan with
+    # --diffusion_gan_max_timestep 1000, as every published DMD2 recipe: the whole 1000-level Karras grid).
+    sigma: SigmaConfig = KarrasIndexSigmaConfig(min_fraction=0.0, max_fraction=1.0)
+
+    @property
+    def resolved_data(self) -> Path:
+        return resolve_asset_path(self.data)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -494,6 +520,7 @@ class RunConfig(Strict):
     generator: GeneratorConfig = GeneratorConfig()
     fake: FakeScoreConfig = FakeScoreConfig()
     objective: ObjectiveConfig = SIMObjectiveConfig()
+    gan: GANConfig | None = None  # DMD2's GAN term added to the objective; None: off.
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()

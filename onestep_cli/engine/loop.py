@@ -32,6 +32,7 @@ from .parallel import batch_split, resolve_parallelism, training_state_bytes
 from ..runtime.compile_cache import compile_cache_dir
 from ..runtime.precision import resolve_precision, set_tf32
 from .progress import Progress
+from .real_images import RealImages, load_gan_data
 from ..runs.lock import RunLock, lock_held_for_me
 from ..runs.run_dir import RunDir
 from .signals import StopRequest
@@ -125,11 +126,13 @@ def _distill(config: RunConfig, out_dir: Path, env: DistEnv, device: torch.devic
     # would refuse the corrected command as a different configuration.
     networks = networks or build_networks(config, run_dir=run.path)
     _check_metrics_fit(config, networks.data_shape)
+    # Real images of the GAN term, read before the run directory exists: a wrong gan.data leaves nothing behind.
+    real_images = load_gan_data(config, networks.data_shape, networks.label_dim) if config.gan else None
     lock = RunLock(run.path, warn=log)
     holds_lock = env.is_main and not lock_held_for_me(run.path)
     on_main(lambda: lock.acquire() if holds_lock else None, env)  # Refused on every rank alike.
     try:
-        trainer, resumed_from = _start(config, run, env, device, log, networks)
+        trainer, resumed_from = _start(config, run, env, device, log, networks, real_images)
         try:
             return _train(config, run, trainer, resumed_from, env, device, log, progress)
         except BaseException as exc:
@@ -248,7 +251,7 @@ def _train(config: RunConfig, run: RunDir, trainer: Trainer, resumed_from: int |
 
 
 def _start(config: RunConfig, run: RunDir, env: DistEnv, device: torch.device, log,
-           networks: Networks) -> tuple[Trainer, int | None]:
+           networks: Networks, real_images: RealImages | None = None) -> tuple[Trainer, int | None]:
     """Prepare the run directory (rank 0), build the trainer and restore the newest intact checkpoint if any."""
     train = config.train
     continuing = on_main(lambda: run.prepare(config, log=log), env)
@@ -266,7 +269,7 @@ def _start(config: RunConfig, run: RunDir, env: DistEnv, device: torch.device, l
     resumed_parallelism = latest[0].get("parallelism", "ddp") if latest else None
     parallelism = broadcast_object(  # Every rank must wrap the same way, whatever its GPU reports.
         resolve_parallelism(train.parallelism, device, state_bytes, resumed_parallelism), env)
-    trainer = Trainer(config, networks, device, precision, env, parallelism)
+    trainer = Trainer(config, networks, device, precision, env, parallelism, real_images)
     resumed_from = None
     if latest is not None:
         state, folder = latest

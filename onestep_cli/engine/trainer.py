@@ -17,6 +17,10 @@ A multi-step generator (generator.num_steps > 1) is trained by DMD2's backward s
 index on the host, and its samples are the generator's estimate at that step, made from the generator's own earlier
 steps without gradients; the re-noising noise is drawn with the batch's other noise.
 
+With a `gan:` section (DMD2's GAN term, objectives/gan.py) the fake score carries a classifier head on its bottleneck:
+every fake update adds the head's real-vs-generated loss on a fresh batch of real images, and the generator update
+adds the loss of fooling it; without one, the step is exactly what it is without GAN code.
+
 Under train.cuda_graph the device part of the step (`_iteration`, everything but drawing the noise levels and
 computing the EMA's decay on the CPU) is recorded once as a CUDA graph and replayed (`cuda_graph.py`); its checks for
 NaN/inf are deferred: the fused optimizer skips a non-finite update on the GPU, and the host reads the count of
@@ -28,14 +32,16 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..denoisers.edm.augment import augment, draw_augmentation
 from ..errors import OnestepError
 from ..objectives import build_objective, fake_score_loss
+from ..objectives.gan import GANTerm, attach_discriminator_head
 from ..objectives.sigmas import sample_sigma
 from ..runs.checkpoint import (CheckpointError, commit, gather_hashes, hash_files, is_sharded, read_checkpoint,
                                read_rng, read_sharded, saving, unflatten_optimizer, write_full, write_rng,
@@ -44,6 +50,7 @@ from .cuda_graph import StepGraph
 from ..runtime.distributed import SINGLE, DistEnv, all_gather_object, all_reduce
 from .ema import EMA, ema_beta
 from .lr_schedule import warmup_factor
+from .real_images import RealImages, load_gan_data
 from ..runs.networks import Networks
 from .parallel import batch_split, gradient_sync, wrap
 from .switches import EngineSwitches, resolve_switches
@@ -93,11 +100,22 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+@dataclass
+class RealBatch:
+    """One fake update's inputs of the GAN term: real images, their conditions, and the noise levels at which the
+    real and the generated images are classified (global batch)."""
+
+    images: torch.Tensor
+    cond: torch.Tensor | None
+    sigma_real: torch.Tensor
+    sigma_fake: torch.Tensor
+
+
 class Trainer:
     """Holds the state of one run on one rank; `step()` performs one iteration on every rank together."""
 
     def __init__(self, config: RunConfig, networks: Networks, device: torch.device, precision: str,
-                 env: DistEnv = SINGLE, parallelism: str = "ddp"):
+                 env: DistEnv = SINGLE, parallelism: str = "ddp", real_images: RealImages | None = None):
         self.config, self.device, self.precision, self.env = config, device, precision, env
         self.parallelism = parallelism
         train = config.train
@@ -117,10 +135,18 @@ class Trainer:
         share_start = env.rank * micro * rounds
         # This rank's micro-batches, as slices of the global batch.
         self.micro_batches = [slice(share_start + i * micro, share_start + (i + 1) * micro) for i in range(rounds)]
+        self.data_shape, self.label_dim = networks.data_shape, networks.label_dim
+        self.gan, self.real_images = None, None
+        if config.gan is not None:  # The head joins the fake score before it is moved, wrapped and optimised.
+            if parallelism == "fsdp":
+                raise ConfigError("gan: runs with DDP, not FSDP (its classifier head is called outside the fake "
+                                  "score's forward); set train.parallelism=ddp.")
+            self.real_images = real_images or load_gan_data(config, networks.data_shape, networks.label_dim)
+            attach_discriminator_head(networks.fake, self.data_shape, train.seed)
+            self.gan = GANTerm(config.gan, networks.fake, self.data_shape)
         self.teacher = networks.teacher.to(device)
         self.generator = networks.generator.to(device)
         self.fake = networks.fake.to(device)
-        self.data_shape, self.label_dim = networks.data_shape, networks.label_dim
         # Losses are sums over a sample's elements; train.grad_clip is in the units of their mean (DMD2's).
         self.max_grad_norm = (train.grad_clip * math.prod(self.data_shape)) if train.grad_clip else math.inf
         if self.switches.channels_last:  # Before the EMA copy, so that the average and its source share one layout.
@@ -129,7 +155,10 @@ class Trainer:
         self.ema = None
         if train.ema_halflife_kimg:  # Copied before wrapping: under FSDP the EMA is sharded like the generator.
             self.ema = EMA(self.generator)
-        self.compiled = self.switches.compile and compile_blocks([self.teacher, self.generator, self.fake], device)
+        # The GAN term reads the fake score's bottleneck block through a hook: that block stays eager.
+        hooked = (self.gan.bottleneck.module,) if self.gan else ()
+        self.compiled = self.switches.compile and compile_blocks([self.teacher, self.generator, self.fake],
+                                                                 device, eager=hooked)
         if self.switches.compile and not self.compiled:  # compile_blocks said why, in a warning.
             self.switches = self.switches.without_compile("torch.compile does not work here")
         wrapped = wrap(self.teacher, self.generator, self.fake, self.ema.module if self.ema else None, parallelism,
@@ -151,6 +180,8 @@ class Trainer:
         # All training randomness comes from these generators, identical on every rank, restored by a checkpoint.
         self.rng = torch.Generator(device=device).manual_seed(train.seed)
         self.sigma_rng = torch.Generator().manual_seed(train.seed + 1)  # Noise levels are drawn on the CPU.
+        if self.gan:
+            self.real_rng = torch.Generator().manual_seed(train.seed + 2)  # Which real images each update sees.
         if env.rank:  # Dropout draws from the global RNG: other masks on each rank; rank 0 keeps 1-process streams.
             torch.manual_seed(train.seed + env.rank)
         self.step_count = 0
@@ -282,6 +313,8 @@ class Trainer:
         sigma_configs = [cfg.objective.sigma, *fakes] if self.generator_first else [*fakes, cfg.objective.sigma]
         where = "cpu" if self.step_graph is not None else self.device  # The graph copies them into its buffers.
         inputs = [sample_sigma(config, cfg.train.batch_size, self.sigma_rng) for config in sigma_configs]
+        if self.gan:
+            inputs += self._gan_host_inputs()
         beta = 1.0
         if self.ema:
             beta = ema_beta(cfg.train.batch_size, cfg.train.ema_halflife_kimg, cfg.train.ema_rampup_ratio,
@@ -316,20 +349,47 @@ class Trainer:
         base = train.generator_learning_rate if update < 0 else train.fake_learning_rate
         return base * warmup_factor(iteration, train.lr_warmup_iterations)
 
+    def _gan_host_inputs(self) -> list[torch.Tensor]:
+        """The GAN term's host inputs of one step: the generator's classification levels, then per fake update its
+        real images, their labels (class-conditional teachers) and the levels of the real and generated images."""
+        batch, gan = self.config.train.batch_size, self.config.gan
+        inputs = [sample_sigma(gan.sigma, batch, self.sigma_rng)]
+        for _ in range(self.config.train.fake_updates_per_step):
+            images, labels = self.real_images.draw(batch, self.real_rng)
+            inputs += [images, *([labels] if labels is not None else []),
+                       sample_sigma(gan.sigma, batch, self.sigma_rng), sample_sigma(gan.sigma, batch, self.sigma_rng)]
+        return inputs
+
+    def _gan_inputs(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[RealBatch]]:
+        """The generator's classification levels and each fake update's RealBatch, from `_gan_host_inputs`."""
+        per_update = 4 if self.real_images.labels is not None else 3
+        batches = []
+        for start in range(1, len(inputs), per_update):
+            images, *labels, sigma_real, sigma_fake = inputs[start:start + per_update]
+            batches.append(RealBatch(images, labels[0] if labels else None, sigma_real, sigma_fake))
+        return inputs[0], batches
+
     def _iteration(self, inputs: list[torch.Tensor], steps: list[int] | None = None) -> dict:
         """The device work of one iteration, given its host inputs: the noise levels of each update in the order they
-        run (train.update_order), then the EMA's decay beta (a 1-element tensor); `steps`: the generator steps of each
-        update's samples, in the same order (None: all of them, one for a one-step generator)."""
-        sigmas, beta = inputs[:-1], inputs[-1]
-        steps = steps or [None] * len(sigmas)
+        run (train.update_order), the GAN term's inputs if any, then the EMA's decay beta (a 1-element tensor);
+        `steps`: the generator steps of each update's samples, in the same order (None: one step, or all of them)."""
+        updates = 1 + self.config.train.fake_updates_per_step
+        sigmas, beta = inputs[:updates], inputs[-1]
+        steps = steps or [None] * updates
+        gan_sigma, real_batches, gan_stats = None, None, {}
+        if self.gan:
+            gan_sigma, real_batches = self._gan_inputs(inputs[updates:-1])
         outcomes = []
         if self.generator_first:
-            loss_gen, grad_gen, outcome, drawn = self._generator_update(sigmas[0], steps[0])
+            loss_gen, grad_gen, outcome, drawn = self._generator_update(sigmas[0], steps[0], gan_sigma, gan_stats)
             outcomes.append(outcome)
-            loss_fake, grad_fake = self._fake_updates(sigmas[1:], outcomes, reuse=drawn, steps=steps[1:])
+            loss_fake, grad_fake = self._fake_updates(sigmas[1:], outcomes, reuse=drawn, steps=steps[1:],
+                                                      real_batches=real_batches,
+                                                      gan_stats=gan_stats)
         else:
-            loss_fake, grad_fake = self._fake_updates(sigmas[:-1], outcomes, steps=steps[:-1])
-            loss_gen, grad_gen, outcome, _ = self._generator_update(sigmas[-1], steps[-1])
+            loss_fake, grad_fake = self._fake_updates(sigmas[:-1], outcomes, steps=steps[:-1],
+                                                      real_batches=real_batches, gan_stats=gan_stats)
+            loss_gen, grad_gen, outcome, _ = self._generator_update(sigmas[-1], steps[-1], gan_sigma, gan_stats)
             outcomes.append(outcome)
 
         cfg = self.config
@@ -347,13 +407,20 @@ class Trainer:
         if self.ema:
             self.ema.update(self.generator, beta.reshape(()))
         return {"loss_generator": loss_gen, "loss_fake": loss_fake,
-                "grad_norm_generator": grad_gen, "grad_norm_fake": grad_fake}
+                "grad_norm_generator": grad_gen, "grad_norm_fake": grad_fake, **gan_stats}
 
-    def _fake_updates(self, sigmas: list[torch.Tensor], outcomes: list, reuse=None, steps: list[int | None] = ()):
+    def _mean_stat(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """The mean of per-micro-batch statistics over this rank's micro-batches and all ranks, as `_update`'s loss."""
+        mean = all_reduce(torch.stack(values).mean(), self.env)
+        return mean / self.env.world_size if self.env.is_distributed else mean
+
+    def _fake_updates(self, sigmas: list[torch.Tensor], outcomes: list, reuse=None, steps: list[int | None] = (),
+                      real_batches: list[RealBatch] | None = None, gan_stats: dict | None = None):
         """One fake-score update per noise-level tensor; `reuse`: (latents, conditions, samples per micro-batch) of the
         generator update just made, whose samples the first of them trains on; `steps`: the generator steps of each
-        update's samples (DMD2 trains its fake score on the multi-step generator's backward-simulated outputs).
-        Returns the last loss and grad norm."""
+        update's samples (DMD2 trains its fake score on the multi-step generator's backward-simulated outputs);
+        `real_batches`: each update's inputs of the GAN term (its statistics, of the last update, go to
+        `gan_stats`). Returns the last loss and grad norm."""
         cfg = self.config
         for index, sigma_fake in enumerate(sigmas):
             step_noise, generator_steps = None, steps[index] if steps else None
@@ -369,6 +436,11 @@ class Trainer:
             augmentation = None
             if cfg.fake.augment_p:  # Drawn for the global batch, like the noise, so any split sees the same.
                 augmentation = draw_augmentation(cfg.train.batch_size, cfg.fake.augment_p, self.rng, self.device)
+            real = real_batches[index] if real_batches is not None else None
+            if real is not None:  # The classifier's noise for the real and the generated images.
+                real_noise, gan_noise = (torch.randn((cfg.train.batch_size, *self.data_shape), generator=self.rng,
+                                                     device=self.device) for _ in range(2))
+            micro_stats = []
 
             def fake_loss(round_index, part):
                 c = cond[part] if cond is not None else None
@@ -377,17 +449,27 @@ class Trainer:
                 else:
                     with torch.no_grad(), autocast(self.precision, self.device), training_mode(self.generator, False):
                         x_g = self._generate(self.generator, z, c, step_noise, generator_steps, part)
-                labels = None
+                x_clean, labels = x_g, None
                 if augmentation is not None:
                     x_g, labels = augment(x_g, augmentation[part]), augmentation[part].labels()
                 with autocast(self.precision, self.device):
-                    return fake_score_loss(self.fake_train, x_g, sigma[part], noise[part], c, cfg.fake.sigma_data,
+                    loss = fake_score_loss(self.fake_train, x_g, sigma[part], noise[part], c, cfg.fake.sigma_data,
                                            augment_labels=labels,
-                                           guidance_scale=self.fake_train_guidance_scale).float().mean()
+                                           guidance_scale=self.fake_train_guidance_scale)
+                    if real is not None:  # DMD2's guidance_cls_loss on real and (un-augmented) generated images.
+                        real_cond = real.cond[part] if real.cond is not None else None
+                        gan_loss, stats = self.gan.discriminator_loss(
+                            self.fake, real.images[part], real_cond, real.sigma_real[part], real_noise[part],
+                            x_clean, c, real.sigma_fake[part], gan_noise[part])
+                        loss = loss + gan_loss
+                        micro_stats.append(stats)
+                    return loss.float().mean()
 
             loss_fake, grad_fake, outcome = self._update(fake_loss, self.fake_train, self.fake, self.opt_fake,
                                                          self.scaler_fake, self._warmup_lr(index))
             outcomes.append(outcome)
+            if micro_stats:
+                gan_stats.update({key: self._mean_stat([s[key] for s in micro_stats]) for key in micro_stats[0]})
         return loss_fake, grad_fake
 
     def _generate(self, generator, z, cond, step_noise, steps: int | None, part: slice) -> torch.Tensor:
@@ -397,15 +479,21 @@ class Trainer:
             return generator(z[part], cond).float()
         return generator(z[part], cond, step_noise[part], steps).float()
 
-    def _generator_update(self, sigma: torch.Tensor, steps: int | None = None):
-        """The generator update: the fake score's parameters are frozen, its inputs still carry gradients; `steps`:
-        which step of a multi-step generator is trained (its earlier steps only make that step's input). Returns
-        (loss, grad norm, outcome, (latents, conditions, this rank's samples per micro-batch, detached))."""
+    def _generator_update(self, sigma: torch.Tensor, steps: int | None = None, gan_sigma: torch.Tensor | None = None,
+                          gan_stats: dict | None = None):
+        """The generator update: the fake score's parameters (and its GAN head's) are frozen, its inputs still carry
+        gradients; `steps`: which step of a multi-step generator is trained (its earlier steps only make that step's
+        input); `gan_sigma`: the levels at which the GAN term classifies the samples (its statistic goes to
+        `gan_stats`). Returns (loss, grad norm, outcome, (latents, conditions, this rank's samples per micro-batch,
+        detached))."""
         trainable = [p for p in self.fake.parameters() if p.requires_grad]  # Restored as they were (LoRA, frozen).
         self.fake.requires_grad_(False)
-        samples = []
+        samples, micro_stats = [], []
         try:
             z, cond, sigma, noise, step_noise = self._draw(sigma)
+            if gan_sigma is not None:
+                gan_noise = torch.randn((self.config.train.batch_size, *self.data_shape), generator=self.rng,
+                                        device=self.device)
 
             def generator_loss(round_index, part):
                 c = cond[part] if cond is not None else None
@@ -413,8 +501,12 @@ class Trainer:
                     x_g = self._generate(self.generator_train, z, c, step_noise, steps, part)
                     if self.generator_first:  # The next fake update trains on these.
                         samples.append(x_g.detach())
-                    return self.objective.generator_loss(x_g, sigma[part], noise[part], self.teacher, self.fake,
-                                                         c).float().mean()
+                    loss = self.objective.generator_loss(x_g, sigma[part], noise[part], self.teacher, self.fake, c)
+                    if gan_sigma is not None:  # DMD2's gen_cls_loss: fool the head.
+                        gan_loss, stat = self.gan.generator_loss(self.fake, x_g, gan_sigma[part], gan_noise[part], c)
+                        loss = loss + gan_loss
+                        micro_stats.append(stat)
+                    return loss.float().mean()
 
             with training_mode(self.fake, False):
                 loss, grad_norm, outcome = self._update(generator_loss, self.generator_train, self.generator,
@@ -422,6 +514,8 @@ class Trainer:
         finally:
             for parameter in trainable:
                 parameter.requires_grad_(True)
+        if micro_stats:
+            gan_stats["loss_gan_generator"] = self._mean_stat(micro_stats)
         return loss, grad_norm, outcome, (z, cond, samples)
 
     def check_nonfinite(self) -> None:
@@ -469,6 +563,8 @@ class Trainer:
         """Write the full state for the current step on every rank together; returns the checkpoint folder."""
         env = self.env
         rng = {"train": self.rng.get_state(), "sigma": self.sigma_rng.get_state()}
+        if self.gan:
+            rng["real"] = self.real_rng.get_state()
         for rank, states in enumerate(all_gather_object(self._rank_rng(), env)):
             rng.update({f"rank{rank}.{kind}": value for kind, value in states.items()})
         state = {"kimg": self.kimg, "nonfinite_total": self.nonfinite_total, "parallelism": self.parallelism,
@@ -510,6 +606,8 @@ class Trainer:
         rng = read_rng(folder)
         self.rng.set_state(rng["train"])
         self.sigma_rng.set_state(rng["sigma"])
+        if self.gan:
+            self.real_rng.set_state(rng["real"])
         # Per-rank streams map onto ranks only when the rank count is unchanged; otherwise each keeps its seed.
         if state.get("world_size", 1) == self.env.world_size:
             prefix = f"rank{self.env.rank}."

@@ -83,13 +83,15 @@ def compile_failure(device: torch.device) -> str | None:
     return None
 
 
-def compile_blocks(networks: list[nn.Module], device: torch.device, setting: str = "train.compile") -> bool:
+def compile_blocks(networks: list[nn.Module], device: torch.device, setting: str = "train.compile",
+                   eager: tuple[nn.Module, ...] = ()) -> bool:
     """torch.compile every repeated block of `networks` in place (regional compilation), keeping parameter names.
 
     Blocks of one shape share a compiled graph, so compile time grows with the number of distinct blocks, not with
     depth; the compiled kernels are cached under ONESTEP_HOME (runtime/compile_cache.py). Returns False, with a
     warning naming `setting` (the option that asked for it), and leaves the networks eager when torch.compile does not
-    work here.
+    work here. Blocks in `eager` stay eager: hooks added to a compiled block later are not run (dynamo skips guards on
+    module hooks).
     """
     from ..denoisers.blocks import blocks
 
@@ -108,5 +110,6 @@ def compile_blocks(networks: list[nn.Module], device: torch.device, setting: str
             setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 256))
     for network in networks:
         for block in blocks(network):
-            block.compile(dynamic=False)
+            if not any(block is kept for kept in eager):
+                block.compile(dynamic=False)
     return True
