@@ -175,7 +175,7 @@ def test_a_compiling_run_shows_it_and_records_the_cache_and_old_runs_resume_unde
 
     compiled = []
 
-    def compile_blocks(networks, device):  # For torch.compile, which takes minutes here; as it, sets the cache.
+    def compile_blocks(networks, device, eager=()):  # torch.compile takes minutes here; sets the cache as it.
         compile_cache.use_persistent_compile_cache()
         compiled.append(len(networks))
         return True

@@ -162,7 +162,7 @@ def test_generator_gan_loss_moves_the_generator_but_not_the_head():
         head = [p.detach().clone() for p in run.fake.gan_head.parameters()]
         gan_sigma, _ = run._gan_inputs(run._gan_host_inputs())
         stats: dict = {}
-        run._generator_update(torch.full((4,), 1.0), gan_sigma, stats)
+        run._generator_update(torch.full((4,), 1.0), gan_sigma=gan_sigma, gan_stats=stats)
         assert all(torch.equal(p, q) for p, q in zip(run.fake.gan_head.parameters(), head))
         assert all(p.grad is None for p in run.fake.gan_head.parameters())
         assert all(p.requires_grad for p in run.fake.gan_head.parameters())  # Unfrozen again for its own update.
