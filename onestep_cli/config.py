@@ -109,7 +109,7 @@ def resolve_asset_path(path: Path | str) -> Path:
 
 
 class DiffusersTeacherConfig(Strict):
-    """A text-to-image diffusers pipeline (SD 1.5/2.1, SDXL, PixArt-α/Σ), distilled in its VAE's latent space."""
+    """A text-to-image diffusers pipeline (SD 1.5/2.1, SDXL, PixArt-α/Σ; SD3, SANA), distilled in its VAE's latents."""
 
     kind: Literal["diffusers"] = "diffusers"
     path: str  # Local diffusers folder (with model_index.json), a hub id (downloaded on first use), or '@assets/...'.
@@ -119,6 +119,8 @@ class DiffusersTeacherConfig(Strict):
     guidance_scale: Float = Field(1.0, ge=0)  # SiD-LSG's kappa4: the teacher's CFG scale in the generator loss; 1: off.
     null_condition: Literal["auto", "empty_prompt", "zeros"] = "auto"  # Guidance null (auto: the pipeline's own).
     image_size: tuple[Int, Int] | None = None  # (H, W) pixels of generated images; None: the network's native size.
+    # SD3, SANA, PixArt: T5 or Gemma tokens per prompt (the pipelines' max_sequence_length); None: the pipeline's own.
+    max_sequence_length: Int | None = Field(None, ge=0)
     hint: str | None = None  # Where the teacher is published; shown when it cannot be loaded.
 
     @field_validator("image_size")

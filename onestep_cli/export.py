@@ -9,6 +9,9 @@ The diffusers folder is the teacher's pipeline with two parts replaced:
   sigma_init, so the pipeline starts from `sigma_init * z`, gives the network `x / sqrt(1 + sigma_init^2)` at the
   fractional timestep of sigma_init (log-sigma interpolation, the rule our adapter uses), and its Euler step to
   sigma = 0 returns the network's x0 estimate: the generator's `D(sigma_init z, sigma_init, c)`, decoded by the VAE.
+  A flow-matching teacher (SD3, SANA): a `FlowMatchEulerDiscreteScheduler` with no shift, called with
+  `sigmas=[t_init]` (t_init = sigma_init / (1 + sigma_init)): its one Euler step from the unit noise the pipeline
+  starts from, at timestep 1000 t_init, to t = 0 returns `z - t_init v`, the generator's x0 (which reads `x_t = z`).
   N steps (generator.num_steps): an `LCMScheduler`, DMD2's multi-step sampler (tianweiy/DMD2 README), on the
   teacher's schedule. It starts from unit noise, as the generator's first step does, and each step takes the
   network's x0 estimate and re-noises it to the next step's timestep with noise drawn from the call's generator,
@@ -39,6 +42,8 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, config_to_yaml
+from .denoisers.diffusers.loading import absent_components
+from .denoisers.diffusers.schedule import FlowSigmaSchedule
 from .jsonio import to_json
 
 FORMATS = ("diffusers", "lora", "safetensors")
@@ -73,7 +78,8 @@ def export_run(source: str | Path, out: str | Path, format: str = "diffusers") -
     teacher = loaded.pipeline
     info = {**provenance, "teacher": teacher.source, "network_class": type(network).__name__,
             "network_config": {k: v for k, v in dict(network.config).items() if not k.startswith("_")},
-            "prediction_type": teacher.denoiser.prediction_type, "latent_shape": list(loaded.data_shape),
+            "prediction_type": getattr(teacher.denoiser, "prediction_type", "flow_prediction"),
+            "latent_shape": list(loaded.data_shape),
             "vae_scaling_factor": teacher.denoiser.vae_scaling_factor,
             "scheduler_config": dict(teacher.pipeline.scheduler.config)}
     if format == "safetensors":
@@ -107,6 +113,15 @@ def one_step_scheduler(teacher_scheduler_config, sigma_init: float, sigma_min: f
         teacher_scheduler_config, use_karras_sigmas=True, use_exponential_sigmas=False, use_beta_sigmas=False,
         sigma_max=float(sigma_init), sigma_min=float(sigma_min), timestep_spacing="trailing",
         interpolation_type="linear", timestep_type="discrete", final_sigmas_type="zero")
+
+
+def one_step_flow_scheduler(teacher_scheduler_config):
+    """Euler on the rectified flow with no shift, so a call's `sigmas=[t_init]` is the one step's t as given."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(
+        teacher_scheduler_config, shift=1.0, use_dynamic_shifting=False, shift_terminal=None, use_karras_sigmas=False,
+        use_exponential_sigmas=False, use_beta_sigmas=False, invert_sigmas=False, stochastic_sampling=False)
 
 
 LCM_TIMESTEP_SCALING = 1e6  # c_skip = 0.25 / (1e6 t)^2 < 3e-13 for t >= 1: the boundary terms vanish in float32.
@@ -153,8 +168,11 @@ def write_diffusers(network, teacher, out: Path, info: dict, config, generator) 
         else:
             _link_or_copy(entry, out / entry.name)
     network.save_pretrained(out / part, safe_serialization=True)
-    steps, timesteps = generator.num_steps, None
-    if steps == 1:
+    steps, timesteps, sigmas = generator.num_steps, None, None
+    if steps == 1 and isinstance(generator.denoiser.schedule, FlowSigmaSchedule):
+        scheduler = one_step_flow_scheduler(teacher.pipeline.scheduler.config)
+        sigmas = [float(FlowSigmaSchedule.flow_time(torch.tensor(info["sigma_init"], dtype=torch.float64)))]
+    elif steps == 1:
         scheduler = one_step_scheduler(teacher.pipeline.scheduler.config, info["sigma_init"], teacher.sigma_min)
     else:
         scheduler, timesteps = multi_step_scheduler(teacher.pipeline.scheduler.config, generator.denoiser.schedule,
@@ -163,10 +181,16 @@ def write_diffusers(network, teacher, out: Path, info: dict, config, generator) 
     index = json.loads((folder / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", type(scheduler).__name__]
     (out / "model_index.json").write_text(to_json(index, indent=2))
-    steps_argument = f"timesteps={timesteps}" if timesteps else f"num_inference_steps={steps}"
-    call = (f"DiffusionPipeline.from_pretrained(folder)(prompt, {steps_argument}, guidance_scale=1.0, "
-            "generator=torch.Generator().manual_seed(seed))")
-    note = ("One step only: more inference steps run a Karras schedule below sigma_init that the generator was not "
+    steps_argument = (f"sigmas={sigmas}" if sigmas else f"timesteps={timesteps}" if timesteps
+                      else f"num_inference_steps={steps}")
+    absent = "".join(f", {name}=None" for name in absent_components(folder))  # E.g. SD3 saved without T5.
+    tokens = config.teacher.max_sequence_length
+    tokens = "" if tokens is None else f", max_sequence_length={tokens}"
+    call = (f"DiffusionPipeline.from_pretrained(folder{absent})(prompt, {steps_argument}, guidance_scale=1.0"
+            f"{tokens}, generator=torch.Generator().manual_seed(seed))")
+    note = ("One step at the generator's t_init: pass sigmas as the call does (without them the pipeline starts at "
+            "t = 1)." if sigmas else
+            "One step only: more inference steps run a Karras schedule below sigma_init that the generator was not "
             "trained for." if steps == 1 else
             f"{steps} steps, at the timesteps the generator was trained on; other step counts run timesteps it was "
             "not trained for.")
@@ -194,6 +218,10 @@ def write_lora(loaded, out: Path, provenance: dict) -> dict:
         raise ConfigError(f"{provenance['source']} trained every weight of its generator (generator.lora_rank: 0), "
                           "so it has no LoRA adapter to export; use --format diffusers, which writes the whole network "
                           "into a pipeline folder.")
+    if isinstance(teacher.denoiser.schedule, FlowSigmaSchedule):
+        raise ConfigError(f"{provenance['source']} distils a flow-matching teacher ({type(model).__name__}); the LoRA "
+                          "export writes a DDPM-family one-step scheduler, so use --format diffusers, whose "
+                          "flow-matching scheduler and call run the generator's step.")
     if loaded.generator.num_steps > 1:
         raise ConfigError(f"{provenance['source']} is a {loaded.generator.num_steps}-step generator; the LoRA export "
                           "writes a one-step scheduler beside the adapter, so use --format diffusers, whose scheduler "

@@ -16,6 +16,13 @@ Stages (each skipped or resumed when its output is in OUT):
 Each stage stops at its --*-steps or --*-minutes, whichever comes first; re-running with more steps continues the
 denoiser from its checkpoint. OUT/log.jsonl holds the options, then one line per tick. docs/digits-t2i.md tells the
 results and the commands that produced them.
+
+`--objective rectified_flow` trains the flow-matching (SD3-style) teacher instead: no autoencoder stage; an
+SD3Transformer2DModel learns the rectified-flow velocity on the latents of --sd-teacher's VAE, conditioned by that
+teacher's frozen CLIP text encoder (onestep_cli/digits/flow_teacher.py), with the same loop, EMA, checkpoints and
+check; OUT/pipeline/ is a StableDiffusion3Pipeline folder linking to --sd-teacher's VAE, tokenizer and text encoder:
+
+    PYTHONPATH=. python scripts/train_digits_t2i_teacher.py --objective rectified_flow --out runs/digits_flow
 """
 
 from __future__ import annotations
@@ -30,11 +37,13 @@ from pathlib import Path
 
 import torch
 
+from onestep_cli.digits import flow_teacher
 from onestep_cli.digits import t2i_teacher as kit
 from onestep_cli.engine.ema import ema_beta
 
 SMOKE = dict(vae_channels="8,8,8", text_hidden=8, text_layers=1, unet_channels="8,16", vae_steps=2, denoiser_steps=3,
-             batch_size=4, vae_batch_size=4, samples_per_digit=1, check_steps=2)  # Tiny sizes for tests.
+             batch_size=4, vae_batch_size=4, samples_per_digit=1, check_steps=2, transformer="tiny")  # For tests.
+SHIPPED_SD_TEACHER = Path(kit.__file__).resolve().parents[1] / "assets" / "digits_t2i_teacher"
 
 
 def parse_args(argv=None):
@@ -47,6 +56,12 @@ def parse_args(argv=None):
                    help="bf16: autocast the denoiser's forward on CUDA (fp32 weights, optimizer and EMA).")
     p.add_argument("--seed", type=int, default=0, help="Seed of initialisation, batches, captions and noise.")
     p.add_argument("--smoke", action="store_true", help="Tiny networks and a few steps (tests).")
+    p.add_argument("--objective", choices=["epsilon", "rectified_flow"], default="epsilon",
+                   help="epsilon: the SD-style teacher (UNet, SD's DDPM loss); rectified_flow: the SD3-style one.")
+    p.add_argument("--sd-teacher", type=Path, default=SHIPPED_SD_TEACHER,
+                   help="rectified_flow: the SD-style teacher folder whose VAE, tokenizer and text encoder it uses.")
+    p.add_argument("--transformer", choices=sorted(flow_teacher.SIZES), default="small",
+                   help="rectified_flow: SD3 transformer sizes (onestep_cli/digits/flow_teacher.py SIZES).")
     # Sizes.
     p.add_argument("--vae-channels", default="16,32,32", help="AutoencoderKL channels per level (3 levels: 32 -> 8).")
     p.add_argument("--text-hidden", type=int, default=32, help="CLIPTextModel width (embedding 49408 x this).")
@@ -139,31 +154,64 @@ def build_denoiser(args):
     return text_encoder, unet
 
 
-def denoiser_stage(args, vae, images: torch.Tensor, prompts, tokenizer, log: Log):
-    """Train (or resume) the UNet and text encoder; returns the EMA copies and the last progress record."""
+class EpsilonTask:
+    """SD's objective: the UNet and the text encoder trained together on the epsilon MSE of a DDPM timestep."""
+
+    def __init__(self, args, tokenizer, device: torch.device):
+        text_encoder, unet = (m.to(device).train() for m in build_denoiser(args))
+        self.trained = {"unet": unet, "text_encoder": text_encoder}
+        self.scheduler = kit.training_scheduler()
+        self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
+        self.table = kit.digits_token_table(tokenizer)
+
+    def loss(self, latents: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
+        return kit.denoising_loss(self.trained["unet"], self.trained["text_encoder"], self.scheduler, latents,
+                                  self.table(captions), generator)
+
+
+class RectifiedFlowTask:
+    """SD3's objective: the transformer alone on the rectified-flow velocity MSE, under a frozen text encoder whose
+    conditions of every caption the grammar can draw are computed once by the pipeline itself."""
+
+    def __init__(self, args, vae, text_encoder, tokenizer, device: torch.device):
+        torch.manual_seed(args.seed + 1)
+        text_width = int(text_encoder.config.hidden_size)
+        transformer = flow_teacher.build_transformer(flow_teacher.SIZES[args.transformer], text_width)
+        self.trained = {"transformer": transformer.to(device).train()}
+        captions = [*kit.prompt_list(), ""]
+        pipeline = flow_teacher.build_pipeline(transformer, vae, text_encoder, tokenizer)
+        embeds, pooled = flow_teacher.encode_caption_table(pipeline, captions)
+        self.row = {caption: i for i, caption in enumerate(captions)}
+        self.embeds, self.pooled = embeds.to(device), pooled.to(device)
+
+    def loss(self, latents: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
+        rows = torch.tensor([self.row[c] for c in captions], device=latents.device)
+        return flow_teacher.rectified_flow_loss(self.trained["transformer"], latents, self.embeds[rows],
+                                                self.pooled[rows], generator)
+
+
+def denoiser_stage(args, task, vae, images: torch.Tensor, prompts, log: Log):
+    """Train (or resume) `task`'s networks; returns their EMA copies by name and the last progress record."""
     device = images.device
-    text_encoder, unet = (m.to(device).train() for m in build_denoiser(args))
-    ema_text, ema_unet = (copy.deepcopy(m).eval().requires_grad_(False) for m in (text_encoder, unet))
-    trained = [*unet.parameters(), *text_encoder.parameters()]
-    averaged = [*ema_unet.parameters(), *ema_text.parameters()]
+    averages = {name: copy.deepcopy(m).eval().requires_grad_(False) for name, m in task.trained.items()}
+    trained = [p for m in task.trained.values() for p in m.parameters()]
+    averaged = [p for m in averages.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    scheduler = kit.training_scheduler()
-    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    table = kit.digits_token_table(tokenizer)
     # Captions and batch indices come from a CPU generator (the caption grammar draws on the CPU); noise from one on
     # the device, so a CPU run is bitwise repeatable and a GPU run does not sync per draw.
     host_gen = torch.Generator().manual_seed(args.seed)
     device_gen = torch.Generator(device=device).manual_seed(args.seed + 2)
     latent_mean, latent_std = kit.encode_posteriors(vae, images)
     scaling = float(vae.config.scaling_factor)
+    # Resume checkpoints name each network and its EMA: unet, text_encoder, ema_unet, ema_text_encoder (SD-style).
+    modules = {**task.trained, **{f"ema_{name}": m for name, m in averages.items()}, "optimizer": optimizer}
 
     checkpoint_path = args.out / "denoiser.pt"
     step = 0
     if checkpoint_path.is_file():
         # On the CPU: generator states must be CPU tensors, and load_state_dict moves the rest to each module's device.
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        for module, key in ((unet, "unet"), (text_encoder, "text_encoder"), (ema_unet, "ema_unet"),
-                            (ema_text, "ema_text_encoder"), (optimizer, "optimizer")):
+        for key, module in modules.items():
             module.load_state_dict(state[key])
         host_gen.set_state(state["host_generator"])
         device_gen.set_state(state["device_generator"])
@@ -171,10 +219,8 @@ def denoiser_stage(args, vae, images: torch.Tensor, prompts, tokenizer, log: Log
         log({"stage": "denoiser", "resumed_from": str(checkpoint_path), "step": step})
 
     def save_checkpoint():
-        state = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                 "ema_unet": ema_unet.state_dict(), "ema_text_encoder": ema_text.state_dict(),
-                 "optimizer": optimizer.state_dict(), "step": step, "host_generator": host_gen.get_state(),
-                 "device_generator": device_gen.get_state()}
+        state = {**{key: module.state_dict() for key, module in modules.items()}, "step": step,
+                 "host_generator": host_gen.get_state(), "device_generator": device_gen.get_state()}
         partial = checkpoint_path.with_name(checkpoint_path.name + ".partial")
         torch.save(state, partial)
         partial.replace(checkpoint_path)
@@ -189,7 +235,7 @@ def denoiser_stage(args, vae, images: torch.Tensor, prompts, tokenizer, log: Log
         noise = torch.randn(latent_mean[index].shape, device=device, generator=device_gen)
         latents = (latent_mean[index] + latent_std[index] * noise) * scaling
         with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-            loss = kit.denoising_loss(unet, text_encoder, scheduler, latents, table(captions), device_gen)
+            loss = task.loss(latents, captions, device_gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -216,14 +262,15 @@ def denoiser_stage(args, vae, images: torch.Tensor, prompts, tokenizer, log: Log
             checkpoint_time = now
         if done:
             break
-    return ema_text, ema_unet, {**record, "wall_s": round(time.time() - start, 1)}
+    return averages, {**record, "wall_s": round(time.time() - start, 1)}
 
 
 def check(args, folder: Path, log: Log) -> dict:
     """Sample the saved folder as a user would, and score "the digit {d}" with the 8x8 digits classifier."""
     start = time.time()
-    images, labels = kit.sample_digits(folder, per_digit=args.samples_per_digit, num_inference_steps=args.check_steps,
-                                       guidance_scale=args.guidance_scale, seed=args.seed, device=args.device)
+    sample = flow_teacher.sample_digits if args.objective == "rectified_flow" else kit.sample_digits
+    images, labels = sample(folder, per_digit=args.samples_per_digit, num_inference_steps=args.check_steps,
+                            guidance_scale=args.guidance_scale, seed=args.seed, device=args.device)
     accuracy, provenance = kit.quick_class_accuracy(images, labels)
     real_images, real_prompts = kit.captioned_digits()
     real_accuracy, _ = kit.quick_class_accuracy(real_images, torch.tensor([p.digit for p in real_prompts]))
@@ -261,9 +308,12 @@ def main(argv=None) -> dict:
 
     images, prompts = kit.captioned_digits()
     images = images.to(device)
+    if args.objective == "rectified_flow":
+        return train_flow_teacher(args, command, device_name, images, prompts, log)
     tokenizer = kit.clip_tokenizer()
     vae = vae_stage(args, images, log)
-    ema_text, ema_unet, denoiser_record = denoiser_stage(args, vae, images, prompts, tokenizer, log)
+    averages, denoiser_record = denoiser_stage(args, EpsilonTask(args, tokenizer, device), vae, images, prompts, log)
+    ema_text, ema_unet = averages["text_encoder"], averages["unet"]
 
     folder = args.out / "pipeline"
     vae_summary = json.loads((args.out / "vae" / "vae_training.json").read_text())
@@ -275,6 +325,33 @@ def main(argv=None) -> dict:
                                (("vae", vae), ("text_encoder", ema_text), ("unet", ema_unet))},
                 "weights": "EMA of the UNet and text encoder", "device": device_name, "torch": torch.__version__}
     kit.save_pipeline(folder, vae.cpu(), ema_text.cpu(), tokenizer, ema_unet.cpu(), training)
+    return finish(args, folder, training, log)
+
+
+def train_flow_teacher(args, command: str, device_name: str, images: torch.Tensor, prompts, log: Log) -> dict:
+    """The rectified-flow objective: the SD3 transformer on --sd-teacher's latents and frozen text encoder."""
+    folder = args.out / "pipeline"
+    flow_teacher.link_shared_parts(folder, args.sd_teacher)  # First, so training reads the parts as saved.
+    vae, text_encoder, tokenizer = flow_teacher.shared_parts(folder)
+    vae = vae.to(images.device)
+    task = RectifiedFlowTask(args, vae, text_encoder, tokenizer, images.device)
+    averages, denoiser_record = denoiser_stage(args, task, vae, images, prompts, log)
+    transformer = averages["transformer"].cpu()
+    training = {"command": command, "options": {k: str(v) for k, v in vars(args).items()},
+                "data": "sklearn digits, 1797 images at 32x32 RGB grey, captions from onestep_cli.digits.captions",
+                "objective": "rectified flow, t ~ logit-normal(0, 1), velocity MSE (SD3)",
+                "text_encoder": f"frozen: the CLIP text encoder of {args.sd_teacher.name} (identity projection)",
+                "vae": f"{args.sd_teacher.name}'s, scaling_factor {vae.config.scaling_factor:.4f}",
+                "denoiser": denoiser_record,
+                "network": {"transformer": args.transformer, **vars(flow_teacher.SIZES[args.transformer])},
+                "parameters": {"transformer": kit.parameter_count(transformer)},
+                "weights": "EMA of the transformer", "device": device_name, "torch": torch.__version__}
+    flow_teacher.save_pipeline(folder, transformer, args.sd_teacher, training)
+    return finish(args, folder, training, log)
+
+
+def finish(args, folder: Path, training: dict, log: Log) -> dict:
+    """The quick check of the saved folder, and the summary written to its training.json."""
     training["check"] = check(args, folder, log)
     training["folder_bytes"] = kit.folder_size_bytes(folder)
     (folder / "training.json").write_text(json.dumps(training, indent=2) + "\n")

@@ -104,12 +104,40 @@ def build_sd3():
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
         num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=32, pooled_projection_dim=64)
     tokenizer_3, text_encoder_3 = _t5()
+    vae = _vae()
+    vae.register_to_config(shift_factor=0.0609)  # SD3's VAE shift (its pipeline needs a number there).
     return diffusers.StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(),
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=transformers.CLIPTextModelWithProjection(_clip_config(projection_dim=32)),
         text_encoder_2=transformers.CLIPTextModelWithProjection(_clip_config(projection_dim=32)),
         tokenizer=_clip_tokenizer(), tokenizer_2=_clip_tokenizer(), text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3)
+
+
+def build_sana():
+    """SANA's parts at toy size: a linear-attention SanaTransformer2DModel, a 1-layer Gemma-2 with a character-level
+    Gemma tokenizer, a 3-level DC-AE (32 px -> 8x8x4), and the flow-matching Euler scheduler."""
+    torch.manual_seed(0)
+    chars = ["▁", *"abcdefghijklmnopqrstuvwxyz0123456789,.:'-"]
+    tokenizer = transformers.GemmaTokenizer(
+        vocab={token: i for i, token in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *chars])}, merges=[])
+    text_encoder = transformers.Gemma2Model(transformers.Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16))
+    transformer = diffusers.SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
+        sample_size=8, patch_size=1)
+    levels = ("ResBlock", "ResBlock", "EfficientViTBlock")
+    vae = diffusers.AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=levels,
+        decoder_block_types=levels, encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+        encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1), downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407)
+    return diffusers.SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
 BUILDERS = {"sd-eps": build_sd, "sd-v": lambda: build_sd("v_prediction"), "sdxl": build_sdxl, "pixart": build_pixart,

@@ -90,9 +90,10 @@ def test_resumed_training_is_bitwise_the_uninterrupted_one(trained, tmp_path, on
     images, prompts = kit.captioned_digits()
     log = script.Log(tmp_path / "log.jsonl")
     vae = script.vae_stage(args, images, log)
-    ema_text, ema_unet, _ = script.denoiser_stage(args, vae, images, prompts, kit.clip_tokenizer(), log)
+    task = script.EpsilonTask(args, kit.clip_tokenizer(), images.device)
+    averages, _ = script.denoiser_stage(args, task, vae, images, prompts, log)
     state = torch.load(out / "denoiser.pt", weights_only=True)
-    for key, module in (("ema_unet", ema_unet), ("ema_text_encoder", ema_text)):
+    for key, module in (("ema_unet", averages["unet"]), ("ema_text_encoder", averages["text_encoder"])):
         for name, tensor in module.state_dict().items():
             assert torch.equal(tensor, state[key][name]), f"{key}.{name}"
 

@@ -29,9 +29,10 @@ from onestep_cli.sampling import generate_text_to_image  # noqa: E402
 
 from host_data import tensors_from_host_data  # noqa: E402
 from test_export_lora import readme_namespace  # noqa: E402
-from test_diffusers_adapters import build_pixart, build_sd, build_sdxl  # noqa: E402
+from test_diffusers_adapters import build_pixart, build_sana, build_sd, build_sd3, build_sdxl  # noqa: E402
 
-PRESET_TEACHERS = {"sd15-sid": "sd", "sdxl-sim": "sdxl", "sdxl-dmd2": "sdxl", "pixart-sim": "pixart"}
+PRESET_TEACHERS = {"sd15-sid": "sd", "sdxl-sim": "sdxl", "sdxl-dmd2": "sdxl", "pixart-sim": "pixart", "sd3-sim": "sd3",
+                   "sana-sid": "sana"}
 OBJECTIVES = ("sim", "sid", "dmd", "di")
 PROMPTS = ["a red bicycle", "two cats on a sofa", "an astronaut riding a horse"]
 TINY = ["train.batch_size=2", "train.max_steps=2", "train.fake_updates_per_step=1", "teacher.dtype=float32",
@@ -62,7 +63,8 @@ def tiny(tmp_path_factory):
     """Folders of the tiny pipelines by name, and a prompt file."""
     root = tmp_path_factory.mktemp("t2i")
     folders = {}
-    for name, build in {"sd": build_sd, "sdxl": build_sdxl, "pixart": _tiny_pixart}.items():
+    for name, build in {"sd": build_sd, "sdxl": build_sdxl, "pixart": _tiny_pixart, "sd3": build_sd3,
+                        "sana": build_sana}.items():
         build().save_pretrained(root / name)
         folders[name] = root / name
     prompts = root / "prompts.txt"
@@ -276,6 +278,37 @@ def test_export_round_trip_sdxl_and_pixart_with_lora(cli, tiny, preset, tmp_path
     adapted = namespace["pipe"](PROMPTS[0], num_inference_steps=1, guidance_scale=1.0, output_type="pt",
                                 generator=torch.Generator().manual_seed(5), **extra).images
     assert (adapted - ours).abs().max() < 1e-4
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("preset", ["sd3-sim", "sana-sid"])
+def test_flow_teacher_export_round_trip(cli, tiny, preset, tmp_path):
+    """A flow-matching generator reads unit noise as its flow input at t_init; the exported pipeline's flow Euler
+    scheduler, called as onestep.json says (sigmas=[t_init], no T5 or the preset's token count), gives the same
+    images. The LoRA export, whose scheduler is DDPM-family, is refused with the way out."""
+    config = tiny_config(tiny, preset, "train.max_steps=1", "train.generator_lr=1e-2", "train.ema_halflife_kimg=null",
+                         "generator.lora_rank=4", "fake.lora_rank=4")
+    run = tmp_path / "run"
+    distill(config, run, progress=False, log=lambda message: None)
+    source = load_generator_source(run)
+    assert source.generator.start_scale == 1 + config.generator.sigma_init  # x_t = z at t_init.
+    ours = (generate_text_to_image(source.generator, source.pipeline, [PROMPTS[0]], [5], source.data_shape) + 1) / 2
+    out = tmp_path / "export"
+    assert cli.invoke("export", run, "--out", out).exit_code == 0
+    info = json.loads((out / "onestep.json").read_text())
+    t_init = 999 / 1000
+    assert f"sigmas=[{t_init}]" in info["call"] and info["prediction_type"] == "flow_prediction"
+    assert f"max_sequence_length={config.teacher.max_sequence_length}" in info["call"]
+    extra = dict(use_resolution_binning=False, height=32, width=32) if preset == "sana-sid" else {}  # Not 1024 px.
+    pipeline = diffusers.DiffusionPipeline.from_pretrained(out)
+    pipeline.set_progress_bar_config(disable=True)
+    assert type(pipeline.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    images = pipeline(PROMPTS[0], sigmas=[t_init], guidance_scale=1.0, output_type="pt",
+                      max_sequence_length=config.teacher.max_sequence_length,
+                      generator=torch.Generator().manual_seed(5), **extra).images
+    assert (images - ours).abs().max() < 1e-4
+    refused = cli.invoke("export", run, "--out", tmp_path / "lora", "--format", "lora")
+    assert refused.exit_code != 0 and "--format diffusers" in " ".join(refused.output.split())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

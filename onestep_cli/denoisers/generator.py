@@ -85,3 +85,8 @@ def ddpm_step_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
 def pure_noise_scale(sigma: float) -> float:
     """The VE scale of unit noise read as a DDPM input at level sigma (`x_vp = z` is `x = sqrt(1 + sigma^2) z`)."""
     return math.sqrt(1 + sigma**2)
+
+
+def flow_noise_scale(sigma: float) -> float:
+    """The VE scale of unit noise read as a flow-matching input at level sigma (`x_t = z` is `x = (1 + sigma) z`)."""
+    return 1 + sigma

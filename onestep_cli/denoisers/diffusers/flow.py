@@ -38,8 +38,9 @@ class FlowDenoiser(DiffusersDenoiser):
                 raise ValueError("an SD3 transformer needs cond.pooled (the pooled CLIP embeddings).")
             return self.model(hidden_states=x_flow, timestep=timestep, encoder_hidden_states=cond.embeds,
                               pooled_projections=cond.pooled, return_dict=False)[0]
-        return self.model(x_flow, encoder_hidden_states=cond.embeds, encoder_attention_mask=cond.mask,
-                          timestep=timestep, return_dict=False)[0]
+        return self._drop_learned_sigma(self.model(x_flow, encoder_hidden_states=cond.embeds,
+                                                   encoder_attention_mask=cond.mask, timestep=timestep,
+                                                   return_dict=False)[0])
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
         """`x0_hat` (float32) of `x = x0 + sigma * eps`; `cond=None` means the null condition."""

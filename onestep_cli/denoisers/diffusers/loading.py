@@ -108,13 +108,23 @@ def load_pipeline(source: str | Path, torch_dtype: torch.dtype = torch.float32, 
     folder = resolve_pretrained(source, revision, variant)
     try:
         pipeline = DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, variant=variant,
-                                                     local_files_only=True)
+                                                     local_files_only=True, **absent_components(folder))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise DiffusersLoadError(f"the diffusers pipeline in {folder} (teacher {source}) cannot be loaded: {error}. "
                                  "Check that every component's weights are there (re-download or re-save the "
                                  "pipeline), and that variant= matches the weight files.") from error
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
+
+
+def absent_components(folder: Path) -> dict:
+    """`{name: None}` for the components model_index.json saves as absent (`[null, null]`), such as SD3's T5 when a
+    pipeline is saved without it: diffusers loads those only when they are passed as None."""
+    import json
+
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return {name: None for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, list) and value == [None, None]}
 
 
 def build_denoiser(pipeline) -> DiffusersDenoiser:
@@ -205,6 +215,7 @@ def load_diffusers_teacher(
     device: str | torch.device = "cpu",
     null: str = "auto",                         # Null condition: 'auto', 'empty_prompt' or 'zeros' (guidance.py).
     image_size: tuple[int, int] | None = None,  # Pixels (H, W) for SDXL time ids; None: the network's native size.
+    max_sequence_length: int | None = None,     # SD3/SANA/PixArt T5 or Gemma tokens; None: the pipeline's default.
     variant: str | None = None,                 # Weight-file variant, e.g. 'fp16'.
     revision: str | None = None,                # Hub revision; a commit hash pins the files. None: main.
 ) -> DiffusersTeacher:
@@ -212,7 +223,7 @@ def load_diffusers_teacher(
     folder = resolve_pretrained(source, revision, variant)
     pipeline = load_pipeline(folder, torch_dtype=torch_dtype, device=device, variant=variant)
     denoiser = build_denoiser(pipeline)
-    encoder = PromptEncoder(pipeline, image_size=image_size)
+    encoder = PromptEncoder(pipeline, image_size=image_size, max_sequence_length=max_sequence_length)
     null_mode = encoder.default_null_mode if null == "auto" else null
     denoiser.set_null_condition(null_condition(null_mode, encoder.encode([""])).to(device))
     return DiffusersTeacher(source=str(source), folder=folder, pipeline=pipeline, denoiser=denoiser, encoder=encoder,

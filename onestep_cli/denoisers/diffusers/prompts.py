@@ -178,13 +178,17 @@ class PromptEncoder:
     """Encodes prompts into a `Conditioning` with a diffusers pipeline's tokenizers and text encoders.
 
     `kind` is one of `sd` (SD 1.5/2.1), `sdxl`, `pixart`, `sd3`, `sana`, detected from the pipeline. For SDXL the
-    time ids are `(H, W, 0, 0, H, W)` of `image_size` (pixels; default: the UNet's native size).
+    time ids are `(H, W, 0, 0, H, W)` of `image_size` (pixels; default: the UNet's native size). SD3, SANA and PixArt
+    pad their T5 or Gemma tokens to `max_sequence_length` (None: the pipeline's default; SD3 without T5 appends that
+    many zero tokens), which a sampling call of the pipeline must then pass too.
     """
 
-    def __init__(self, pipeline, image_size: tuple[int, int] | None = None, batch_size: int = 64):
+    def __init__(self, pipeline, image_size: tuple[int, int] | None = None, batch_size: int = 64,
+                 max_sequence_length: int | None = None):
         self.pipeline = pipeline
         self.kind = pipeline_kind(pipeline)
         self.batch_size = batch_size
+        self.max_sequence_length = max_sequence_length
         self.device = None  # Where the text encoders run; None: the pipeline's execution device.
         if image_size is None:
             size = pipeline_network(pipeline).config.sample_size
@@ -201,7 +205,8 @@ class PromptEncoder:
     def fingerprint(self) -> str:
         """What the embeddings depend on besides the prompts, for the cache key."""
         name_or_path = getattr(self.pipeline.config, "_name_or_path", "")
-        return f"{self.kind}|{name_or_path}|{self.image_size[0]}x{self.image_size[1]}"
+        tokens = "" if self.max_sequence_length is None else f"|{self.max_sequence_length}"
+        return f"{self.kind}|{name_or_path}|{self.image_size[0]}x{self.image_size[1]}{tokens}"
 
     def to(self, device: torch.device | str) -> PromptEncoder:
         """Move the pipeline's text encoders to `device` and encode there (streamed training prompts: per step)."""
@@ -221,9 +226,18 @@ class PromptEncoder:
                  for i in range(0, len(prompts), self.batch_size)]
         return Conditioning.cat(parts)
 
+    def _encode_sana(self, prompts: list[str], device, tokens: dict) -> Conditioning:
+        def encode(texts, instruction):
+            embeds, mask, _, _ = self.pipeline.encode_prompt(texts, do_classifier_free_guidance=False, device=device,
+                                                             complex_human_instruction=instruction, **tokens)
+            return Conditioning(embeds=embeds, mask=mask)
+
+        return _sana_rows(encode, prompts, call_default(self.pipeline, "complex_human_instruction"))
+
     def _encode_batch(self, prompts: list[str]) -> Conditioning:
         pipe = self.pipeline
         device = self.device if self.device is not None else pipe._execution_device
+        tokens = {} if self.max_sequence_length is None else {"max_sequence_length": self.max_sequence_length}
         if self.kind == "sd":
             embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
             cond = Conditioning(embeds=embeds)
@@ -234,14 +248,35 @@ class PromptEncoder:
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.dtype,
                                     device=embeds.device).repeat(len(prompts), 1)
             cond = Conditioning(embeds=embeds, pooled=pooled, time_ids=time_ids)
+        elif self.kind == "sana" and any(prompts):
+            cond = self._encode_sana(prompts, device, tokens)
         elif self.kind in ("pixart", "sana"):
-            embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device)
+            embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                                    **tokens)
             cond = Conditioning(embeds=embeds, mask=mask)
         else:  # sd3
             embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
-                                                      do_classifier_free_guidance=False)
+                                                      do_classifier_free_guidance=False, **tokens)
             cond = Conditioning(embeds=embeds, pooled=pooled)
         return cond
+
+
+def _sana_rows(encode, prompts: list[str], instruction) -> Conditioning:
+    """SANA's conditions as its pipeline makes them: the complex human instruction before every prompt but the empty
+    one (its negative prompt, encoded without it). `encode(texts, instruction)` encodes a list."""
+    given = [i for i, prompt in enumerate(prompts) if prompt]
+    empty = [i for i, prompt in enumerate(prompts) if not prompt]
+    parts = [encode([prompts[i] for i in given], instruction)]
+    if empty:
+        parts.append(encode([""] * len(empty), False))
+    return Conditioning.cat(parts)[torch.argsort(torch.tensor(given + empty))]
+
+
+def call_default(pipeline, name: str):
+    """The default of argument `name` of the pipeline's `__call__` (what a plain sampling call uses)."""
+    import inspect
+
+    return inspect.signature(type(pipeline).__call__).parameters[name].default
 
 
 def pipeline_kind(pipeline) -> str:

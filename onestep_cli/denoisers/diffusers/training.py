@@ -14,8 +14,8 @@ import torch
 from ...config import (ConfigError, DiffusersTeacherConfig, GeneratorConfig, RunConfig,
                        UniformTimestepSigmaConfig, resolve_asset_path)
 from ..base import Denoiser
-from ..generator import OneStepGenerator, ddpm_step_timesteps, pure_noise_scale
-from .schedule import DDPMSigmaSchedule
+from ..generator import OneStepGenerator, ddpm_step_timesteps, flow_noise_scale, pure_noise_scale
+from .schedule import DDPMSigmaSchedule, FlowSigmaSchedule
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]  # Attention and MLP projections.
@@ -88,6 +88,7 @@ def load_text_teacher(config: DiffusersTeacherConfig):
     try:
         return load_diffusers_teacher(config.resolved_path, torch_dtype=DTYPES[config.dtype],
                                       null=config.null_condition, image_size=config.image_size,
+                                      max_sequence_length=config.max_sequence_length,
                                       variant=config.variant, revision=config.revision)
     except DiffusersLoadError as error:
         raise DiffusersLoadError(f"{error}{' ' + config.hint if config.hint else ''}") from None
@@ -205,15 +206,20 @@ def check_timestep_schedules(config: RunConfig, denoiser) -> None:
 
 
 def multi_step_schedule(config: GeneratorConfig, denoiser) -> tuple[tuple[float, ...] | None, float | None]:
-    """(step levels, start scale) of a generator on a diffusers teacher; one step: (generator.step_sigmas, None).
+    """(step levels, start scale) of a generator on a diffusers teacher.
 
-    As DMD2's multi-step generator (tianweiy/DMD2 main/sd_unified_model.py L31-35, L186-199): the steps sit at its
-    timesteps T-1, T-1-T//N, ... (or at generator.step_sigmas), and the first reads pure noise in the teacher's
+    One step reads `sigma_init z`, as SiD does (start scale None), except on a flow-matching teacher (SD3, SANA), whose
+    generator reads unit noise as its flow input `x_t = z` at `t = sigma_init / (1 + sigma_init)`: where diffusers'
+    flow pipelines start (from unit noise, with no input scaling), so an export reproduces it.
+
+    N steps, as DMD2's multi-step generator (tianweiy/DMD2 main/sd_unified_model.py L31-35, L186-199): the steps sit at
+    its timesteps T-1, T-1-T//N, ... (or at generator.step_sigmas), and the first reads pure noise in the teacher's
     parametrisation (`x_vp = z`), which is also where diffusers' LCMScheduler starts, so an export reproduces it.
     """
-    if config.num_steps == 1:  # One step reads sigma_init z, as SiD does.
-        return config.step_sigmas, None
     schedule = getattr(denoiser, "schedule", None)
+    if config.num_steps == 1:
+        sigma = config.step_sigmas[0] if config.step_sigmas else config.sigma_init
+        return config.step_sigmas, (flow_noise_scale(sigma) if isinstance(schedule, FlowSigmaSchedule) else None)
     if not isinstance(schedule, DDPMSigmaSchedule):
         raise ConfigError(f"generator.num_steps={config.num_steps} needs a DDPM-family teacher (SD 1.5/2.1, SDXL, "
                           f"PixArt); this teacher's {type(denoiser).__name__} is a flow-matching network, whose "
