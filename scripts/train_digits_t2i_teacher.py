@@ -89,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--samples-per-digit", type=int, default=4, help="Check images per digit ('the digit {d}').")
     p.add_argument("--check-steps", type=int, default=25, help="Sampler steps of the check.")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="Classifier-free guidance scale of the check.")
+    p.add_argument("--heldout-check", action="store_true",
+                   help="Also score prompt_accuracy on the 320 held-out phrasings, each drawn once with --seed.")
+    p.add_argument("--check-only", action="store_true", help="Only run the check(s) on OUT/pipeline.")
     args = p.parse_args(argv)
     if args.smoke:  # A preset: options given explicitly still win.
         p.set_defaults(**SMOKE)
@@ -278,8 +281,33 @@ def check(args, folder: Path, log: Log) -> dict:
               "num_inference_steps": args.check_steps, "guidance_scale": args.guidance_scale,
               "quick_class_accuracy": accuracy, "per_class": provenance["per_class_accuracy"],
               "real_digits_quick_class_accuracy": real_accuracy, "wall_s": round(time.time() - start, 1)}
+    if args.heldout_check:
+        record["heldout"] = heldout_check(args, folder)
     log(record)
     return record
+
+
+def heldout_check(args, folder: Path) -> dict:
+    """prompt_accuracy (and weight and slant agreement) of the saved folder's own sampler on every held-out phrasing,
+    each drawn once from seed --seed: the numbers docs/digits-t2i.md reports."""
+    from diffusers import DiffusionPipeline
+
+    from onestep_cli.denoisers.diffusers.loading import absent_components
+    from onestep_cli.digits.prompt_following import prompt_accuracy
+
+    prompts = (SHIPPED_SD_TEACHER.parent / "digits_t2i_prompts" / "heldout.txt").read_text().splitlines()
+    pipeline = DiffusionPipeline.from_pretrained(folder, local_files_only=True, **absent_components(folder))
+    pipeline.set_progress_bar_config(disable=True)
+    tokens = {"max_sequence_length": flow_teacher.MAX_SEQUENCE_LENGTH} if args.objective == "rectified_flow" else {}
+    start = time.time()
+    images = pipeline(prompts, num_inference_steps=args.check_steps, guidance_scale=args.guidance_scale,
+                      generator=[torch.Generator().manual_seed(args.seed) for _ in prompts], output_type="pt",
+                      **tokens).images
+    accuracy, provenance = prompt_accuracy(images.float() * 2 - 1, prompts)
+    return {"sampler": f"{type(pipeline).__name__}, {type(pipeline.scheduler).__name__} {args.check_steps} steps",
+            "guidance_scale": args.guidance_scale, "seed": args.seed, "num_prompts": len(prompts),
+            "prompt_accuracy": accuracy, "weight_agreement": provenance["weight_agreement"],
+            "slant_agreement": provenance["slant_agreement"], "wall_s": round(time.time() - start, 1)}
 
 
 def quiet_progress_bars() -> None:
@@ -306,6 +334,8 @@ def main(argv=None) -> dict:
     log({"options": {k: str(v) for k, v in vars(args).items()}, "command": command, "device": device_name,
          "torch": torch.__version__})
 
+    if args.check_only:
+        return check(args, args.out / "pipeline", log)
     images, prompts = kit.captioned_digits()
     images = images.to(device)
     if args.objective == "rectified_flow":

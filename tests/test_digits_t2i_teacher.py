@@ -119,3 +119,37 @@ def test_folder_loads_as_a_onestep_teacher(trained):
     assert teacher.vae_scaling_factor == pytest.approx(first["vae"]["scaling_factor"])
     assert teacher.sigma_max == pytest.approx(14.61, abs=0.01)  # SD 1.5's schedule.
     assert teacher.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 32, 32)
+
+
+def test_rectified_flow_objective_saves_an_sd3_pipeline_linking_the_sd_teacher(tmp_path, one_thread):
+    """`--objective rectified_flow`: the same loop trains an SD3 transformer on the SD-style teacher's latents and
+    frozen text encoder; the folder links to that teacher's files, loads with StableDiffusion3Pipeline (no T5) and as
+    a onestep flow teacher, and its text conditions are the pipeline's own."""
+    from onestep_cli.denoisers.diffusers import FlowDenoiser
+    from onestep_cli.denoisers.diffusers.loading import load_diffusers_teacher
+    from onestep_cli.digits import flow_teacher
+
+    summary = script.main(["--out", str(tmp_path), "--smoke", "--device", "cpu", "--objective", "rectified_flow",
+                           "--denoiser-steps", "2"])
+    folder = tmp_path / "pipeline"
+    assert summary["denoiser"]["step"] == 2 and torch.isfinite(torch.tensor(summary["denoiser"]["loss"]))
+    assert not (tmp_path / "vae").exists()  # No autoencoder stage: the SD-style teacher's is used.
+    sd_teacher = script.SHIPPED_SD_TEACHER
+    assert (folder / "vae" / flow_teacher.VAE_WEIGHTS).resolve() == (sd_teacher / "vae" / flow_teacher.VAE_WEIGHTS)
+    assert (folder / "text_encoder" / flow_teacher.TEXT_ENCODER_SHARD).resolve() == \
+        sd_teacher / "text_encoder" / "model.safetensors"
+    assert (folder / "tokenizer").resolve() == sd_teacher / "tokenizer" and (folder / "text_encoder_2").is_symlink()
+
+    pipeline = flow_teacher.load_pipeline(folder)
+    assert isinstance(pipeline, diffusers.StableDiffusion3Pipeline) and pipeline.text_encoder_3 is None
+    sd = diffusers.StableDiffusionPipeline.from_pretrained(sd_teacher, local_files_only=True)
+    ids = sd.tokenizer(["a bold 4"], padding="max_length", max_length=kit.TOKENIZER_MAX_LENGTH,
+                       return_tensors="pt").input_ids
+    hidden = sd.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+    embeds, pooled = flow_teacher.encode_caption_table(pipeline, ["a bold 4"])
+    torch.testing.assert_close(embeds, torch.cat([hidden, hidden], dim=-1))  # Both CLIP slots: the SD teacher's.
+    assert pooled.shape == (1, 2 * sd.text_encoder.config.hidden_size)
+
+    teacher = load_diffusers_teacher(folder, max_sequence_length=flow_teacher.MAX_SEQUENCE_LENGTH)
+    assert isinstance(teacher.denoiser, FlowDenoiser) and teacher.latent_shape == (4, 8, 8)
+    assert teacher.encoder.encode(["the digit 7"]).embeds.shape == (1, kit.TOKENIZER_MAX_LENGTH, 2 * 32)
