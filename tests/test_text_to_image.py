@@ -292,6 +292,11 @@ def test_flow_teacher_export_round_trip(cli, tiny, preset, tmp_path):
     distill(config, run, progress=False, log=lambda message: None)
     source = load_generator_source(run)
     assert source.generator.start_scale == 1 + config.generator.sigma_init  # x_t = z at t_init.
+    if preset == "sana-sid":  # The null condition is SANA's negative prompt: '' without its instruction.
+        *_, negative, negative_mask = source.pipeline.pipeline.encode_prompt(
+            "a cat", do_classifier_free_guidance=True, max_sequence_length=config.teacher.max_sequence_length)
+        null = source.pipeline.denoiser.null_condition
+        assert torch.equal(null.embeds, negative) and torch.equal(null.mask, negative_mask)
     ours = (generate_text_to_image(source.generator, source.pipeline, [PROMPTS[0]], [5], source.data_shape) + 1) / 2
     out = tmp_path / "export"
     assert cli.invoke("export", run, "--out", out).exit_code == 0
@@ -327,6 +332,9 @@ def test_missing_teacher_and_prompts_give_the_promised_messages(cli, tiny, tmp_p
     assert missing.exit_code != 0 and "does not exist" in missing.output
     no_prompts = cli.invoke("distill", "--preset", "sd15-sid", "--set", f"teacher.path={tiny['sd']}", "--out", run)
     assert no_prompts.exit_code != 0 and "prompts.path" in " ".join(no_prompts.output.split())
+    tokens = cli.invoke("distill", "--preset", "sd15-sid", "--set", f"teacher.path={tiny['sd']}", "--set",
+                        f"prompts.path={tiny['prompts']}", "--set", "teacher.max_sequence_length=8", "--out", run)
+    assert tokens.exit_code != 0 and "CLIP encoders only" in " ".join(tokens.output.split())
     gmm_lora = cli.invoke("distill", "--preset", "gmm-sim", "--set", "generator.lora_rank=4", "--out", run)
     assert gmm_lora.exit_code != 0 and "only apply to text-to-image teachers" in " ".join(gmm_lora.output.split())
 

@@ -151,6 +151,20 @@ def build_denoiser(pipeline) -> DiffusersDenoiser:
                              "SDXL), PixArtTransformer2DModel, SD3Transformer2DModel, SanaTransformer2DModel.")
 
 
+def check_sequence_length(max_sequence_length: int | None, kind: str, folder: Path) -> None:
+    """Refuse a token count the teacher's text encoders do not take: a setting that would silently do nothing."""
+    if max_sequence_length is None:
+        return
+    if kind in ("sd", "sdxl"):
+        raise DiffusersLoadError(f"teacher.max_sequence_length={max_sequence_length} sets the T5 or Gemma tokens of "
+                                 f"SD3, SANA and PixArt pipelines; the {kind} teacher in {folder} has CLIP encoders "
+                                 "only, whose length is their tokenizer's. Remove the setting (null).")
+    if max_sequence_length == 0 and kind != "sd3":
+        raise DiffusersLoadError(f"teacher.max_sequence_length=0 leaves the {kind} teacher in {folder} no text tokens "
+                                 "(0 only suits SD3 without T5, whose CLIP tokens remain); give a positive count or "
+                                 "null for the pipeline's default.")
+
+
 def decode_latents(vae, latents: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0) -> torch.Tensor:
     """Images in [-1, 1] (float32, `[batch, 3, H, W]`) from latents in the teacher's scaled latent space."""
     if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
@@ -224,6 +238,7 @@ def load_diffusers_teacher(
     pipeline = load_pipeline(folder, torch_dtype=torch_dtype, device=device, variant=variant)
     denoiser = build_denoiser(pipeline)
     encoder = PromptEncoder(pipeline, image_size=image_size, max_sequence_length=max_sequence_length)
+    check_sequence_length(max_sequence_length, encoder.kind, folder)
     null_mode = encoder.default_null_mode if null == "auto" else null
     denoiser.set_null_condition(null_condition(null_mode, encoder.encode([""])).to(device))
     return DiffusersTeacher(source=str(source), folder=folder, pipeline=pipeline, denoiser=denoiser, encoder=encoder,
