@@ -297,6 +297,9 @@ def test_flow_teacher_export_round_trip(cli, tiny, preset, tmp_path):
             "a cat", do_classifier_free_guidance=True, max_sequence_length=config.teacher.max_sequence_length)
         null = source.pipeline.denoiser.null_condition
         assert torch.equal(null.embeds, negative) and torch.equal(null.mask, negative_mask)
+        mixed = source.pipeline.encoder.encode(["a cat", "", PROMPTS[0]])  # Each row as encoded alone.
+        torch.testing.assert_close(mixed.embeds[1], null.embeds[0])
+        torch.testing.assert_close(mixed.embeds[2], source.pipeline.encoder.encode([PROMPTS[0]]).embeds[0])
     ours = (generate_text_to_image(source.generator, source.pipeline, [PROMPTS[0]], [5], source.data_shape) + 1) / 2
     out = tmp_path / "export"
     assert cli.invoke("export", run, "--out", out).exit_code == 0

@@ -9,6 +9,7 @@ files. `HF_HUB_OFFLINE=1` forbids the download and says so. Weights load as safe
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -120,8 +121,6 @@ def load_pipeline(source: str | Path, torch_dtype: torch.dtype = torch.float32, 
 def absent_components(folder: Path) -> dict:
     """`{name: None}` for the components model_index.json saves as absent (`[null, null]`), such as SD3's T5 when a
     pipeline is saved without it: diffusers loads those only when they are passed as None."""
-    import json
-
     index = json.loads((Path(folder) / "model_index.json").read_text())
     return {name: None for name, value in index.items()
             if not name.startswith("_") and isinstance(value, list) and value == [None, None]}
