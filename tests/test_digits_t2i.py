@@ -53,3 +53,20 @@ def test_demo_t2i_scores_students_and_teacher_on_heldout_prompts(cli, tmp_path, 
     assert teacher["provenance"]["common"]["samples_meta"]["nfe"] == 2 * demo_t2i.TEACHER_STEPS - 1
     assert (tmp_path / "demo" / "report" / "report.html").is_file()
     assert (tmp_path / "demo" / "report" / "grids" / "grid.png").is_file()
+
+
+def test_prompts_encode_where_the_text_encoder_is_while_the_networks_sit_elsewhere(monkeypatch):
+    # Sampling a run on a GPU moves the VAE and the denoiser there and leaves the text encoder on the CPU, where
+    # diffusers' execution device may follow the networks (as it did on an H200); "meta" stands in for the GPU.
+    import torch
+
+    from onestep_cli.denoisers.diffusers.loading import load_pipeline
+    from onestep_cli.denoisers.diffusers.prompts import PromptEncoder
+
+    pipeline = load_pipeline(resolve_asset_path("@assets/digits_t2i_teacher"))
+    prompts = ["the digit 7", "a handwritten three"]
+    expected = PromptEncoder(pipeline).encode(prompts).embeds
+    pipeline.vae.to("meta")
+    pipeline.unet.to("meta")
+    monkeypatch.setattr(type(pipeline), "_execution_device", property(lambda self: torch.device("meta")))
+    assert torch.equal(PromptEncoder(pipeline).encode(prompts).embeds, expected)

@@ -189,7 +189,7 @@ class PromptEncoder:
         self.kind = pipeline_kind(pipeline)
         self.batch_size = batch_size
         self.max_sequence_length = max_sequence_length
-        self.device = None  # Where the text encoders run; None: the pipeline's execution device.
+        self.device = None  # Where the text encoders run; None: where their weights are.
         if image_size is None:
             size = pipeline_network(pipeline).config.sample_size
             size = (size, size) if isinstance(size, int) else tuple(size)
@@ -217,6 +217,15 @@ class PromptEncoder:
         self.device = torch.device(device)
         return self
 
+    def text_encoder_device(self) -> torch.device:
+        """Where the pipeline's text encoders hold their weights: not its execution device, which follows the VAE or
+        the denoiser to the GPU while the text encoders may stay on the CPU (sampling a run)."""
+        for name in TEXT_ENCODERS:
+            module = getattr(self.pipeline, name, None)
+            if module is not None:
+                return next(module.parameters()).device
+        return self.pipeline._execution_device
+
     @torch.no_grad()
     def encode(self, prompts: list[str], device: torch.device | str = "cpu") -> Conditioning:
         """Conditions of `prompts` (a list of strings), on `device`, in the text encoders' dtype."""
@@ -236,7 +245,7 @@ class PromptEncoder:
 
     def _encode_batch(self, prompts: list[str]) -> Conditioning:
         pipe = self.pipeline
-        device = self.device if self.device is not None else pipe._execution_device
+        device = self.device if self.device is not None else self.text_encoder_device()
         tokens = {} if self.max_sequence_length is None else {"max_sequence_length": self.max_sequence_length}
         if self.kind == "sd":
             embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
