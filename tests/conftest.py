@@ -52,13 +52,23 @@ def cli() -> Cli:
     return Cli()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny networks on the shared two-core CPU run faster on one thread than on contended intra-op threads."""
+def _on_one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks on the shared two-core CPU run faster on one thread than on contended intra-op threads."""
+    yield from _on_one_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """one_thread for a whole module of tiny-network tests (`pytestmark = pytest.mark.usefixtures(...)`)."""
+    yield from _on_one_thread()
 
 
 @pytest.fixture(scope="session")

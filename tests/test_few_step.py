@@ -24,12 +24,7 @@ TINY_GMM = ["generator.mlp.hidden_dim=16", "generator.mlp.num_layers=2", "fake.m
             "fake.mlp.num_layers=2", "train.batch_size=6", "train.device=cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # Tiny networks: one thread (conftest.py).
 
 
 # ---------------------------------------------------------------------------------------------------------------------

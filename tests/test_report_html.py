@@ -10,7 +10,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from onestep_cli.config import resolve_config
@@ -24,13 +23,7 @@ TINY = ["train.max_steps=2", "train.batch_size=8", "train.tick_every=1", "train.
 TILE = 8 + 2  # A digit (8x8) and image_grid's padding of 2.
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks on a shared CPU run faster on one thread than on contended intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # Tiny networks: one thread (conftest.py).
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,7 @@ KAPPAS = ["fake.train_guidance_scale=1.5", "fake.generator_loss_guidance_scale=2
 SMALL = ["train.batch_size=4", "train.max_steps=1", "train.precision=fp32", "train.device=cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # Tiny networks: one thread (conftest.py).
 
 
 # ---------------------------------------------------------------------------------------------------------------------

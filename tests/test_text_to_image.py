@@ -49,13 +49,7 @@ def _tiny_pixart():
     return pipeline
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks on a shared CPU run several times faster on one thread than on contended intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # Tiny networks: one thread (conftest.py).
 
 
 @pytest.fixture(scope="module")
