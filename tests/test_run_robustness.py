@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from onestep_cli import distill
 from onestep_cli.config import resolve_config
@@ -432,3 +434,28 @@ def test_a_second_ctrl_c_stops_at_once_and_an_ignored_hangup_stays_ignored():
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
             assert stop.signal_name == "SIGINT"
+
+
+
+def test_a_run_copied_to_another_machine_resumes_bitwise_and_a_file_cut_short_in_transit_is_caught(tmp_path):
+    reference = tmp_path / "reference"
+    train(reference, "train.max_steps=8")
+    first = tmp_path / "first"
+    train(first, "train.max_steps=4")
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(first, moved, ignore=shutil.ignore_patterns(".lock"))
+    shutil.rmtree(first)  # Nothing of the first machine's folder is left to lean on.
+    train(moved, "train.max_steps=8")
+    for name in ("generator", "fake", "ema"):
+        ref = load_file(str(reference / "checkpoints" / "step-00000008" / f"{name}.safetensors"))
+        got = load_file(str(moved / "checkpoints" / "step-00000008" / f"{name}.safetensors"))
+        assert all(torch.equal(ref[key], got[key]) for key in ref), name
+
+    short = tmp_path / "short"
+    train(short, "train.max_steps=4")
+    newest = short / "checkpoints" / "step-00000004" / "generator.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-1024])  # Copied in parts (split -b), and the last one never arrived.
+    log = []
+    train(short, "train.max_steps=6", log=log)
+    assert any("step-00000004" in line for line in log), log  # Reported, and the step-2 checkpoint used instead.
+    assert (short / "checkpoints" / "damaged-step-00000004").is_dir()
