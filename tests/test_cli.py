@@ -116,15 +116,15 @@ def test_presets_list_and_show(cli):
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_sigkill_then_same_command_resumes_to_identical_parameters(cli, tmp_path):
-    args = ["distill", "--preset", "gmm-sid", "--set", "train.max_steps=240", "--set", "train.checkpoint_every=40",
-            "--set", "train.keep_checkpoints=10", "--set", "eval.every_steps=80", "--set", "eval.num_samples=200"]
+    args = ["distill", "--preset", "gmm-sid", "--set", "train.max_steps=120", "--set", "train.checkpoint_every=20",
+            "--set", "train.keep_checkpoints=10", "--set", "eval.every_steps=40", "--set", "eval.num_samples=200"]
     reference = tmp_path / "reference"
     cli.run(*args, "--out", reference)
 
     interrupted = tmp_path / "interrupted"
     process = cli.start(*args, "--out", interrupted, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not list((interrupted / "checkpoints").glob("step-00000080")) and time.time() < deadline:
+    while not list((interrupted / "checkpoints").glob("step-00000040")) and time.time() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -133,12 +133,12 @@ def test_sigkill_then_same_command_resumes_to_identical_parameters(cli, tmp_path
     resumed = cli.run(*args, "--out", interrupted)
     assert "Resuming" in resumed.stderr
     for name in ("generator", "fake", "ema"):
-        ref = load_file(str(reference / "checkpoints" / "step-00000240" / f"{name}.safetensors"))
-        got = load_file(str(interrupted / "checkpoints" / "step-00000240" / f"{name}.safetensors"))
+        ref = load_file(str(reference / "checkpoints" / "step-00000120" / f"{name}.safetensors"))
+        got = load_file(str(interrupted / "checkpoints" / "step-00000120" / f"{name}.safetensors"))
         for key in ref:
             assert (ref[key] == got[key]).all(), f"{name}.{key} differs after resume"
     rows = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
-    assert rows == [80, 160, 240]
+    assert rows == [40, 80, 120]
 
 
 @pytest.mark.e2e
