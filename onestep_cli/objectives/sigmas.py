@@ -12,6 +12,8 @@ Each follows the official code it names (file and line in docs/presets.md):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..config import KarrasIndexSigmaConfig, KarrasSigmaConfig, LogNormalSigmaConfig, UniformTimestepSigmaConfig
@@ -37,9 +39,13 @@ def karras_index_range(config: KarrasIndexSigmaConfig) -> tuple[int, int]:
 
 
 def ddpm_sigmas(config: UniformTimestepSigmaConfig) -> torch.Tensor:
-    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of timesteps 0..T-1 (float64) on the config's beta schedule."""
-    return DDPMSigmaSchedule.from_betas(config.beta_schedule, config.beta_start, config.beta_end,
-                                        config.num_train_timesteps).sigmas
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of timesteps 0..T-1 on the config's beta schedule."""
+    return _ddpm_sigmas(config.beta_schedule, config.beta_start, config.beta_end, config.num_train_timesteps)
+
+
+@functools.lru_cache(maxsize=8)  # Drawn from every step: the schedule is built once per setting, not per draw.
+def _ddpm_sigmas(beta_schedule: str, beta_start: float, beta_end: float, num_train_timesteps: int) -> torch.Tensor:
+    return DDPMSigmaSchedule.from_betas(beta_schedule, beta_start, beta_end, num_train_timesteps).sigmas
 
 
 def sample_sigma(config, batch: int, generator: torch.Generator | None) -> torch.Tensor:

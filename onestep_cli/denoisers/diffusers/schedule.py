@@ -46,15 +46,12 @@ class DDPMSigmaSchedule:
     @classmethod
     def from_betas(cls, beta_schedule: str, beta_start: float, beta_end: float,
                    num_train_timesteps: int) -> DDPMSigmaSchedule:
-        """The schedule a diffusers DDPM-family scheduler builds from these settings (betas and their cumulative
-        product in float32, as diffusers computes them, so the levels equal a teacher's own)."""
-        if beta_schedule == "scaled_linear":
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
-        elif beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
-        else:
-            raise ValueError(f"beta_schedule {beta_schedule!r} is not supported; use scaled_linear or linear.")
-        return cls(torch.cumprod(1.0 - betas, dim=0))
+        """The schedule diffusers' DDPM-family schedulers build from these settings (its own betas, so the levels
+        equal a teacher's whose scheduler_config.json holds them)."""
+        from diffusers import DDPMScheduler
+
+        return cls.from_scheduler(DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
+                                                beta_end=beta_end, beta_schedule=beta_schedule))
 
     @property
     def num_timesteps(self) -> int:
