@@ -120,17 +120,15 @@ def _caption(results: list[dict]) -> str:
 
 def _auto_picks(results: list[dict]) -> str:
     """Which switches train.*: auto (the presets' setting) picks for the training rows here, and what ran."""
-    from ..engine.switches import EngineSwitches
+    from ..engine.switches import SWITCHES, EngineSwitches
 
     lines = []
     for r in results:
         if "auto_engine" in r:
-            pick = EngineSwitches(**{k: v for k, v in r["auto_engine"].items() if k != "network"},
-                                  family=r["auto_engine"]["network"])
+            pick = EngineSwitches.from_record(r["auto_engine"])
             ran = ""
             if "engine" in r:
-                used = ", ".join(f"{name} {'on' if r['engine'][name] else 'off'}"
-                                 for name in ("compile", "cuda_graph", "channels_last"))
+                used = ", ".join(f"{name} {'on' if r['engine'][name] else 'off'}" for name in SWITCHES)
                 ran = f" Timed with: {used}."
             lines.append(f"{r['row']}: auto picks {pick.describe().removeprefix('engine: ')}{ran}")
     return "\n".join(lines)

@@ -61,6 +61,11 @@ class EngineSwitches:
         """What run.json keeps: the switches used, the network family and the reasons."""
         return {**{name: getattr(self, name) for name in SWITCHES}, "network": self.family, "reasons": self.reasons}
 
+    @classmethod
+    def from_record(cls, record: dict) -> "EngineSwitches":
+        """The switches a `record()` holds (run.json's "engine", `onestep bench --json`'s "auto_engine")."""
+        return cls(*(record[name] for name in SWITCHES), record["network"], record.get("reasons", {}))
+
 
 def cuda_graph_obstacles(precision: str, world_size: int, prompts_on_host: bool | str, parallelism: str = "ddp",
                          lr_warmup: bool = False, generator_steps: int = 1) -> list[str]:
