@@ -4,6 +4,7 @@ fp32; channels-last memory layout and torch.compile of the networks' blocks wher
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import torch
@@ -75,6 +76,11 @@ def compile_failure(device: torch.device) -> str | None:
     from .compile_cache import use_persistent_compile_cache
 
     use_persistent_compile_cache()
+    return _probe_compile(torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)  # Once per device and process: `auto` probes, then compile_blocks asks again.
+def _probe_compile(device: torch.device) -> str | None:
     try:
         probe = torch.compile(lambda x: torch.nn.functional.silu(x) * 2, dynamic=False)
         probe(torch.randn(8, device=device))
