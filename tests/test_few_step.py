@@ -47,6 +47,19 @@ def test_ddpm_schedule_is_dmd2s_denoising_step_list():
         ddpm_step_timesteps(10, 11)
 
 
+def test_more_steps_than_a_ddpm_teacher_has_timesteps_is_refused_naming_the_key():
+    from types import SimpleNamespace
+
+    from onestep_cli.config import GeneratorConfig
+    from onestep_cli.denoisers.diffusers.schedule import DDPMSigmaSchedule
+    from onestep_cli.denoisers.diffusers.training import multi_step_schedule
+
+    teacher = SimpleNamespace(schedule=DDPMSigmaSchedule(torch.linspace(0.99, 0.01, 10, dtype=torch.float64)))
+    assert len(multi_step_schedule(GeneratorConfig(num_steps=10), teacher)[0]) == 10
+    with pytest.raises(ConfigError, match="generator.num_steps=11 is more steps than the teacher's 10 timesteps"):
+        multi_step_schedule(GeneratorConfig(num_steps=11), teacher)
+
+
 def test_explicit_step_sigmas_are_used_and_checked():
     config = resolve_config("gmm-sid", overrides=["generator.num_steps=2", "generator.step_sigmas=[3.0, 0.5]"])
     assert build_networks(config).generator.step_sigmas == (3.0, 0.5)

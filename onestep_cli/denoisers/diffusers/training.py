@@ -227,6 +227,9 @@ def multi_step_schedule(config: GeneratorConfig, denoiser) -> tuple[tuple[float,
     if config.step_sigmas is not None:
         sigmas = tuple(config.step_sigmas)
     else:
+        if config.num_steps > schedule.num_timesteps:
+            raise ConfigError(f"generator.num_steps={config.num_steps} is more steps than the teacher's "
+                              f"{schedule.num_timesteps} timesteps; give at most {schedule.num_timesteps}.")
         timesteps = ddpm_step_timesteps(schedule.num_timesteps, config.num_steps)
         sigmas = tuple(float(schedule.sigmas[t]) for t in timesteps)
     return sigmas, pure_noise_scale(sigmas[0])
