@@ -17,7 +17,7 @@ import torch
 
 from onestep_cli.denoisers.edm import (EDMLoadError, EDMPrecond, VEPrecond, VPPrecond, build_precond,
                                        load_edm_weights, save_edm_weights)
-from onestep_cli.denoisers.edm.layers import _AttentionWeights
+from onestep_cli.denoisers.edm import layers
 
 REFERENCE = Path(__file__).parent / "fixtures" / "edm_reference.json"
 
@@ -244,15 +244,70 @@ def test_bf16_autocast_runs_and_returns_float32():
     torch.testing.assert_close(out, net(**inputs), rtol=0.1, atol=0.1)
 
 
-def test_attention_backward_matches_autograd():
-    q, k = torch.randn(3, 16, 10, requires_grad=True), torch.randn(3, 16, 12, requires_grad=True)
-    grad = torch.randn(3, 10, 12)
-    torch.autograd.backward(_AttentionWeights.apply(q, k), grad)
-    ours = q.grad.clone(), k.grad.clone()
-    q.grad = k.grad = None
-    reference = torch.einsum("ncq,nck->nqk", q, k / 4).softmax(dim=2)
-    torch.autograd.backward(reference, grad)
-    torch.testing.assert_close(ours, (q.grad, k.grad))
+def edm_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """EDM's attention as its code computes it (NVlabs/edm training/networks.py L116 and L182-184): the softmax in
+    float32, the weights in the input dtype; in float32 autograd's softmax backward is EDM's AttentionOp backward."""
+    n, channels, h, w = qkv.shape
+    q, k, v = qkv.reshape(n * num_heads, channels // (3 * num_heads), 3, -1).unbind(2)
+    weights = torch.einsum("ncq,nck->nqk", q.float(), (k / math.sqrt(k.shape[1])).float()).softmax(dim=2)
+    return torch.einsum("nqk,nck->ncq", weights.to(q.dtype), v).reshape(n, channels // 3, h, w)
+
+
+@pytest.mark.parametrize("name", ["ddpmpp_uncond_edm", "adm_cond_aug_edm"])  # One head at 4x4; 2 and 4 heads.
+def test_sdpa_attention_equals_edm_einsums_in_output_and_gradients(name, monkeypatch):
+    net = build(name)
+    inputs = make_inputs(name)
+    parameters = list(net.parameters())
+
+    def output_and_gradients():
+        x = inputs["x"].clone().requires_grad_(True)
+        out = net(**dict(inputs, x=x))
+        return out, torch.autograd.grad(out.square().sum(), [x, *parameters], allow_unused=True)
+
+    ours, our_grads = output_and_gradients()
+    calls = []
+    monkeypatch.setattr(layers, "self_attention", lambda qkv, heads: calls.append(heads) or edm_attention(qkv, heads))
+    edm, edm_grads = output_and_gradients()
+    assert calls and any(heads > 1 for heads in calls) == (name == "adm_cond_aug_edm")
+    torch.testing.assert_close(ours, edm, rtol=1e-5, atol=1e-5)
+    assert [g is None for g in our_grads] == [g is None for g in edm_grads]
+    for our_grad, edm_grad in zip(our_grads, edm_grads):
+        if our_grad is not None:  # Float32 rounding of sums over many pixels, relative to the gradient's scale.
+            torch.testing.assert_close(our_grad, edm_grad, rtol=1e-5, atol=1e-5 * edm_grad.abs().max().item())
+    # The attention matters to these outputs: without it they move by far more than the tolerance.
+    monkeypatch.setattr(layers, "self_attention", lambda qkv, heads: torch.zeros_like(qkv[:, : qkv.shape[1] // 3]))
+    with torch.no_grad():
+        assert (net(**inputs) - edm).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_attention_keeps_the_layout_and_edm_16_bit_arithmetic(dtype):
+    qkv = torch.randn(2, 3 * 4 * 8, 4, 6, generator=torch.Generator().manual_seed(0)).to(dtype)  # 4 heads of 8.
+    expected = edm_attention(qkv, num_heads=4)
+    ours = layers.self_attention(qkv, num_heads=4)
+    assert ours.dtype == dtype and ours.is_contiguous()
+    nhwc = layers.self_attention(qkv.contiguous(memory_format=torch.channels_last), num_heads=4)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc, ours)
+    # bf16: both take the softmax in float32 but round to bf16 at different points.
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours, expected, **tolerance)
+
+
+def test_double_backward_through_the_attention_runs_on_the_math_backend():
+    # What self_attention's docstring tells a loss that differentiates twice (a gradient penalty) to do.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qkv = torch.randn(2, 3 * 2 * 8, 4, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        (grad,) = torch.autograd.grad(layers.self_attention(qkv, 2).square().sum(), qkv, create_graph=True)
+        grad.square().sum().backward()
+    with sdpa_kernel(SDPBackend.MATH):
+        (grad,) = torch.autograd.grad(layers.self_attention(qkv, 2).square().sum(), qkv, create_graph=True)
+    (second,) = torch.autograd.grad(grad.square().sum(), qkv)
+    qkv64 = qkv.detach().double().requires_grad_(True)
+    (reference,) = torch.autograd.grad(edm_attention(qkv64, 2).square().sum(), qkv64, create_graph=True)
+    torch.testing.assert_close(second, torch.autograd.grad(reference.square().sum(), qkv64)[0].float(),
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["ncsnpp_skip_cond_edm", "adm_cond_aug_edm", "ddpmpp_cond_aug_vp"])

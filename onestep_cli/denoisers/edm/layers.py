@@ -1,8 +1,10 @@
 """Building blocks of the EDM U-Nets (DDPM++, NCSN++, ADM), written to match EDM's parameter layout and arithmetic.
 
 Attribute names, registration order and the order of floating-point operations follow EDM's `training/networks.py`
-so that an EDM state dict loads one-to-one and the forward pass gives bit-identical results on the same device (on the
-CPU; DDPM++'s 2x2 box resampling runs as pooling, whose GPU kernels may sum the four taps in another order).
+so that an EDM state dict loads one-to-one and every layer but the attention gives bit-identical results on the same
+device (on the CPU; DDPM++'s 2x2 box resampling runs as pooling, whose GPU kernels may sum the four taps in another
+order). The attention runs through PyTorch's `scaled_dot_product_attention` (flash attention on CUDA in 16 bits),
+equal to EDM's einsums to float rounding.
 Weights are cast to the activation dtype inside each layer, so a float32 module runs float16 inputs unchanged.
 """
 
@@ -178,32 +180,25 @@ def group_norm_channels_last(x: torch.Tensor, num_groups: int, weight: torch.Ten
     return (normalised * weight.float() + bias.float()).to(x.dtype).reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
-class _AttentionWeights(torch.autograd.Function):
-    """`softmax(q^T k / sqrt(c))` over keys, computed in float32 but stored in the input dtype.
+def self_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """EDM's multi-head self-attention over pixels (NVlabs/edm `training/networks.py` L182-184), as one call of
+    `scaled_dot_product_attention`: per head `a = v softmax(q^T k / sqrt(c))^T`, c the channels per head.
 
-    A custom backward keeps only q, k and the weights (in the input dtype) alive, which halves the memory of
-    16-bit attention compared with letting autograd save the float32 intermediates.
+    `qkv` [N, 3C, H, W] is the block's qkv convolution, whose channels EDM's reshape reads as (head, channel, q/k/v);
+    the result [N, C, H, W] keeps qkv's memory format. On CUDA SDPA runs flash attention in 16 bits (the softmax in
+    float32, as EDM's) and the memory-efficient kernel in float32; neither stores the HW x HW weights, forward or
+    backward. Its fused kernels, on the CPU too, have no double backward: a loss that differentiates through the
+    attention twice (none in onestep does) must run it under `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`.
     """
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        # Autocast would otherwise run the float32 einsum in 16 bits.
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            logits = torch.einsum("ncq,nck->nqk", q.to(torch.float32), (k / math.sqrt(k.shape[1])).to(torch.float32))
-            w = logits.softmax(dim=2).to(q.dtype)
-        ctx.save_for_backward(q, k, w)
-        return w
-
-    @staticmethod
-    def backward(ctx, dw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, w = ctx.saved_tensors
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            w32, dw32 = w.to(torch.float32), dw.to(torch.float32)
-            dlogits = w32 * (dw32 - (dw32 * w32).sum(dim=2, keepdim=True))
-            scale = 1 / math.sqrt(k.shape[1])
-            dq = torch.einsum("nck,nqk->ncq", k.to(torch.float32), dlogits).mul(scale).to(q.dtype)
-            dk = torch.einsum("ncq,nqk->nck", q.to(torch.float32), dlogits).mul(scale).to(k.dtype)
-        return dq, dk
+    n, channels, h, w = qkv.shape
+    per_head = qkv.reshape(n, num_heads, channels // (3 * num_heads), 3, h * w)
+    # One copy into [N, HW, heads, c] memory, viewed as SDPA's [N, heads, HW, c]: its fused kernels need each head's
+    # channels contiguous (else it falls back to the math backend, which stores the weights).
+    q, k, v = per_head.permute(3, 0, 4, 1, 2).contiguous().transpose(2, 3).unbind(0)
+    a = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # Default scale 1/sqrt(c), EDM's.
+    # The kernels write the output in their inputs' [N, HW, heads, c] layout: an NHWC view, copied only for NCHW.
+    a = a.transpose(2, 3).reshape(n, channels // 3, h, w)
+    return a.contiguous(memory_format=torch.channels_last if _channels_last(qkv) else torch.contiguous_format)
 
 
 class UNetBlock(nn.Module):
@@ -271,11 +266,7 @@ class UNetBlock(nn.Module):
         x = x * self.skip_scale
 
         if self.num_heads:
-            batch_heads, head_channels = x.shape[0] * self.num_heads, x.shape[1] // self.num_heads
-            q, k, v = self.qkv(self.norm2(x)).reshape(batch_heads, head_channels, 3, -1).unbind(2)
-            w = _AttentionWeights.apply(q, k)
-            a = torch.einsum("nqk,nck->ncq", w, v)
-            x = self.proj(a.reshape(*x.shape)).add_(x)
+            x = self.proj(self_attention(self.qkv(self.norm2(x)), self.num_heads)).add_(x)
             x = x * self.skip_scale
         return x
 
