@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from onestep_cli.bench import DEFAULT_ROWS, ROWS, Options, count_row, run_benchmarks
+from onestep_cli.bench import DEFAULT_ROWS, ROWS, Options, count_row, count_work, run_benchmarks
 from onestep_cli.bench.run import auto_engine
 from onestep_cli.bench.tracking import VARIANTS, tracking_check
+from onestep_cli.denoisers.edm import layers
 from onestep_cli.denoisers.edm.layers import GroupNorm
 from onestep_cli.runtime.precision import compile_failure
+from test_edm_networks import build, edm_attention, make_inputs
 
 WIDE = {"COLUMNS": "250"}  # The bench table unwrapped.
 
@@ -84,6 +86,23 @@ def test_sid_step_costs_eleven_forwards_and_dmd_nine(one_thread):
     assert count_row(ROWS["sim-cifar10"], tiny=True).flops_per_image / forward == pytest.approx(11, rel=0.01)
     assert count_row(ROWS["dmd-cifar10"], tiny=True).flops_per_image / forward == pytest.approx(9, rel=0.01)
     assert count_row(ROWS["heun-cifar10"], tiny=True, heun_steps=18).flops_per_image / forward == pytest.approx(35)
+
+
+def test_attention_counts_the_flops_of_the_einsums_it_replaces(one_thread, monkeypatch):
+    # SDPA's CPU kernel, forward and backward, is counted (bench/count.py) as EDM's two einsums and their gradients.
+    net, inputs = build("adm_cond_aug_edm"), make_inputs("adm_cond_aug_edm")
+
+    def step_at(batch):
+        def step():
+            x, sigma, cond, augment = (inputs[key][:batch] for key in ("x", "sigma", "cond", "augment_labels"))
+            net(x.requires_grad_(True), sigma, cond, augment_labels=augment).square().sum().backward()
+        return step
+
+    with_sdpa = count_work(step_at)
+    monkeypatch.setattr(layers, "self_attention", edm_attention)
+    with_einsums = count_work(step_at)
+    assert with_sdpa.flops_per_image == with_einsums.flops_per_image > 0
+    assert with_sdpa.flops_fixed == with_einsums.flops_fixed
 
 
 @pytest.mark.e2e

@@ -1,8 +1,9 @@
 """Work counted once per benchmark row: matrix-product FLOPs and the bytes those products must move.
 
-FLOPs come from torch.utils.flop_counter (convolutions, matrix products, their backward passes; element-wise work is
-not counted). The byte count is a floor for an implementation that runs each matrix product as its own kernel:
-every operand read once and every result written once, in bf16 (2 bytes per element).
+FLOPs come from torch.utils.flop_counter (convolutions, matrix products, attention, their backward passes;
+element-wise work and the scores that fused attention kernels recompute in their backward are not counted). The byte
+count is a floor for an implementation that runs each matrix product (or fused attention) as its own kernel: every
+operand read once and every result written once, in bf16 (2 bytes per element).
 """
 
 from __future__ import annotations
@@ -10,13 +11,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 _aten = torch.ops.aten
+
+
+def _attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    # The gradients of the two products, twice the forward; PyTorch's own formula adds the scores that the fused
+    # kernels recompute, which the model does not ask for and the math backend does not do.
+    return 2 * flop_counter.sdpa_flop_count(query, key, value)
+
+
+# SDPA counted as its two matrix products whichever kernel runs it: torch.utils.flop_counter has no formula for the
+# CPU flash kernel, and counts the CUDA kernels' backward with their recomputation.
+ATTENTION_FLOPS = {_aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+                   **dict.fromkeys([_aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                                    _aten._scaled_dot_product_flash_attention_backward,
+                                    _aten._scaled_dot_product_efficient_attention_backward,
+                                    _aten._scaled_dot_product_cudnn_attention_backward], _attention_backward_flops)}
 MATRIX_OPS = {_aten.convolution, _aten.convolution_backward, _aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm,
               _aten._scaled_dot_product_flash_attention, _aten._scaled_dot_product_efficient_attention,
-              _aten._scaled_dot_product_cudnn_attention}
+              _aten._scaled_dot_product_cudnn_attention, *ATTENTION_FLOPS}
 BF16_BYTES = 2
 
 
@@ -64,7 +85,7 @@ def count_work(iteration_at) -> Work:
     for batch in (1, 2):
         run_once = iteration_at(batch)
         bytes_mode = MatrixOperandBytes()
-        with FlopCounterMode(display=False) as flops, bytes_mode:
+        with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as flops, bytes_mode:
             run_once()
         counts.append((flops.get_total_flops(), bytes_mode.elements * BF16_BYTES))
     (flops_1, bytes_1), (flops_2, bytes_2) = counts
