@@ -110,6 +110,16 @@ def test_the_score_follows_the_prompt_and_the_version(checkpoints):
         HPSv2Score(MetricContext(weights=checkpoints, options={"hpsv2.version": "2.1"}))
 
 
+def test_bf16_scores_are_close_to_fp32_but_not_the_same(checkpoints):
+    """As test_scorer_precision.py for the other scorers: bf16 autocast moves the cosines by a few units of 2^-8."""
+    images = random_images(3, 40, 48, seed=11)
+    fp32, bf16 = (HPSv2Score(MetricContext(weights=checkpoints, scorer_precision=precision)) for precision in
+                  ("fp32", "bf16"))
+    assert (fp32.provenance["precision"], bf16.provenance["precision"]) == ("fp32", "bf16")
+    difference = np.abs(bf16.extract(images, PROMPTS) - fp32.extract(images, PROMPTS))
+    assert 0 < difference.max() <= 2.0 ** -5  # A cosine: its scale is 1 (BF16_TOLERANCE of test_scorer_precision).
+
+
 def test_missing_weights_name_the_file_its_source_and_the_command(tmp_path):
     for options, name, key in (({}, "HPS_v2.1_compressed.pt", "hps_v2.1"),
                                ({"hpsv2.version": "v2.0"}, "HPS_v2_compressed.pt", "hps_v2.0")):

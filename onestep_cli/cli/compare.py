@@ -23,7 +23,8 @@ def compare_command(
     """Compare sources: a table of metrics and of config differences; under --out, metric-vs-kimg plots, a grid of
     every image generator on the same seeds and report.html holding them all (opens offline)."""
     from ..runtime.precision import resolve_device
-    from ..report import compare, render_config_table, render_rich_table, to_json, write_report
+    from ..report import (compare, render_config_table, render_measurement_table, render_rich_table, to_json,
+                          write_report)
     from ..sampling import parse_seeds
 
     seeds = parse_seeds(grid_seeds)
@@ -39,6 +40,8 @@ def compare_command(
     stdout.print(render_rich_table(comparison))
     if comparison.config_differences:
         stdout.print(render_config_table(comparison))
+    if comparison.measurement_differences:
+        stdout.print(render_measurement_table(comparison))
     if out is not None:
         stdout.print(f"Report written to {out}; open {written['report.html']} in a browser.", highlight=False,
                      markup=False)

@@ -51,6 +51,10 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     precision: str = typer.Option("fp32", "--precision", help="Generation precision for generator sources: fp32, "
                                   "bf16 or fp16 (CUDA)."),
+    scorer_precision: str = typer.Option(
+        "fp32", "--scorer-precision", help="Arithmetic of the per-image scorers (clip_score, aesthetic, imagereward, "
+        "pickscore, hpsv2): fp32 (strict float32), tf32 (TF32 matmuls and convolutions on CUDA; no effect on CPU) or "
+        "bf16 (bfloat16 autocast). Inception, CLIP and DINOv2 features stay fp32. See docs/metrics.md."),
     compile_generator: bool = typer.Option(
         False, "--compile", help="Generator sources: torch.compile the generator's blocks (channels_last on CUDA) "
         "before generating: about 1.7x the generation speed on an H100 for some 30 s of compilation (less once "
@@ -74,6 +78,7 @@ def eval_command(
     master_port: int = typer.Option(29500, "--master-port", help="Free TCP port on node 0 for the rendezvous."),
 ):
     """Evaluate samples; runs keep the result under RUN/eval/."""
+    from ..eval.base import check_scorer_precision
     from ..eval.evaluate import evaluate, store_result
     from ..runtime.distributed import launcher_env
 
@@ -82,6 +87,7 @@ def eval_command(
     save_stats = output_file(save_stats, "--save-stats") if save_stats is not None else None
     if precision not in ("fp32", "bf16", "fp16"):
         raise UsageError(f"--precision {precision!r} is not one of fp32, bf16, fp16.")
+    check_scorer_precision(scorer_precision)
     seed_list = parse_seeds(seeds) if seeds else None
     weight_paths, options = parse_assignments(weights, "--weights"), parse_assignments(option, "--option")
     launcher = launcher_env()
@@ -92,7 +98,8 @@ def eval_command(
         command = ["eval", str(source), "--metrics", metrics, *(["--ref", ref] if ref else []),
                    *(["--num", str(num)] if num is not None else []), *(["--seeds", seeds] if seeds else []),
                    *(["--prompts", str(prompts)] if prompts else []), "--fid-mode", fid_mode, "--batch", str(batch),
-                   "--device", device, "--precision", precision, *(["--compile"] if compile_generator else []),
+                   "--device", device, "--precision", precision, "--scorer-precision", scorer_precision,
+                   *(["--compile"] if compile_generator else []),
                    *[arg for item in weights or [] for arg in ("--weights", item)],
                    *[arg for item in option or [] for arg in ("--option", item)],
                    *(["--save-stats", str(save_stats)] if save_stats else []), *(["--out", str(out)] if out else []),
@@ -108,7 +115,7 @@ def eval_command(
     # prints them, the other ranks exit quietly (reports_errors).
     result = evaluate(source, names, num, seed_list, ref, prompts=prompts, fid_mode=fid_mode, batch_size=batch,
                       device=device, precision=precision, weights=weight_paths, options=options,
-                      save_stats=save_stats, compile_generator=compile_generator)
+                      save_stats=save_stats, compile_generator=compile_generator, scorer_precision=scorer_precision)
     if result is None:  # A rank other than 0: rank 0 prints and writes the result.
         return
     store_result(result, source)

@@ -34,6 +34,8 @@ class MetricResult:
 
 FID_MODES = ("edm", "clean", "legacy_tensorflow")
 DEFAULT_FID_MODE = "edm"
+SCORER_PRECISIONS = ("fp32", "tf32", "bf16")  # Arithmetic of the per-image scorers (eval/scorer_precision.py).
+DEFAULT_SCORER_PRECISION = "fp32"
 
 
 @dataclass
@@ -46,6 +48,7 @@ class MetricContext:
     prompts_path: str | None = None
     labels: np.ndarray | None = None  # Class indices of samples given as a tensor/array (sources carry their own).
     fid_mode: str = DEFAULT_FID_MODE  # Preprocessing protocol in front of the Inception network.
+    scorer_precision: str = DEFAULT_SCORER_PRECISION  # Arithmetic of the per-image scorers; features stay fp32.
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch_size: int = 64  # Images per network call.
     weights: dict[str, str] = field(default_factory=dict)  # Weight-set key -> user path, instead of the cache.
@@ -55,10 +58,19 @@ class MetricContext:
     def __post_init__(self):
         if self.fid_mode not in FID_MODES:
             raise MetricError(f"FID mode '{self.fid_mode}' is not one of {', '.join(FID_MODES)}.")
+        check_scorer_precision(self.scorer_precision)
         self.device = torch.device(self.device)
 
     def weights_override(self, key: str) -> Path | None:
         return Path(self.weights[key]) if key in self.weights else None
+
+
+def check_scorer_precision(precision: str) -> None:
+    """Refuse a scorer precision other than fp32, tf32 or bf16, naming the option."""
+    if precision not in SCORER_PRECISIONS:
+        raise MetricError(f"--scorer-precision {precision!r} is not one of {', '.join(SCORER_PRECISIONS)}; fp32 (the "
+                          "default) scores in strict float32, tf32 lets CUDA matmuls use TF32, bf16 runs the scorers "
+                          "under bfloat16 autocast.")
 
 
 class FeatureExtractor:
@@ -68,6 +80,7 @@ class FeatureExtractor:
     key: str  # `space` plus whatever changes the features (e.g. "inception[edm]"): the cache key of reference stats.
     needs_prompts: bool = False
     needs_labels: bool = False  # If true, `extract` also receives `labels=` (class indices [B]).
+    arithmetic = None  # The scorers' ScorerArithmetic (--scorer-precision); None: the network runs in fp32.
     provenance: dict
 
     def extract(self, images: np.ndarray, prompts: list[str] | None = None) -> np.ndarray:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .base import FeatureExtractor, MetricContext, MetricError
+from .scorer_precision import ScorerArithmetic
 from .weights import file_sha256, resolve_weights
 
 CLIP_SCORE_WEIGHT = 100.0  # CLIPScore = 100 * max(cos, 0), as torchmetrics and most text-to-image papers.
@@ -157,15 +158,17 @@ class CLIPScore(FeatureExtractor):
                      else load_openai_clip(ctx, "clip_score"))
         self.key = f"clip_score[{model_name or 'clip_vit_l14'}]"
         self.device = ctx.device
+        self.arithmetic = ScorerArithmetic(ctx.scorer_precision, ctx.device)
         self.provenance = {"score": f"{CLIP_SCORE_WEIGHT:g} * max(cos(image, text), 0)", **self.clip.provenance,
                            "tokenizer": f"open_clip {type(self.clip.tokenizer).__name__} (truncated at "
-                                        f"{self.clip.model.context_length} tokens)"}
+                                        f"{self.clip.model.context_length} tokens)", **self.arithmetic.provenance()}
 
     @torch.no_grad()
     def extract(self, images, prompts) -> np.ndarray:
         model = self.clip.model
-        image = model.encode_image(to_pixels(images, self.clip.transform).to(self.device))
-        text = model.encode_text(self.clip.tokenizer(list(prompts)).to(self.device))
+        pixels, tokens = to_pixels(images, self.clip.transform).to(self.device), self.clip.tokenizer(list(prompts))
+        with self.arithmetic():
+            image, text = model.encode_image(pixels), model.encode_text(tokens.to(self.device))
         cosine = torch.nn.functional.cosine_similarity(image.double(), text.double(), dim=-1)
         return (CLIP_SCORE_WEIGHT * cosine.clamp(min=0)).cpu().numpy()[:, None]
 
@@ -200,11 +203,15 @@ class AestheticScore(FeatureExtractor):
         self.head.load_state_dict(state)
         self.head.eval().requires_grad_(False).to(ctx.device)
         self.device = ctx.device
+        self.arithmetic = ScorerArithmetic(ctx.scorer_precision, ctx.device)
         self.provenance = {"score": "MLP(L2-normalised CLIP image embedding)", **self.clip.provenance,
-                           "head_weights": resolved.provenance()}
+                           "head_weights": resolved.provenance(), **self.arithmetic.provenance()}
 
     @torch.no_grad()
     def extract(self, images, prompts=None) -> np.ndarray:
-        embedding = self.clip.model.encode_image(to_pixels(images, self.clip.transform).to(self.device)).float()
-        embedding = embedding / embedding.norm(dim=-1, keepdim=True)
-        return self.head(embedding).double().cpu().numpy()
+        pixels = to_pixels(images, self.clip.transform).to(self.device)
+        with self.arithmetic():
+            embedding = self.clip.model.encode_image(pixels).float()
+            embedding = embedding / embedding.norm(dim=-1, keepdim=True)
+            score = self.head(embedding)
+        return score.double().cpu().numpy()

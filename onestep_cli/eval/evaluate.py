@@ -16,8 +16,8 @@ from ..runtime import distributed
 from ..runs.loading import is_generator_source, load_generator_source
 from ..runs.networks import build_teacher
 from ..runs.run_dir import RunDir
-from . import (DEFAULT_FID_MODE, FEATURE_SPACES, MetricContext, MetricError, check_metric_names,
-               compute_metrics, get_metric, needs_explicit_reference)
+from . import (DEFAULT_FID_MODE, DEFAULT_SCORER_PRECISION, FEATURE_SPACES, MetricContext, MetricError,
+               check_metric_names, check_scorer_precision, compute_metrics, get_metric, needs_explicit_reference)
 from ..denoisers.diffusers.prompts import read_prompts
 from ..sample_io import (SAMPLES_META, SAMPLES_NPZ, SourceError, folder_source, format_seeds, is_image_shape,
                          list_image_files, npz_image_source, read_samples, recorded_prompts)
@@ -50,7 +50,8 @@ def evaluate(source: Path, metrics: list[str], num: int | None = None, seeds: li
              ref: str | None = None, *, prompts: Path | None = None, fid_mode: str = DEFAULT_FID_MODE,
              batch_size: int = DEFAULT_BATCH, device: str | torch.device = "auto", precision: str = "fp32",
              weights: dict[str, str] | None = None, options: dict[str, str] | None = None,
-             save_stats: Path | None = None, compile_generator: bool = False) -> dict | None:
+             save_stats: Path | None = None, compile_generator: bool = False,
+             scorer_precision: str = DEFAULT_SCORER_PRECISION) -> dict | None:
     """Compute `metrics` on `source`; returns {"source", "metrics": {name: value}, "provenance": {...}}.
 
     Sources: a run directory or checkpoint (samples generated in memory from `seeds`, default 0..num-1), a folder
@@ -58,20 +59,23 @@ def evaluate(source: Path, metrics: list[str], num: int | None = None, seeds: li
     Image metrics take `ref` (reference statistics .npz, or images), `prompts` (one line per image), `fid_mode`,
     `weights` (weight-set key -> local path instead of the cache) and `options` ("metric.option" -> value);
     `save_stats` writes the source's feature statistics as a reference file (EDM's mu/sigma format);
-    `compile_generator` compiles a generator source's blocks first (as train.compile; channels_last on CUDA).
+    `compile_generator` compiles a generator source's blocks first (as train.compile; channels_last on CUDA);
+    `scorer_precision` (fp32, tf32 or bf16) is the arithmetic of the per-image scorers (eval/scorer_precision.py).
 
     Under torchrun or srun (or in a process group the caller set up) every process calls this for image metrics: each
     generates or reads a contiguous run of whole batches of the images and extracts their features on its own device
     (cuda:LOCAL_RANK, or CPU with gloo); rank 0 gathers them in image order, computes the metrics exactly as one
     process does and returns the result, recording `processes`; the other ranks return None.
     """
+    check_scorer_precision(scorer_precision)
     image_metrics = _check_source_and_metrics(source, metrics, save_stats)
     source = Path(source)
     if image_metrics:
         env, device, initialised = _join_processes(device)
         try:
             return _evaluate_images(source, metrics, num, seeds, ref, prompts, fid_mode, batch_size, device,
-                                    precision, weights or {}, options or {}, save_stats, env, compile_generator)
+                                    precision, weights or {}, options or {}, save_stats, env, compile_generator,
+                                    scorer_precision)
         finally:
             distributed.shutdown(initialised)
     if prompts is not None:
@@ -194,8 +198,8 @@ def open_image_source(path: Path):
 
 
 def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, batch_size, device, precision,
-                     weights, options, save_stats, env: distributed.DistEnv,
-                     compile_generator: bool = False) -> dict | None:
+                     weights, options, save_stats, env: distributed.DistEnv, compile_generator: bool = False,
+                     scorer_precision: str = DEFAULT_SCORER_PRECISION) -> dict | None:
     from .image_eval import compute_image_metrics
     from .reference import open_reference, write_reference_stats
 
@@ -249,7 +253,8 @@ def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, 
                               f" Sample the teacher first (`onestep sample RUN --teacher --out DIR`) and pass DIR.")
         reference = open_reference(ref)
     ctx = MetricContext(reference=reference, prompts=prompt_list, prompts_path=str(prompts) if prompts else None,
-                        fid_mode=fid_mode, device=device, batch_size=batch_size, weights=weights, options=options)
+                        fid_mode=fid_mode, device=device, batch_size=batch_size, weights=weights, options=options,
+                        scorer_precision=scorer_precision)
 
     extra_spaces: tuple[str, ...] = ()
     to_compute = metrics  # Without --ref, metrics that need one raise a clear error in compute_image_metrics...
@@ -265,6 +270,8 @@ def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, 
     if computed is None:  # Not rank 0: rank 0 holds the result.
         return None
     results, features, extractors = computed
+    if any(getattr(e, "arithmetic", None) is not None for e in extractors.values()):
+        common.update(scorer_precision=scorer_precision)  # As asked; each score's provenance says what ran.
     for name, result in results.items():
         result.provenance = {"metric": name, "onestep": __version__, **result.provenance}
     out = _result(source, results, {**common, "num_samples": images.num})

@@ -17,6 +17,7 @@ import torch
 
 from .base import FeatureExtractor, MetricContext, MetricError
 from .clip import read_state_dict
+from .scorer_precision import ScorerArithmetic
 from .weights import resolve_weights
 
 HPS_ARCHITECTURE = "ViT-H-14"  # The open_clip config both official checkpoints were fine-tuned from.
@@ -94,6 +95,7 @@ class HPSv2Score(FeatureExtractor):
         self.tokenizer = open_clip.get_tokenizer(HPS_ARCHITECTURE)
         self.key = f"hpsv2[{self.version}]"
         self.device = ctx.device
+        self.arithmetic = ScorerArithmetic(ctx.scorer_precision, ctx.device)
         self.provenance = {
             "score": "cos(image, text) of the L2-normalised embeddings (raw HPS; HPSv2's benchmark prints 100x)",
             "model": f"HPS {self.version} (open_clip {HPS_ARCHITECTURE} fine-tuned on HPD v2), onestep's scorer on "
@@ -101,14 +103,16 @@ class HPSv2Score(FeatureExtractor):
             "version": self.version, "open_clip_model": HPS_ARCHITECTURE,
             "architecture": {"image_size": self.image_size, "context_length": int(self.model.context_length),
                              "parameters": int(sum(p.numel() for p in self.model.parameters()))},
-            "weights": resolved.provenance(), "backend": f"open_clip {open_clip.__version__}", "precision": "fp32",
+            "weights": resolved.provenance(), "backend": f"open_clip {open_clip.__version__}",
             "preprocess": f"HPSv2 eval transform: bicubic antialiased resize of the long side to {self.image_size}, "
                           "black padding to a square, CLIP mean/std",
             "tokenizer": f"open_clip {HPS_ARCHITECTURE} {type(self.tokenizer).__name__} (truncated at "
-                         f"{self.model.context_length} tokens)"}
+                         f"{self.model.context_length} tokens)", **self.arithmetic.provenance()}
 
     @torch.no_grad()
     def extract(self, images, prompts) -> np.ndarray:
         pixels = hps_pixels(images, self.image_size).to(self.device)
         tokens = self.tokenizer(list(prompts)).to(self.device)
-        return hps_score(self.model, pixels, tokens).cpu().numpy()[:, None]
+        with self.arithmetic():
+            scores = hps_score(self.model, pixels, tokens)
+        return scores.cpu().numpy()[:, None]

@@ -22,6 +22,7 @@ from torch import nn
 
 from .base import FeatureExtractor, MetricContext, MetricError
 from .clip import RewardHead, clip_image_transform, read_state_dict, to_pixels
+from .scorer_precision import ScorerArithmetic
 from .weights import resolve_weights
 
 REWARD_MEAN = 0.16717362830052426  # Normalisation constants of ImageReward v1.0 (ImageReward.py).
@@ -171,6 +172,7 @@ class ImageRewardScore(FeatureExtractor):
         image_size = self.model.vision.config.image_size
         self.transform = clip_image_transform(image_size)
         self.device = ctx.device
+        self.arithmetic = ScorerArithmetic(ctx.scorer_precision, ctx.device)
         self.provenance = {
             "score": f"(MLP(BLIP text-image state of [CLS]) - {REWARD_MEAN}) / {REWARD_STD}",
             "model": "ImageReward v1.0, onestep's scorer on transformers BLIP modules (not the image-reward package)",
@@ -178,12 +180,13 @@ class ImageRewardScore(FeatureExtractor):
             "unused_weights": sorted({k.split(".")[1] if k.startswith("blip.") else k for k in unused}),
             "preprocess": f"bicubic resize short side to {image_size}, centre crop, CLIP mean/std",
             "tokenizer": f"bert-base-uncased + [DEC]/[ENC], padded/truncated to {MAX_PROMPT_TOKENS}",
-            "precision": "fp32"}
+            **self.arithmetic.provenance()}
 
     @torch.no_grad()
     def extract(self, images, prompts) -> np.ndarray:
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_PROMPT_TOKENS,
                                 return_tensors="pt")
-        scores = self.model.reward(to_pixels(images, self.transform).to(self.device), tokens.input_ids.to(self.device),
-                                   tokens.attention_mask.to(self.device))
+        pixels = to_pixels(images, self.transform).to(self.device)
+        with self.arithmetic():
+            scores = self.model.reward(pixels, tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device))
         return scores.cpu().numpy()[:, None]

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from .base import FeatureExtractor, MetricContext
+from .scorer_precision import ScorerArithmetic
 from .weights import resolve_weights
 
 DINOV2_SIZE = 224
@@ -22,8 +23,8 @@ def _pooled(output) -> torch.Tensor:
 def pickscore(model, pixel_values, input_ids, attention_mask) -> torch.Tensor:
     """PickScore_v1 of preprocessed images and tokenised prompts (on the model's device): logit_scale.exp() times
     the cosine of the projected image and text embeddings."""
-    image = _pooled(model.get_image_features(pixel_values=pixel_values))
-    text = _pooled(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+    image = _pooled(model.get_image_features(pixel_values=pixel_values)).float()  # The cosine in fp32 under bf16.
+    text = _pooled(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)).float()
     image = image / image.norm(dim=-1, keepdim=True)
     text = text / text.norm(dim=-1, keepdim=True)
     return model.logit_scale.exp() * (image * text).sum(dim=-1)
@@ -48,11 +49,13 @@ class PickScore(FeatureExtractor):
         self.model.to(ctx.device)
         self.processor = CLIPProcessor.from_pretrained(processor_dir, local_files_only=True)
         self.device = ctx.device
+        self.arithmetic = ScorerArithmetic(ctx.scorer_precision, ctx.device)
         self.provenance = {"score": "logit_scale.exp() * cos(image, text) (raw PickScore)",
                            "model": "PickScore_v1 (transformers CLIPModel)", "weights": resolved.provenance(),
-                           "backend": f"transformers {transformers.__version__}", "precision": "fp32",
+                           "backend": f"transformers {transformers.__version__}",
                            "preprocess": "CLIPProcessor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-                           "tokenizer": f"CLIP BPE, padded, truncated at {PICKSCORE_MAX_TOKENS}"}
+                           "tokenizer": f"CLIP BPE, padded, truncated at {PICKSCORE_MAX_TOKENS}",
+                           **self.arithmetic.provenance()}
 
     @torch.no_grad()
     def extract(self, images, prompts) -> np.ndarray:
@@ -61,8 +64,9 @@ class PickScore(FeatureExtractor):
         image_inputs = self.processor(images=[Image.fromarray(a) for a in images], return_tensors="pt")
         text_inputs = self.processor(text=list(prompts), padding=True, truncation=True,
                                      max_length=PICKSCORE_MAX_TOKENS, return_tensors="pt")
-        scores = pickscore(self.model, image_inputs["pixel_values"].to(self.device),
-                           text_inputs["input_ids"].to(self.device), text_inputs["attention_mask"].to(self.device))
+        with self.arithmetic():
+            scores = pickscore(self.model, image_inputs["pixel_values"].to(self.device),
+                               text_inputs["input_ids"].to(self.device), text_inputs["attention_mask"].to(self.device))
         return scores.double().cpu().numpy()[:, None]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .comparison import Comparison
 from .grids import GridFiles, Grids
-from .table import MISSING, config_header, config_rows, metric_header, metric_rows
+from .table import MISSING, config_header, config_rows, measurement_header, measurement_rows, metric_header, metric_rows
 
 DISPLAY_WIDTH = 640  # Pixels: small grids (8x8 digits) are enlarged, without smoothing, towards this width.
 MAX_ENLARGEMENT = 8
@@ -43,6 +43,10 @@ def render_html(comparison: Comparison, curves: list[Path], grids: Grids | None 
         parts.append("<h2>Config differences</h2>")
         parts.append(_table(config_header(comparison), config_rows(comparison)) if comparison.config_differences
                      else "<p>The configs are identical.</p>")
+    if comparison.measurement_differences:
+        parts += ["<h2>Measured differently</h2>", "<p>Provenance keys on which the sources of a metric differ: "
+                  "their numbers are not comparable at face value.</p>",
+                  _table(measurement_header(comparison), measurement_rows(comparison))]
     if curves:
         parts.append("<h2>Curves</h2>")
         parts += [_figure(path, path.stem) for path in curves]

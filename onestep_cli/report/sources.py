@@ -142,6 +142,11 @@ def _per_metric(provenance: Any, metrics: dict[str, float], where: str) -> dict[
         raise ReportError(f"{where}: 'provenance' is {type(provenance).__name__}; expected an object.")
     if all(name in metrics and isinstance(value, dict) for name, value in provenance.items()):
         return dict(provenance)
+    common = provenance.get("common")
+    if isinstance(common, dict) and all(name == "common" or (name in metrics and isinstance(value, dict))
+                                        for name, value in provenance.items()):
+        # `onestep eval`'s layout: one record per metric, and what they share (device, precision...) under "common".
+        return {name: {**value, "common": common} for name, value in provenance.items() if name != "common"}
     return {name: provenance for name in metrics}
 
 

@@ -50,6 +50,28 @@ def config_rows(comparison: Comparison) -> list[list[str]]:
     ]
 
 
+def measurement_header(comparison: Comparison) -> list[str]:
+    """Column names of the measurement-differences table: metric, provenance key, then every source."""
+    return ["metric", "key", *(s.label for s in comparison.sources)]
+
+
+def measurement_rows(comparison: Comparison) -> list[list[str]]:
+    """One row per (metric, provenance key) measured differently, each source's value ('—' where it has none)."""
+    labels = measurement_header(comparison)[2:]
+    return [[metric, key, *(_format_config_value(values[label]) if label in values else MISSING for label in labels)]
+            for metric, keys in comparison.measurement_differences.items() for key, values in keys.items()]
+
+
+def render_measurement_table(comparison: Comparison) -> Table:
+    """The metrics whose sources measured them differently (precision, weights, preprocessing...), per key."""
+    table = Table(title="Measured differently")
+    for name in measurement_header(comparison):
+        table.add_column(name, overflow="fold")
+    for row in measurement_rows(comparison):
+        table.add_row(*row)
+    return table
+
+
 def render_rich_table(comparison: Comparison) -> Table:
     """The metrics table for a terminal: rows are sources, columns are metrics."""
     table = Table(title="Metrics")
@@ -79,6 +101,9 @@ def to_markdown(comparison: Comparison) -> str:
             parts += _markdown_table(config_header(comparison), config_rows(comparison))
         else:
             parts.append("The configs are identical.")
+    if comparison.measurement_differences:
+        parts += ["", "## Measured differently", "",
+                  *_markdown_table(measurement_header(comparison), measurement_rows(comparison))]
     return "\n".join(parts) + "\n"
 
 
@@ -94,7 +119,8 @@ def to_csv(comparison: Comparison) -> str:
 
 
 def to_json(comparison: Comparison) -> dict:
-    """The comparison as a JSON-serialisable dict: sources (with metrics and provenance), metrics, config_differences.
+    """The comparison as a JSON-serialisable dict: sources (with metrics and provenance), metrics, config_differences,
+    measurement_differences.
 
     Non-finite numbers become null, as strict JSON has no NaN; a metric a source lacks is absent from its metrics.
     """
@@ -107,6 +133,8 @@ def to_json(comparison: Comparison) -> dict:
         ],
         "metrics": list(comparison.metrics),
         "config_differences": {key: dict(values) for key, values in comparison.config_differences.items()},
+        "measurement_differences": {metric: {key: dict(values) for key, values in keys.items()}
+                                    for metric, keys in comparison.measurement_differences.items()},
     }
 
 
