@@ -1,4 +1,5 @@
-"""The command line end to end, through the installed `onestep` console script."""
+"""The command line end to end, through the installed `onestep` console script; checks of what one verb prints or
+refuses run the same app in process (the `cli` fixture's invoke), where a new interpreter would add only start-up."""
 
 from __future__ import annotations
 
@@ -23,18 +24,19 @@ def test_version_through_python_m():
 def test_dry_run_merges_preset_then_config_then_set(cli, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("train:\n  lr: 0.003\n  batch_size: 64\n")
-    result = cli.run("distill", "--preset", "gmm-sid", "--config", config, "--set", "train.lr=5e-4", "--dry-run")
+    result = cli.invoke("distill", "--preset", "gmm-sid", "--config", config, "--set", "train.lr=5e-4", "--dry-run")
+    assert result.exit_code == 0, result.output
     resolved = yaml.safe_load(result.stdout)
     assert resolved["objective"]["name"] == "sid"  # from the preset
     assert resolved["train"]["batch_size"] == 64  # from --config
     assert resolved["train"]["lr"] == 5e-4  # --set beats --config
-    as_json = json.loads(cli.run("distill", "--preset", "gmm-sid", "--dry-run", "--json").stdout)
+    as_json = json.loads(cli.invoke("distill", "--preset", "gmm-sid", "--dry-run", "--json").stdout)
     assert as_json["objective"]["alpha"] == pytest.approx(1.2)
 
 
 def test_switching_objective_with_set_starts_that_section_afresh(cli):
-    resolved = yaml.safe_load(cli.run("distill", "--preset", "gmm-sim", "--set", "objective.name=dmd",
-                                      "--dry-run").stdout)
+    resolved = yaml.safe_load(cli.invoke("distill", "--preset", "gmm-sim", "--set", "objective.name=dmd",
+                                         "--dry-run").stdout)
     assert resolved["objective"]["name"] == "dmd" and "distance" not in resolved["objective"]
 
 
@@ -47,8 +49,8 @@ def test_switching_objective_with_set_starts_that_section_afresh(cli):
     (["--set", "train.lr"], ["key.path=value"]),
 ])
 def test_bad_config_exits_nonzero_naming_the_problem(cli, args, needles):
-    result = cli.run("distill", *args, "--dry-run", check=False)
-    assert result.returncode == 2, result.stderr
+    result = cli.invoke("distill", *args, "--dry-run")
+    assert result.exit_code == 2, result.output
     message = " ".join(result.stderr.split())
     for needle in needles:
         assert needle in message, message
@@ -56,9 +58,9 @@ def test_bad_config_exits_nonzero_naming_the_problem(cli, args, needles):
 
 def test_missing_teacher_file_is_named(cli, tmp_path):
     missing = tmp_path / "network-snapshot-200000.pkl"
-    result = cli.run("distill", "--set", "teacher.kind=edm", "--set", f"teacher.path={missing}", "--out",
-                     tmp_path / "run", check=False)
-    assert result.returncode != 0
+    result = cli.invoke("distill", "--set", "teacher.kind=edm", "--set", f"teacher.path={missing}", "--out",
+                        tmp_path / "run")
+    assert result.exit_code != 0
     assert f"teacher.path {missing} does not exist" in result.stderr
     assert not (tmp_path / "run").exists(), "a failed start must leave no run directory that refuses the fix"
 
@@ -102,15 +104,15 @@ def test_distill_sample_eval_compare(cli, tmp_path):
 
 
 def test_eval_rejects_unknown_metric(cli, tmp_path):
-    result = cli.run("eval", tmp_path, "--metrics", "swdd", check=False)
-    assert result.returncode == 2 and "Did you mean 'swd'" in result.stderr
+    result = cli.invoke("eval", tmp_path, "--metrics", "swdd")
+    assert result.exit_code == 2 and "Did you mean 'swd'" in result.stderr
 
 
 def test_presets_list_and_show(cli):
     listing = cli.run("presets").stdout
     for name in ("gmm-sim", "gmm-sid", "gmm-dmd", "gmm-di"):
         assert name in listing
-    assert yaml.safe_load(cli.run("presets", "show", "gmm-dmd").stdout)["objective"]["name"] == "dmd"
+    assert yaml.safe_load(cli.invoke("presets", "show", "gmm-dmd").stdout)["objective"]["name"] == "dmd"
 
 
 @pytest.mark.slow
