@@ -4,6 +4,7 @@ refuses run the same app in process (the `cli` fixture's invoke), where a new in
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,11 +66,17 @@ def test_missing_teacher_file_is_named(cli, tmp_path):
     assert not (tmp_path / "run").exists(), "a failed start must leave no run directory that refuses the fix"
 
 
+@pytest.fixture(scope="module")
+def gmm_sim_run(cli, tmp_path_factory):
+    """A short gmm-sim run through the console script, and the summary it printed; tests that change it copy it."""
+    run = tmp_path_factory.mktemp("gmm-sim") / "run"
+    return run, json.loads(cli.run("distill", "--preset", "gmm-sim", *FAST, "--out", run, "--json").stdout)
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_distill_sample_eval_compare(cli, tmp_path):
-    run = tmp_path / "run"
-    summary = json.loads(cli.run("distill", "--preset", "gmm-sim", *FAST, "--out", run, "--json").stdout)
+def test_distill_sample_eval_compare(cli, tmp_path, gmm_sim_run, one_thread):
+    run, summary = gmm_sim_run
     assert summary["step"] == 60 and set(summary["metrics"]) == {"swd", "mode_coverage"}
     assert (run / "config.yaml").is_file() and (run / "export" / "generator.safetensors").is_file()
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
@@ -77,23 +84,29 @@ def test_distill_sample_eval_compare(cli, tmp_path):
     assert all(k in stats[0] for k in ("loss_generator", "loss_fake", "grad_norm_generator", "kimg_per_s"))
 
     # Per-sample seeds: a sub-range reproduces the same points (up to the float rounding of batched matrix
-    # products, which BLAS may block differently for another batch size); the same command reproduces bitwise.
-    cli.run("sample", run, "--num", 50, "--out", tmp_path / "all")
+    # products, which BLAS may block differently for another batch size); the same command reproduces bitwise, here
+    # in another process than the first time. Each verb runs once through the console script, the rest in process.
+    def invoke(*args):
+        result = cli.invoke(*args)
+        assert result.exit_code == 0, result.output
+        return result
+
+    invoke("sample", run, "--num", 50, "--out", tmp_path / "all")
     cli.run("sample", run, "--seeds", "10-19", "--out", tmp_path / "part")
-    cli.run("sample", run, "--seeds", "10-19", "--out", tmp_path / "again")
+    invoke("sample", run, "--seeds", "10-19", "--out", tmp_path / "again")
     import numpy as np
     full, part = np.load(tmp_path / "all" / "samples.npz"), np.load(tmp_path / "part" / "samples.npz")
     np.testing.assert_allclose(full["samples"][10:20], part["samples"], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(part["samples"], np.load(tmp_path / "again" / "samples.npz")["samples"])
     np.testing.assert_array_equal(part["seeds"], np.arange(10, 20))
 
-    cli.run("sample", run, "--teacher", "--steps", 18, "--num", 400, "--out", tmp_path / "teacher")
+    invoke("sample", run, "--teacher", "--steps", 18, "--num", 400, "--out", tmp_path / "teacher")
     teacher_eval = json.loads(cli.run("eval", tmp_path / "teacher", "--metrics", "swd,mode_coverage", "--json").stdout)
     assert teacher_eval["metrics"]["mode_coverage"] == 1.0
     assert teacher_eval["provenance"]["common"]["num_samples"] == 400
     (tmp_path / "teacher.json").write_text(json.dumps(teacher_eval))
 
-    student_eval = json.loads(cli.run("eval", run, "--metrics", "swd", "--num", 400, "--json").stdout)
+    student_eval = json.loads(invoke("eval", run, "--metrics", "swd", "--num", 400, "--json").stdout)
     assert set(student_eval["metrics"]) == {"swd"} and student_eval["provenance"]["swd"]["num_samples"] == 400
 
     comparison = json.loads(cli.run("compare", run, tmp_path / "teacher.json", "--out", tmp_path / "report",
@@ -144,8 +157,8 @@ def test_sigkill_then_same_command_resumes_to_identical_parameters(cli, tmp_path
 
 
 @pytest.mark.e2e
-def test_changed_config_in_existing_run_is_refused(cli, tmp_path):
+def test_changed_config_in_existing_run_is_refused(cli, tmp_path, gmm_sim_run):
     run = tmp_path / "run"
-    cli.run("distill", "--preset", "gmm-sim", *FAST, "--out", run)
-    result = cli.run("distill", "--preset", "gmm-sim", *FAST, "--set", "train.lr=0.5", "--out", run, check=False)
-    assert result.returncode == 2 and "train.lr" in result.stderr and "another --out" in " ".join(result.stderr.split())
+    shutil.copytree(gmm_sim_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+    result = cli.invoke("distill", "--preset", "gmm-sim", *FAST, "--set", "train.lr=0.5", "--out", run)
+    assert result.exit_code == 2 and "train.lr" in result.stderr and "another --out" in " ".join(result.stderr.split())
