@@ -51,9 +51,11 @@ def assert_same_result(one: dict, two: dict) -> None:
 
 @pytest.fixture(scope="module")
 def run(cli, tmp_path_factory) -> Path:
-    """A digits run two steps into training: a class-conditional 8x8 image generator."""
+    """A digits run two steps into training: a class-conditional 8x8 image generator (a batch of 8: what is shared out
+    here is evaluation, not training)."""
     out = tmp_path_factory.mktemp("digits") / "run"
-    cli.run("distill", "--preset", "digits-sim", "--set", "train.max_steps=2", "--out", out)
+    cli.run("distill", "--preset", "digits-sim", "--set", "train.max_steps=2", "--set", "train.batch_size=8",
+            "--out", out)
     return out
 
 
