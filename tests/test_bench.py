@@ -45,8 +45,8 @@ def test_quick_bench_runs_every_row_in_under_a_minute(cli):
 
 @pytest.mark.e2e
 def test_quick_bench_table_says_what_utilisation_is_measured_against(cli):
-    result = cli.run("bench", "--quick", "--rows", "dmd-cifar10,heun-cifar10", check=False, env=WIDE)
-    assert result.returncode == 0, result.stderr
+    result = cli.invoke("bench", "--quick", "--rows", "dmd-cifar10,heun-cifar10", env=WIDE)
+    assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
     for needle in ("dmd-cifar10", "heun-cifar10", "images/s", "peak GB", "TFLOP/s", "FLOP util.",
                    "this device's rate for a large square matrix product", "measured here (fp32:",
@@ -61,13 +61,13 @@ def test_quick_bench_table_says_what_utilisation_is_measured_against(cli):
 @pytest.mark.parametrize("args, needle", [(["--rows", "sid-cifar11"], "sid-cifar11"),
                                           (["--precision", "bf8"], "bf8")])
 def test_bad_bench_arguments_are_usage_errors(cli, args, needle):
-    result = cli.run("bench", "--quick", *args, check=False, env=WIDE)
-    assert result.returncode == 2 and needle in result.stderr
+    result = cli.invoke("bench", "--quick", *args, env=WIDE)
+    assert result.exit_code == 2 and needle in result.stderr
 
 
 def test_bf16_is_refused_on_the_cpu_with_a_sentence(cli):
-    result = cli.run("bench", "--quick", "--rows", "sample-cifar10", "--precision", "bf16", check=False, env=WIDE)
-    assert result.returncode == 1 and "needs a CUDA device" in result.stderr
+    result = cli.invoke("bench", "--quick", "--rows", "sample-cifar10", "--precision", "bf16", env=WIDE)
+    assert result.exit_code == 1 and "needs a CUDA device" in result.stderr
 
 
 def test_ddpmpp_forward_counts_the_issues_42_4_gflop(one_thread):
