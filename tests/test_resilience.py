@@ -67,7 +67,7 @@ def test_sigkill_at_random_moments_and_mid_save_then_same_command_is_bitwise_uni
     args = [*CLI_SMALL, "--set", "train.max_steps=300", "--set", "train.checkpoint_every=25",
             "--set", "train.keep_checkpoints=3"]
     reference, run = tmp_path / "reference", tmp_path / "killed"
-    cli.run(*args, "--out", reference)
+    assert cli.invoke(*args, "--out", reference).exit_code == 0  # In process, on one thread as the scripts below.
     checkpoints = run / "checkpoints"
 
     # Inside a checkpoint write: saves pause after each file, and the kill lands while a partial folder exists.
