@@ -69,10 +69,11 @@ def descendants(pid: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def reference(cli, tmp_path_factory) -> Path:
-    """One process, 20 steps, checkpoints every 10."""
+def reference(cli, tmp_path_factory, one_thread_per_module) -> Path:
+    """One process, 20 steps, checkpoints every 10: in this process, one thread as each worker."""
     run = tmp_path_factory.mktemp("one-process") / "run"
-    cli.run(*args_for("train.max_steps=20"), "--out", run)
+    result = cli.invoke(*args_for("train.max_steps=20"), "--out", run)
+    assert result.exit_code == 0, result.output
     return run / "checkpoints"
 
 
