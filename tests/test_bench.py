@@ -151,9 +151,10 @@ def test_bf16_compiled_and_graphed_runs_track_fp32_eager_on_gmm_sid(one_thread):
 def test_bf16_run_tracks_fp32_eager_on_the_digits_teacher(one_thread):
     """The same check on the shipped digits teacher, short: bf16's first loss within rounding of fp32's, and the
     final fd_digits and class accuracy within the fp32 seeds' spread or the metrics' noise (docs/benchmarks.md has
-    the 300-step runs)."""
+    the 300-step runs). At batch 32 (half the CPU time of 64) the two fp32 seeds end closer (fd_digits 0.2 apart,
+    1.5 at 64), so the metric's own noise, the tighter bound, is the tolerance."""
     result = tracking_check("digits-sim", {"bf16": VARIANTS["bf16"]}, steps=20, seeds=(0, 1),
-                            base=["train.device=cpu"])
+                            base=["train.device=cpu", "train.batch_size=32"])
     variant = result["variants"]["bf16"]
     assert set(variant["checks"]) == {"early_losses", "fd_digits", "class_accuracy"}
     assert 0 < variant["early_max_rel_diff"] <= 5e-2  # Rounding, not nothing: bf16 did run.
