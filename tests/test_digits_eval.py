@@ -20,7 +20,6 @@ def _eval(cli, path, metrics, in_process=True):
     return json.loads(result.stdout)
 
 
-@pytest.mark.slow
 @pytest.mark.e2e
 def test_real_digits_score_well_and_wrong_labels_score_badly(cli, tmp_path):
     images, labels = load_digits_images(8)

@@ -66,7 +66,6 @@ def distill_in_process(cli, *args) -> None:
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.slow
 @pytest.mark.e2e
 def test_eval_at_start_records_the_initial_generator_once_across_a_resume(cli, tmp_path, one_thread):
     run = tmp_path / "run"
@@ -79,7 +78,6 @@ def test_eval_at_start_records_the_initial_generator_once_across_a_resume(cli, t
     assert rows[0]["kimg"] == 0 and set(rows[0]["metrics"]) == {"swd", "mode_coverage"}
 
 
-@pytest.mark.slow
 @pytest.mark.e2e
 def test_a_run_restarted_without_a_checkpoint_keeps_no_stale_records(cli, tmp_path, one_thread):
     run = tmp_path / "run"
