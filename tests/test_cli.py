@@ -75,7 +75,7 @@ def gmm_sim_run(cli, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_distill_sample_eval_compare(cli, tmp_path, gmm_sim_run, one_thread):
+def test_distill_sample_eval_compare_export(cli, tmp_path, gmm_sim_run, one_thread):
     run, summary = gmm_sim_run
     assert summary["step"] == 60 and set(summary["metrics"]) == {"swd", "mode_coverage"}
     assert (run / "config.yaml").is_file() and (run / "export" / "generator.safetensors").is_file()
@@ -114,6 +114,13 @@ def test_distill_sample_eval_compare(cli, tmp_path, gmm_sim_run, one_thread):
     assert len(comparison["sources"]) == 2
     assert (tmp_path / "report" / "table.md").is_file()
     assert any(p.suffix == ".png" for p in (tmp_path / "report").iterdir())
+
+    written = json.loads(cli.run("export", run, "--out", tmp_path / "export", "--format", "safetensors",
+                                 "--json").stdout)
+    assert written["step"] == 60 and set(written["files"]) == {"generator.safetensors", "generator.json"}
+    exported = load_file(str(tmp_path / "export" / "generator.safetensors"))
+    final = load_file(str(run / "export" / "generator.safetensors"))  # What distill wrote at its end.
+    assert exported.keys() == final.keys() and all((exported[key] == final[key]).all() for key in final)
 
 
 def test_eval_rejects_unknown_metric(cli, tmp_path):
