@@ -47,8 +47,8 @@ def test_quick_bench_runs_every_row_in_under_a_minute(cli):
 
 @pytest.mark.e2e
 def test_quick_bench_table_says_what_utilisation_is_measured_against(cli):
-    result = cli.run("bench", "--quick", "--rows", "dmd-cifar10,heun-cifar10", check=False, env=WIDE)
-    assert result.returncode == 0, result.stderr
+    result = cli.invoke("bench", "--quick", "--rows", "dmd-cifar10,heun-cifar10", env=WIDE)
+    assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
     for needle in ("dmd-cifar10", "heun-cifar10", "images/s", "peak GB", "TFLOP/s", "FLOP util.",
                    "this device's rate for a large square matrix product", "measured here (fp32:",
@@ -63,13 +63,13 @@ def test_quick_bench_table_says_what_utilisation_is_measured_against(cli):
 @pytest.mark.parametrize("args, needle", [(["--rows", "sid-cifar11"], "sid-cifar11"),
                                           (["--precision", "bf8"], "bf8")])
 def test_bad_bench_arguments_are_usage_errors(cli, args, needle):
-    result = cli.run("bench", "--quick", *args, check=False, env=WIDE)
-    assert result.returncode == 2 and needle in result.stderr
+    result = cli.invoke("bench", "--quick", *args, env=WIDE)
+    assert result.exit_code == 2 and needle in result.stderr
 
 
 def test_bf16_is_refused_on_the_cpu_with_a_sentence(cli):
-    result = cli.run("bench", "--quick", "--rows", "sample-cifar10", "--precision", "bf16", check=False, env=WIDE)
-    assert result.returncode == 1 and "needs a CUDA device" in result.stderr
+    result = cli.invoke("bench", "--quick", "--rows", "sample-cifar10", "--precision", "bf16", env=WIDE)
+    assert result.exit_code == 1 and "needs a CUDA device" in result.stderr
 
 
 def test_ddpmpp_forward_counts_the_issues_42_4_gflop(one_thread):
@@ -170,9 +170,10 @@ def test_bf16_compiled_and_graphed_runs_track_fp32_eager_on_gmm_sid(one_thread):
 def test_bf16_run_tracks_fp32_eager_on_the_digits_teacher(one_thread):
     """The same check on the shipped digits teacher, short: bf16's first loss within rounding of fp32's, and the
     final fd_digits and class accuracy within the fp32 seeds' spread or the metrics' noise (docs/benchmarks.md has
-    the 300-step runs)."""
+    the 300-step runs). At batch 32 (half the CPU time of 64) the two fp32 seeds end closer (fd_digits 0.2 apart,
+    1.5 at 64), so the metric's own noise, the tighter bound, is the tolerance."""
     result = tracking_check("digits-sim", {"bf16": VARIANTS["bf16"]}, steps=20, seeds=(0, 1),
-                            base=["train.device=cpu"])
+                            base=["train.device=cpu", "train.batch_size=32"])
     variant = result["variants"]["bf16"]
     assert set(variant["checks"]) == {"early_losses", "fd_digits", "class_accuracy"}
     assert 0 < variant["early_max_rel_diff"] <= 5e-2  # Rounding, not nothing: bf16 did run.

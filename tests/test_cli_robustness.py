@@ -82,9 +82,17 @@ def write_run_config(folder: Path, preset: str = "gmm-sim") -> Path:
 
 
 @pytest.fixture(scope="module")
-def gmm_run(cli, tmp_path_factory) -> Path:
+def gmm_distilled_from_a_terminal(cli, tmp_path_factory) -> tuple[Path, int, str, str]:
+    """A short gmm run through the console script with --json and stderr on a terminal: the run, exit code, stdout
+    and the terminal's text."""
     run = tmp_path_factory.mktemp("gmm") / "run"
-    cli.run("distill", *GMM, "--out", run)
+    return run, *run_with_terminal_stderr(cli, "distill", *GMM, "--out", run, "--json")
+
+
+@pytest.fixture(scope="module")
+def gmm_run(gmm_distilled_from_a_terminal) -> Path:
+    run, code, _, stderr = gmm_distilled_from_a_terminal
+    assert code == 0, stderr
     return run
 
 
@@ -102,8 +110,8 @@ def test_the_progress_bar_draws_on_stderr(capsys):
 
 
 @pytest.mark.e2e
-def test_distill_json_from_a_terminal_is_json_and_the_bar_stays_on_the_terminal(cli, tmp_path):
-    code, stdout, stderr = run_with_terminal_stderr(cli, "distill", *GMM, "--out", tmp_path / "run", "--json")
+def test_distill_json_from_a_terminal_is_json_and_the_bar_stays_on_the_terminal(gmm_distilled_from_a_terminal):
+    _, code, stdout, stderr = gmm_distilled_from_a_terminal
     assert code == 0, stderr
     assert strict_json(stdout)["step"] == 4
     assert "4/4" in stderr  # The bar, drawn because stderr is a terminal.

@@ -16,7 +16,7 @@ from onestep_cli.sampling import generate_teacher, seed_labels
 
 
 def test_distill_without_a_preset_distils_the_digits_teacher_with_sim(cli):
-    resolved = yaml.safe_load(cli.run("distill", "--dry-run").stdout)
+    resolved = yaml.safe_load(cli.invoke("distill", "--dry-run").stdout)
     assert resolved["objective"]["name"] == "sim"
     assert resolved["teacher"] == {**resolved["teacher"], "kind": "edm", "path": "@assets/digits_teacher"}
 
@@ -75,7 +75,10 @@ def test_teacher_samples_are_regenerated_when_the_shipped_file_is_of_another_tea
         shipped = data["samples"][:6]
     monkeypatch.setattr(demo, "TEACHER_SAMPLES", str(other))
     run = tmp_path / "run"
-    cli.run("distill", "--out", run, "--set", "train.max_steps=1", "--set", "eval.metrics=[]")
+    # Only the run's teacher is used: one step at batch 8, in process.
+    distilled = cli.invoke("distill", "--out", run, "--set", "train.max_steps=1", "--set", "train.batch_size=8",
+                           "--set", "eval.metrics=[]")
+    assert distilled.exit_code == 0, distilled.output
     messages = []
     path = demo.teacher_samples(run, 6, tmp_path / "out", messages.append)
     assert path.parent == tmp_path / "out" and "sampling the teacher" in messages[0]

@@ -24,12 +24,19 @@ T2I_PRESETS = {"digits-t2i-sim": "digits_t2i_teacher", "digits-t2i-sid": "digits
 @pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.parametrize("preset", list(T2I_PRESETS))
-def test_preset_distils_the_shipped_teacher_on_the_cpu(cli, preset, tmp_path):
+def test_preset_distils_the_shipped_teacher_on_the_cpu(cli, preset, tmp_path, one_thread):
     config = resolve_config(preset)
     assert config.teacher.kind == "diffusers" and config.train.precision == "auto"
     assert config.teacher.resolved_path == str(resolve_asset_path(f"@assets/{T2I_PRESETS[preset]}"))
-    result = cli.run("distill", "--preset", preset, "--out", tmp_path / "run", "--set", "train.max_steps=2",
-                     "--set", "train.batch_size=2", "--set", "train.checkpoint_every=2", "--json")
+    args = ["distill", "--preset", preset, "--out", tmp_path / "run", "--set", "train.max_steps=2",
+            "--set", "train.batch_size=2", "--set", "train.checkpoint_every=2", "--json"]
+    # The first preset through the console script; the others in process, where a new interpreter would add only
+    # its start-up and the import of diffusers.
+    if preset == next(iter(T2I_PRESETS)):
+        result = cli.run(*args)
+    else:
+        result = cli.invoke(*args)
+        assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["step"] == 2 and RunDir(tmp_path / "run").read_status()["status"] == "complete"
     assert (tmp_path / "run" / "prompts.safetensors").is_file()

@@ -68,11 +68,20 @@ def descendants(pid: int) -> list[int]:
     return children + [grandchild for child in children for grandchild in descendants(child)]
 
 
+def resume_in_process(cli, *args):
+    """The one-process continuation of a two-process run, in this process (one thread, as each worker): what it
+    reads from the run folder is checked, which a new interpreter would not change."""
+    result = cli.invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
 @pytest.fixture(scope="module")
-def reference(cli, tmp_path_factory) -> Path:
-    """One process, 20 steps, checkpoints every 10."""
+def reference(cli, tmp_path_factory, one_thread_per_module) -> Path:
+    """One process, 20 steps, checkpoints every 10: in this process, one thread as each worker."""
     run = tmp_path_factory.mktemp("one-process") / "run"
-    cli.run(*args_for("train.max_steps=20"), "--out", run)
+    result = cli.invoke(*args_for("train.max_steps=20"), "--out", run)
+    assert result.exit_code == 0, result.output
     return run / "checkpoints"
 
 
@@ -90,7 +99,7 @@ def test_two_processes_equal_one_process_and_resume_on_one(cli, tmp_path, refere
     assert json.loads((run / "run.json").read_text())["processes"] == 2
     assert_close(reference / "step-00000010", run / "checkpoints" / "step-00000010")
 
-    resumed = cli.run(*args_for("train.max_steps=20"), "--out", run)
+    resumed = resume_in_process(cli, *args_for("train.max_steps=20"), "--out", run)
     assert "from step-00000010 (step 10, 0.6 kimg) on 1 process" in resumed.stderr
     assert_close(reference / "step-00000020", run / "checkpoints" / "step-00000020")
 
@@ -117,7 +126,7 @@ def test_fsdp_sharded_save_survives_sigkill_mid_save_and_resumes_on_one_process(
     assert (checkpoints / "step-00000010" / ".metadata").is_file()  # Sharded through torch.distributed.checkpoint.
     assert_close(reference / "step-00000010", checkpoints / "step-00000010")
 
-    resumed = cli.run(*args, "--out", run)  # Resharded from 2 processes onto 1.
+    resumed = resume_in_process(cli, *args, "--out", run)  # Resharded from 2 processes onto 1.
     assert "from step-00000010 (step 10, 0.6 kimg) on 1 process" in resumed.stderr
     assert not partial.exists()
     assert_close(reference / "step-00000020", checkpoints / "step-00000020")
@@ -125,7 +134,7 @@ def test_fsdp_sharded_save_survives_sigkill_mid_save_and_resumes_on_one_process(
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_sigterm_to_the_launcher_checkpoints_every_rank_and_exits_zero(cli, tmp_path):
+def test_sigterm_to_the_launcher_checkpoints_every_rank_and_exits_zero(cli, tmp_path, one_thread):
     run = tmp_path / "run"
     args = args_for("train.checkpoint_every=100000", "eval.metrics=[]")
     process = cli.start(*args, "--set", "train.max_steps=1000000", "--gpus", 2, "--out", run, stdout=subprocess.DEVNULL)
@@ -144,7 +153,7 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_and_exits_zero(cli, tmp_
     assert (run / "checkpoints" / f"step-{step:08d}").is_dir()
     assert f"Stopped by SIGTERM after step {step}, with a checkpoint" in stderr
 
-    resumed = cli.run(*args, "--set", f"train.max_steps={step + 5}", "--out", run)
+    resumed = resume_in_process(cli, *args, "--set", f"train.max_steps={step + 5}", "--out", run)
     assert f"from step-{step:08d} (step {step}," in resumed.stderr
     assert json.loads((run / "run.json").read_text())["step"] == step + 5
 

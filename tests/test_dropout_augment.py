@@ -144,11 +144,11 @@ def test_out_of_range_values_are_config_errors_naming_the_key(assignment, needle
 
 
 def test_cli_dry_run_rejects_dropout_of_one_and_a_half(cli):
-    result = cli.run("distill", "--set", "fake.dropout=1.5", "--dry-run", check=False)
-    assert result.returncode == 2
+    result = cli.invoke("distill", "--set", "fake.dropout=1.5", "--dry-run")
+    assert result.exit_code == 2
     assert "fake.dropout" in result.stderr and "1.5" in result.stderr
-    ok = cli.run("distill", "--set", "fake.dropout=0.13", "--set", "fake.augment_p=0.12", "--dry-run", check=False)
-    assert ok.returncode == 0 and "dropout: 0.13" in ok.stdout and "augment_p: 0.12" in ok.stdout
+    ok = cli.invoke("distill", "--set", "fake.dropout=0.13", "--set", "fake.augment_p=0.12", "--dry-run")
+    assert ok.exit_code == 0 and "dropout: 0.13" in ok.stdout and "augment_p: 0.12" in ok.stdout
 
 
 # -- augmentation --------------------------------------------------------------------------------------------------

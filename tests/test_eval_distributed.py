@@ -18,9 +18,18 @@ from onestep_cli.eval.image_eval import shard_bounds
 METRICS = "fd_digits,class_accuracy"
 BATCH = 8  # Small batches, so that 40 images make 5 batches to split (3 + 2) and 41 make 6 (3 + 3, the last of 1).
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 
 def evaluate(cli, source: Path, *args, gpus: int = 1, batch: int = BATCH) -> dict:
-    result = cli.run("eval", source, "--metrics", METRICS, "--batch", batch, *args, "--gpus", gpus, "--json")
+    """Two processes through the console script; the one-process reference in this process (on one thread, as each
+    worker), where a new interpreter would add only its start-up."""
+    command = ["eval", source, "--metrics", METRICS, "--batch", batch, *args, "--gpus", gpus, "--json"]
+    if gpus == 1:
+        result = cli.invoke(*command)
+        assert result.exit_code == 0, result.output
+    else:
+        result = cli.run(*command)
     assert result.stdout.lstrip().startswith("{")
     return json.loads(result.stdout)  # Raises on anything besides exactly one JSON value.
 
@@ -42,16 +51,18 @@ def assert_same_result(one: dict, two: dict) -> None:
 
 @pytest.fixture(scope="module")
 def run(cli, tmp_path_factory) -> Path:
-    """A digits run two steps into training: a class-conditional 8x8 image generator."""
+    """A digits run two steps into training: a class-conditional 8x8 image generator (a batch of 8: what is shared out
+    here is evaluation, not training)."""
     out = tmp_path_factory.mktemp("digits") / "run"
-    cli.run("distill", "--preset", "digits-sim", "--set", "train.max_steps=2", "--out", out)
+    cli.run("distill", "--preset", "digits-sim", "--set", "train.max_steps=2", "--set", "train.batch_size=8",
+            "--out", out)
     return out
 
 
 @pytest.fixture(scope="module")
 def folder(cli, run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("samples") / "folder"
-    cli.run("sample", run, "--num", 41, "--out", out)
+    assert cli.invoke("sample", run, "--num", 41, "--out", out).exit_code == 0
     return out
 
 

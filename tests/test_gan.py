@@ -266,9 +266,10 @@ def test_resume_restores_the_head_and_the_real_image_stream(tmp_path):
 
 def test_cli_distills_digits_with_the_gan_term(cli, tmp_path):
     out = tmp_path / "run"
-    cli.run("distill", "--preset", "digits-dmd", "--set", "gan.gen_cls_loss_weight=3e-3", "--set", f"gan.data={DIGITS}",
-            "--set", "train.max_steps=2", "--set", "train.batch_size=4", "--set", "train.tick_every=1",
-            "--set", "train.fake_updates_per_step=2", "--out", str(out))
+    result = cli.invoke("distill", "--preset", "digits-dmd", "--set", "gan.gen_cls_loss_weight=3e-3", "--set",
+                        f"gan.data={DIGITS}", "--set", "train.max_steps=2", "--set", "train.batch_size=4", "--set",
+                        "train.tick_every=1", "--set", "train.fake_updates_per_step=2", "--out", str(out))
+    assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     for record in records:

@@ -67,7 +67,7 @@ def test_sigkill_at_random_moments_and_mid_save_then_same_command_is_bitwise_uni
     args = [*CLI_SMALL, "--set", "train.max_steps=300", "--set", "train.checkpoint_every=25",
             "--set", "train.keep_checkpoints=3"]
     reference, run = tmp_path / "reference", tmp_path / "killed"
-    cli.run(*args, "--out", reference)
+    assert cli.invoke(*args, "--out", reference).exit_code == 0  # In process, on one thread as the scripts below.
     checkpoints = run / "checkpoints"
 
     # Inside a checkpoint write: saves pause after each file, and the kill lands while a partial folder exists.
@@ -199,10 +199,9 @@ def test_persistent_nan_stops_with_the_promised_error_and_the_last_checkpoint_in
 @pytest.mark.e2e
 def test_persistent_nan_through_the_cli_exits_nonzero(cli, tmp_path):
     # A learning rate of 1e38 overflows the weights on the first update: every later step is NaN.
-    result = cli.run(*CLI_SMALL, "--set", "train.lr=1e38", "--set", "train.max_consecutive_nonfinite=3",
-                     "--set", "train.max_steps=50", "--set", "train.checkpoint_every=1", "--out", tmp_path / "run",
-                     check=False)
-    assert result.returncode == 1
+    result = cli.invoke(*CLI_SMALL, "--set", "train.lr=1e38", "--set", "train.max_consecutive_nonfinite=3",
+                        "--set", "train.max_steps=50", "--set", "train.checkpoint_every=1", "--out", tmp_path / "run")
+    assert result.exit_code == 1
     message = " ".join(result.stderr.split())
     assert "Error: 3 consecutive steps had NaN/inf losses or gradients" in message and "Lower train.lr" in message
     assert find_latest_checkpoint(tmp_path / "run" / "checkpoints", warn=pytest.fail) is not None

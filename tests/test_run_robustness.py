@@ -185,18 +185,19 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_first_and_takes_over
     first = cli.start(*args, "--set", "train.max_steps=1000000")
     try:
         wait_for(lambda: (run / "checkpoints" / "step-00000010").is_dir(), first)
-        second = cli.run(*args, "--set", "train.max_steps=1000000", check=False)
+        second = cli.invoke(*args, "--set", "train.max_steps=1000000")  # In process: the first is the other one.
         assert first.poll() is None, "the second run stopped the first"
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     message = " ".join(second.stderr.split())
-    assert second.returncode == 1 and "Traceback" not in message
+    assert second.exit_code == 1 and "Traceback" not in second.output
     assert f"{run} is in use by another onestep run (PID {first.pid} on host {socket.gethostname()}" in message
     assert "pass another --out" in message
 
     # The first died holding the lock: the kernel released it, and the same command takes the run over.
-    resumed = cli.run(*args, "--set", "train.max_steps=20")
+    resumed = cli.invoke(*args, "--set", "train.max_steps=20")
+    assert resumed.exit_code == 0, resumed.output
     assert "Resuming" in resumed.stderr and status_of(run)["status"] == "complete"
 
 
@@ -209,11 +210,11 @@ def test_under_gpus_2_the_launcher_holds_the_lock_and_ctrl_c_checkpoints_every_r
         launcher = cli.start(*args, "--gpus", 2)
     try:
         wait_for(lambda: stats_rows(run) >= 5, launcher, timeout=120)
-        second = cli.run(*args, check=False)
+        second = cli.invoke(*args)  # In process: the launcher is the other one.
     finally:
         launcher.send_signal(signal.SIGINT)
     _, stderr = launcher.communicate(timeout=120)
-    assert second.returncode == 1
+    assert second.exit_code == 1
     assert f"is in use by another onestep run (PID {launcher.pid} on host" in " ".join(second.stderr.split())
     assert launcher.returncode == 0, stderr
     status = status_of(run)

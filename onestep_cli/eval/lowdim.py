@@ -16,8 +16,9 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int = 
     rng = torch.Generator().manual_seed(seed)
     directions = torch.randn(a.shape[1], num_projections, generator=rng, dtype=torch.float64)
     directions /= directions.norm(dim=0, keepdim=True)
-    proj_a, _ = (a @ directions).sort(dim=0)
-    proj_b, _ = (b @ directions).sort(dim=0)
+    # One row per direction: sorting contiguous rows is several times faster than sorting the columns of a @ directions.
+    proj_a = (a @ directions).T.contiguous().sort(dim=1).values
+    proj_b = (b @ directions).T.contiguous().sort(dim=1).values
     return float(((proj_a - proj_b) ** 2).mean().sqrt())
 
 
