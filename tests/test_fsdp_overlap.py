@@ -105,7 +105,8 @@ def train_each_setting(rank: int, folder: Path) -> None:
 @pytest.mark.e2e
 def test_fsdp_overlap_settings_train_bitwise_as_the_default_on_two_processes(tmp_path, one_thread):
     tiny_teacher(tmp_path / "teacher")
-    # The default itself trains what one process trains: every parameter, the roots' included, in every update.
+    # The default itself trains what one process trains: every parameter, the roots' included, in every update (the
+    # fake score's root kept the frozen state of the generator update while FSDP2 kept it gathered).
     one_process = full_weights(train(config_for(tmp_path / "teacher", True, 0))[0])
     # Forked, the workers start with this process's modules already imported (one intra-op thread: fork-safe).
     mp.start_processes(train_each_setting, args=(tmp_path,), nprocs=2, start_method="fork")
@@ -116,6 +117,7 @@ def test_fsdp_overlap_settings_train_bitwise_as_the_default_on_two_processes(tmp
             difference = (torch.tensor(expected) - torch.tensor(got)).abs().max().item()
             assert difference <= TOLERANCE, f"{name} parameter {index} differs by {difference}"
     assert default["engine"]["fsdp"] == {"reshard_after_forward": True, "prefetch": 0} and not default["prefetches"]
+    assert not default["kept_gathered"]
     assert len(default["stats"]) == STEPS and default["stats"][-1]["loss_generator"] != 0
     for (reshard_after_forward, prefetch), result in zip(SETTINGS[1:], results[1:]):
         setting = f"reshard_after_forward={reshard_after_forward}, prefetch={prefetch}"
