@@ -32,6 +32,15 @@ def _not_a_boolean(value):
     return value
 
 
+def _reshard_after_forward(value):
+    if isinstance(value, bool) or (isinstance(value, int) and value >= 2):
+        return value
+    if value == 1:
+        raise ValueError("1 would reshard to one process, which is false (keep the gathered parameters); use false")
+    raise ValueError("expected true, false or a number of processes (2 or more, dividing the number of processes) "
+                     "to reshard to after forward")
+
+
 def _switch(value):
     if isinstance(value, bool) or value == "auto":
         return value
@@ -41,6 +50,7 @@ def _switch(value):
 Int = Annotated[int, StrictType()]  # An integer: not a float, string or boolean, which pydantic would convert.
 Float = Annotated[float, BeforeValidator(_not_a_boolean)]  # A number; pydantic would read true/false as 1.0/0.0.
 Switch = Annotated[Union[bool, Literal["auto"]], BeforeValidator(_switch)]  # On, off, or the engine's choice.
+ReshardAfterForward = Annotated[Union[bool, int], BeforeValidator(_reshard_after_forward)]  # FSDP2's own argument.
 
 
 class ConfigError(OnestepError, ValueError):
@@ -411,6 +421,13 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tf32: bool = True  # TF32 tensor cores for float32 matmuls and convolutions on CUDA; false for strict IEEE fp32.
     parallelism: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: DDP, or FSDP2 when the networks would not fit one GPU.
+    # FSDP2 only (docs/scaling.md): after each block's forward, true frees its gathered parameters (gathered again
+    # for the backward), false keeps them until the backward (more memory, one all-gather fewer per block), a number
+    # of processes N reshards them over groups of N (a backward all-gather within the group, e.g. one node's GPUs).
+    fsdp_reshard_after_forward: ReshardAfterForward = True
+    # FSDP2 only: 0 leaves prefetching to FSDP2; N issues the next N blocks' all-gathers explicitly in forward (the
+    # previous N in backward): earlier overlap with compute, N blocks' gathered parameters held at once.
+    fsdp_prefetch: Int = Field(0, ge=0)
     # Recompute block activations in backward: less memory, more time. true: all three networks; or a list of some
     # of teacher, generator, fake (the guided teacher holds half the generator update's activations: [teacher]
     # halves that memory for +2 of 13 forward passes, docs/benchmarks.md).

@@ -18,7 +18,7 @@ import torch
 from ..config import ConfigError, RunConfig
 from ..errors import DeviceError
 from ..runtime.lifeline import LAUNCHER_PID_ENV, launcher_environment
-from .parallel import batch_split
+from .parallel import batch_split, check_reshard_after_forward
 from ..runs.lock import lock_for_workers
 from ..runs.run_dir import RunDir
 from .signals import PREEMPTION_SIGNALS as STOP_SIGNALS
@@ -145,6 +145,8 @@ def launch(config: RunConfig, out: Path, plan: LaunchPlan, command: list[str], l
     from .loop import check_inputs
 
     batch_split(config.train, plan.world_size)
+    if config.train.parallelism == "fsdp":  # Under auto the workers may pick DDP, which ignores it.
+        check_reshard_after_forward(config.train.fsdp_reshard_after_forward, plan.world_size)
     check_inputs(config)
     check_teacher(config)
     check_devices(plan, config.train.device, warn=log)

@@ -28,7 +28,7 @@ from ..runs.checkpoint import checkpoint_name, find_resume_checkpoint, remove_pa
 from .cuda_graph import WARMUP_STEPS
 from ..runtime.distributed import DistEnv, barrier, broadcast_object, on_main, print0
 from ..runs.networks import Networks, build_networks
-from .parallel import batch_split, resolve_parallelism, training_state_bytes
+from .parallel import batch_split, fsdp_record, ignored_fsdp_note, resolve_parallelism, training_state_bytes
 from ..runtime.compile_cache import compile_cache_dir
 from ..runtime.precision import resolve_precision, set_tf32
 from .progress import Progress
@@ -170,6 +170,8 @@ def _train(config: RunConfig, run: RunDir, trainer: Trainer, resumed_from: int |
             f"micro-batch x {rounds} accumulation rounds x {env.world_size} processes.")
     if any_auto(train):  # What auto chose, and why not the rest: once, from rank 0.
         log(trainer.switches.describe())
+    if note := ignored_fsdp_note(train, trainer.sharded, env.world_size):
+        log(note)
     if trainer.step_graph is not None:
         log(f"train.cuda_graph={str(train.cuda_graph).lower()}: after {WARMUP_STEPS} eager steps the whole step is "
             f"captured as a CUDA graph and replayed; NaN/inf steps are skipped on the GPU and checked every "
@@ -283,9 +285,11 @@ def _start(config: RunConfig, run: RunDir, env: DistEnv, device: torch.device, l
 
 
 def engine_record(trainer: Trainer) -> dict:
-    """run.json's "engine": the speed switches this run uses (train.* auto resolved), why any is off, and where
-    compiled kernels are cached."""
+    """run.json's "engine": the speed switches this run uses (train.* auto resolved), why any is off, the FSDP2
+    overlap settings of a sharded run, and where compiled kernels are cached."""
     record = trainer.switches.record()
+    if trainer.sharded:
+        record["fsdp"] = fsdp_record(trainer.config.train)
     if trainer.compiled:
         record["compile_cache"] = str(compile_cache_dir())
     return record

@@ -4,6 +4,11 @@ DDP keeps a full replica per rank and all-reduces gradients; FSDP2 shards parame
 over the ranks, block by block, gathering each block's parameters (in the mixed-precision dtype) only for its
 forward and backward. The frozen teacher is sharded too under FSDP. Gradient checkpointing recomputes each block's
 activations in backward instead of storing them.
+
+How the all-gathers overlap with compute is set by train.fsdp_reshard_after_forward (free each block's gathered
+parameters after its forward, keep them for the backward, or keep them sharded over a smaller group) and
+train.fsdp_prefetch (FSDP2's implicit prefetching, or the next N blocks' all-gathers issued explicitly); neither
+changes the maths.
 """
 
 from __future__ import annotations
@@ -86,6 +91,15 @@ class Wrapped:
     generator_train: nn.Module
     fake_train: nn.Module
     sharded: bool  # FSDP: every rank must take part in every forward (evaluation and export included).
+    units: tuple[nn.Module, ...] = ()  # FSDP: every sharded module (blocks and roots) of every network.
+
+    def reshard(self) -> None:
+        """Free the parameters FSDP2 keeps gathered after a forward that no backward followed (the roots' always,
+        every block's under train.fsdp_reshard_after_forward=false), so that none outlives its update: the next
+        forward gathers current values, with the requires_grad the update left (a frozen network's, during the
+        other network's update, would otherwise stay frozen), and an in-place update (the EMA's) reaches the shards."""
+        for unit in self.units:
+            unit.reshard()
 
 
 def enable_gradient_checkpointing(network: nn.Module) -> None:
@@ -96,33 +110,84 @@ def enable_gradient_checkpointing(network: nn.Module) -> None:
         checkpoint(block)
 
 
-def shard(network: nn.Module, precision: str) -> None:
+def check_reshard_after_forward(reshard_after_forward: bool | int, world_size: int) -> None:
+    """A ConfigError unless train.fsdp_reshard_after_forward, if a number of processes, divides `world_size`."""
+    value = reshard_after_forward
+    if isinstance(value, bool) or (value <= world_size and world_size % value == 0):
+        return
+    divisors = [d for d in range(2, world_size) if world_size % d == 0]
+    instead = f"a divisor of {world_size} such as {divisors[-1]} (the GPUs of one node), " if divisors else ""
+    raise ConfigError(f"train.fsdp_reshard_after_forward={value} must divide the {world_size} processes into groups "
+                      f"to reshard to after forward; use {instead}true (reshard over all of them) or false (keep the "
+                      "gathered parameters until the backward).")
+
+
+FSDP_DEFAULTS = {"fsdp_reshard_after_forward": True, "fsdp_prefetch": 0}
+
+
+def fsdp_record(train) -> dict:
+    """run.json's engine "fsdp" of a sharded run: the overlap settings it uses."""
+    return {"reshard_after_forward": train.fsdp_reshard_after_forward, "prefetch": train.fsdp_prefetch}
+
+
+def ignored_fsdp_note(train, sharded: bool, world_size: int) -> str | None:
+    """One line for stderr when a run that is not sharded sets train.fsdp_* away from their defaults; else None."""
+    changed = [f"train.{key}={str(getattr(train, key)).lower()}" for key, default in FSDP_DEFAULTS.items()
+               if getattr(train, key) != default]
+    if sharded or not changed:
+        return None
+    why = "one process" if world_size == 1 else f"DDP over {world_size} processes"
+    return (f"engine: {' and '.join(changed)} ignored: the networks are not sharded ({why}); "
+            f"{'they apply' if len(changed) > 1 else 'it applies'} under train.parallelism=fsdp on several processes.")
+
+
+def prefetch_plan(count: int, prefetch: int) -> list[tuple[list[int], list[int]]]:
+    """For each of `count` blocks in forward order, the blocks whose all-gathers it issues explicitly: the next
+    `prefetch` in forward, the previous `prefetch` (nearest first) in backward. An empty list keeps FSDP2's implicit
+    prefetching for that block (the last blocks in forward, the first in backward)."""
+    return [(list(range(i + 1, min(i + 1 + prefetch, count))), list(range(i - 1, max(i - 1 - prefetch, -1), -1)))
+            for i in range(count)]
+
+
+def shard(network: nn.Module, precision: str, reshard_after_forward: bool | int = True, prefetch: int = 0) -> None:
     """FSDP2 in place: each block its own unit, then the root; parameters gathered in the compute dtype,
-    gradients reduced in float32."""
+    gradients reduced in float32. `reshard_after_forward` and `prefetch`: train.fsdp_reshard_after_forward and
+    train.fsdp_prefetch, applied to the blocks."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # Denoisers return reshaped views; the engine only uses them out of place, which is what the warning asks.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype(precision), reduce_dtype=torch.float32)
-    for block in blocks(network):
-        fully_shard(block, mp_policy=policy)
+    units = blocks(network)
+    for block in units:
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # Root at None (FSDP2 makes it False): fully_shard's docs, "required immediately when the backward pass begins".
     fully_shard(network, mp_policy=policy)
+    if prefetch:
+        for block, (forward, backward) in zip(units, prefetch_plan(len(units), prefetch)):
+            block.set_modules_to_forward_prefetch([units[i] for i in forward])
+            block.set_modules_to_backward_prefetch([units[i] for i in backward])
 
 
 def wrap(teacher: nn.Module, generator: nn.Module, fake: nn.Module, ema: nn.Module | None, parallelism: str,
-         precision: str, device: torch.device, env: DistEnv, checkpointed: tuple[str, ...] = ()) -> Wrapped:
+         precision: str, device: torch.device, env: DistEnv, checkpointed: tuple[str, ...] = (),
+         reshard_after_forward: bool | int = True, prefetch: int = 0) -> Wrapped:
     """Apply gradient checkpointing (to the networks named in `checkpointed`, of teacher, generator and fake) and
-    DDP or FSDP2 to the networks (already on `device`)."""
+    DDP or FSDP2 to the networks (already on `device`); `reshard_after_forward` and `prefetch` apply under FSDP2."""
     for name, network in (("teacher", teacher), ("generator", generator), ("fake", fake)):
         if name in checkpointed:
             enable_gradient_checkpointing(network)
     if not env.is_distributed:
         return Wrapped(generator, fake, sharded=False)
     if parallelism == "fsdp":
-        for network in (generator, fake, ema, teacher):
-            if network is not None and parameter_count(network):
-                shard(network, precision)
-        return Wrapped(generator, fake, sharded=True)
+        from torch.distributed.fsdp import FSDPModule
+
+        check_reshard_after_forward(reshard_after_forward, env.world_size)
+        networks = [n for n in (generator, fake, ema, teacher) if n is not None and parameter_count(n)]
+        for network in networks:
+            shard(network, precision, reshard_after_forward, prefetch)
+        units = tuple(m for network in networks for m in network.modules() if isinstance(m, FSDPModule))
+        return Wrapped(generator, fake, sharded=True, units=units)
     from torch.nn.parallel import DistributedDataParallel
 
     # Buffers (noise-embedding frequencies, resampling filters) are constants: no need to broadcast them each step.

@@ -162,9 +162,11 @@ class Trainer:
         if self.switches.compile and not self.compiled:  # compile_blocks said why, in a warning.
             self.switches = self.switches.without_compile("torch.compile does not work here")
         wrapped = wrap(self.teacher, self.generator, self.fake, self.ema.module if self.ema else None, parallelism,
-                       precision, device, env, train.checkpointed_networks)
+                       precision, device, env, train.checkpointed_networks, train.fsdp_reshard_after_forward,
+                       train.fsdp_prefetch)
         self.generator_train, self.fake_train = wrapped.generator_train, wrapped.fake_train
         self.sharded = wrapped.sharded
+        self.reshard_networks = wrapped.reshard
         # Deferred checks (under train.cuda_graph): no host synchronisation in the step. The fused optimizer skips a
         # non-finite update on the device and the skipped steps are counted there; the host looks every
         # train.tick_every steps.
@@ -276,6 +278,7 @@ class Trainer:
                 loss = micro_loss(index, part)
                 scaler.scale(loss / rounds if rounds > 1 else loss).backward()
             total = total + loss.detach()
+        self.reshard_networks()  # FSDP: nothing stays gathered past an update (Wrapped.reshard says why).
         loss = all_reduce(total / rounds if rounds > 1 else total, self.env)
         if self.env.is_distributed:
             loss = loss / self.env.world_size

@@ -20,7 +20,8 @@ from .checkpoint import list_checkpoints
 # knobs that leave the training maths unchanged (up to floating-point rounding), and what is recorded or kept.
 RESUMABLE_CHANGES = {"train.max_steps", "train.grad_accumulation", "train.batch_gpu", "train.gradient_checkpointing",
                      "train.tf32", "train.compile", "train.cuda_graph", "train.channels_last", "train.tick_every",
-                     "train.checkpoint_every", "train.keep_checkpoints", "eval", "logging", "prompts.cache_max"}
+                     "train.checkpoint_every", "train.keep_checkpoints", "train.fsdp_reshard_after_forward",
+                     "train.fsdp_prefetch", "eval", "logging", "prompts.cache_max"}
 RESUME_ADVICE = ("Free space there, then run the same command again: it resumes from the newest complete "
                  "checkpoint.")
 
