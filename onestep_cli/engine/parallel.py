@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, TrainConfig
 from ..runtime.distributed import DistEnv
 from ..denoisers.blocks import blocks
 from ..runtime.precision import param_dtype
@@ -122,7 +122,7 @@ def check_reshard_after_forward(reshard_after_forward: bool | int, world_size: i
                       "gathered parameters until the backward).")
 
 
-FSDP_DEFAULTS = {"fsdp_reshard_after_forward": True, "fsdp_prefetch": 0}
+FSDP_KEYS = ("fsdp_reshard_after_forward", "fsdp_prefetch")  # train.* settings that only FSDP2 reads.
 
 
 def fsdp_record(train) -> dict:
@@ -132,8 +132,8 @@ def fsdp_record(train) -> dict:
 
 def ignored_fsdp_note(train, sharded: bool, world_size: int) -> str | None:
     """One line for stderr when a run that is not sharded sets train.fsdp_* away from their defaults; else None."""
-    changed = [f"train.{key}={str(getattr(train, key)).lower()}" for key, default in FSDP_DEFAULTS.items()
-               if getattr(train, key) != default]
+    changed = [f"train.{key}={str(getattr(train, key)).lower()}" for key in FSDP_KEYS
+               if getattr(train, key) != TrainConfig.model_fields[key].default]
     if sharded or not changed:
         return None
     why = "one process" if world_size == 1 else f"DDP over {world_size} processes"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..runs.run_dir import flatten
+from ..runs.run_dir import flatten, under_any
 from .sources import ReportError, Source, load_source
 
 # Provenance keys that say how a number was measured (not what was measured): a metric whose sources differ in one of
@@ -65,7 +65,7 @@ def measurement_differences(sources: list[Source], metrics: list[str]) -> dict[s
                    if metric in s.metrics and isinstance(s.provenance.get(metric), dict)}
         if len(records) < 2:
             continue
-        keys = dict.fromkeys(key for record in records.values() for key in record if _measures(key))
+        keys = dict.fromkeys(key for record in records.values() for key in record if under_any(key, MEASUREMENT_KEYS))
         differences = {}
         for key in keys:
             values = {label: record[key] for label, record in records.items() if key in record}
@@ -74,10 +74,6 @@ def measurement_differences(sources: list[Source], metrics: list[str]) -> dict[s
         if differences:
             out[metric] = differences
     return out
-
-
-def _measures(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in MEASUREMENT_KEYS)
 
 
 def unique_labels(sources: list[Source]) -> list[Source]:

@@ -64,12 +64,8 @@ def measurement_rows(comparison: Comparison) -> list[list[str]]:
 
 def render_measurement_table(comparison: Comparison) -> Table:
     """The metrics whose sources measured them differently (precision, weights, preprocessing...), per key."""
-    table = Table(title="Measured differently")
-    for name in measurement_header(comparison):
-        table.add_column(name, overflow="fold")
-    for row in measurement_rows(comparison):
-        table.add_row(*row)
-    return table
+    return _rich_table("Measured differently", measurement_header(comparison), measurement_rows(comparison),
+                       overflow="fold")
 
 
 def render_rich_table(comparison: Comparison) -> Table:
@@ -84,10 +80,15 @@ def render_rich_table(comparison: Comparison) -> Table:
 
 def render_config_table(comparison: Comparison) -> Table:
     """The config keys on which the runs differ, one row per key, one column per run or checkpoint."""
-    table = Table(title="Config differences")
-    for name in config_header(comparison):
-        table.add_column(name)
-    for row in config_rows(comparison):
+    return _rich_table("Config differences", config_header(comparison), config_rows(comparison))
+
+
+def _rich_table(title: str, header: list[str], rows: list[list[str]], **column) -> Table:
+    """A rich table of text cells: `header` as columns (with `column`'s rich options), then `rows`."""
+    table = Table(title=title)
+    for name in header:
+        table.add_column(name, **column)
+    for row in rows:
         table.add_row(*row)
     return table
 

@@ -28,7 +28,12 @@ RESUME_ADVICE = ("Free space there, then run the same command again: it resumes 
 
 def resumable(key: str) -> bool:
     """Whether the config key `key` may differ between a run and its resumption."""
-    return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
+    return under_any(key, RESUMABLE_CHANGES)
+
+
+def under_any(key: str, prefixes) -> bool:
+    """Whether the dotted key `key` is one of `prefixes` or lies below one ("eval" holds "eval.metrics")."""
+    return any(key == k or key.startswith(k + ".") for k in prefixes)
 
 
 def flatten(data: dict, prefix: str = "") -> dict:
