@@ -460,3 +460,25 @@ def test_a_run_copied_to_another_machine_resumes_bitwise_and_a_file_cut_short_in
     train(short, "train.max_steps=6", log=log)
     assert any("step-00000004" in line for line in log), log  # Reported, and the step-2 checkpoint used instead.
     assert (short / "checkpoints" / "damaged-step-00000004").is_dir()
+
+
+def test_resumed_adam_moments_take_the_channels_last_strides_of_their_parameters(tmp_path):
+    from safetensors.torch import save_file
+
+    from onestep_cli.runs.checkpoint import flatten_optimizer, load_optimizer_state, unflatten_optimizer
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)  # As train.channels_last stores it on CUDA.
+    running = torch.optim.Adam(conv.parameters(), lr=1e-2)
+    for _ in range(2):
+        conv.weight.grad, conv.bias.grad = torch.randn_like(conv.weight), torch.randn_like(conv.bias)
+        running.step()
+    tensors, meta = flatten_optimizer("generator", running.state_dict())
+    save_file(tensors, str(tmp_path / "optimizers.safetensors"))  # Stored contiguous, as every checkpoint is.
+    resumed = torch.optim.Adam(conv.parameters(), lr=1e-2)
+    load_optimizer_state(resumed, unflatten_optimizer("generator", load_file(str(tmp_path / "optimizers.safetensors")),
+                                                      json.loads(json.dumps(meta))))
+    moment = resumed.state[conv.weight]["exp_avg"]
+    assert moment.stride() == conv.weight.stride() != moment.contiguous().stride()
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(resumed.state[conv.weight][key], running.state[conv.weight][key])

@@ -43,9 +43,9 @@ from ..errors import OnestepError
 from ..objectives import build_objective, fake_score_loss
 from ..objectives.gan import GANTerm, attach_discriminator_head
 from ..objectives.sigmas import sample_sigma
-from ..runs.checkpoint import (CheckpointError, commit, gather_hashes, hash_files, is_sharded, read_checkpoint,
-                               read_rng, read_sharded, saving, unflatten_optimizer, write_full, write_rng,
-                               write_sharded)
+from ..runs.checkpoint import (CheckpointError, commit, gather_hashes, hash_files, is_sharded, load_optimizer_state,
+                               read_checkpoint, read_rng, read_sharded, saving, unflatten_optimizer, write_full,
+                               write_rng, write_sharded)
 from .cuda_graph import StepGraph
 from ..runtime.distributed import SINGLE, DistEnv, all_gather_object, all_reduce
 from .ema import EMA, ema_beta
@@ -605,7 +605,7 @@ class Trainer:
             for name, module in self.modules().items():
                 module.load_state_dict(weights[name])
             for name, optimizer in self.optimizers().items():
-                optimizer.load_state_dict(unflatten_optimizer(name, tensors, state["optimizers"][name]))
+                load_optimizer_state(optimizer, unflatten_optimizer(name, tensors, state["optimizers"][name]))
         rng = read_rng(folder)
         self.rng.set_state(rng["train"])
         self.sigma_rng.set_state(rng["sigma"])
@@ -624,3 +624,4 @@ class Trainer:
         self.scaler_fake.load_state_dict(state["scalers"]["fake"])
         self.step_count = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
+

@@ -126,6 +126,18 @@ def unflatten_optimizer(prefix: str, tensors: dict[str, torch.Tensor], meta: dic
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """`optimizer.load_state_dict`, then each moment tensor takes its parameter's strides: checkpoints store tensors
+    contiguous, and the fused CUDA Adam refuses contiguous moments beside channels_last parameters."""
+    optimizer.load_state_dict(state_dict)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 @contextlib.contextmanager
 def saving(root: Path, step: int, env: DistEnv):
     """The save of checkpoint `step`: yields its temporary folder (begin_save). A save that fails for lack of space
