@@ -311,6 +311,27 @@ def test_curves_are_valid_pngs_one_per_metric_with_history(sources, tmp_path):
             assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
 
 
+def test_checkpoint_evaluations_of_a_run_draw_its_curve_measured_alike(sources, tmp_path):
+    def evaluate(step, fid, num_images, seeds):
+        result = {"source": f"checkpoints/step-{step:08d}", "metrics": {"fid": fid},
+                  "provenance": {"common": {"step": step, "kimg": step * BATCH_KIMG, "num_images": num_images,
+                                            "seeds": seeds}, "fid": {"metric": "fid"}}}
+        (sources["sid"] / "eval" / f"fid-step{step:08d}.json").write_text(json.dumps(result))
+
+    (sources["sid"] / "eval").mkdir()
+    evaluate(200, 6.0, 10000, "0-9999")
+    evaluate(250, 7.5, 5000, "0-4999")  # Measured on fewer images: not a point of the 10k curve.
+    evaluate(100, 9.0, 10000, "0-9999")
+    evaluate(300, 4.0, 10000, "0-9999")
+    run = load_source(sources["sid"])
+    fid = [(kimg, metrics["fid"]) for kimg, metrics in run.history if "fid" in metrics]
+    assert fid == [(100 * BATCH_KIMG, 9.0), (200 * BATCH_KIMG, 6.0), (300 * BATCH_KIMG, 4.0)]
+    assert [(kimg, metrics) for kimg, metrics in run.history if "fid" not in metrics] == [
+        (step * BATCH_KIMG, metrics) for step, metrics in SID_ROWS]
+    paths = plot_metric_curves(compare([sources["sid"], sources["teacher"]]), tmp_path / "out")
+    assert "curve-fid.png" in [p.name for p in paths]
+
+
 def test_write_report_writes_tables_json_and_curves(sources, tmp_path):
     comparison = compare([sources["sim"], sources["sid"], sources["teacher"]])
     written = write_report(comparison, tmp_path / "report")

@@ -64,20 +64,43 @@ def _load_run(run_dir: Path) -> Source:
     last = records[-1] if records else None
     metrics = dict(last.metrics) if last else {}
     provenance = dict(last.provenance) if last else {}
-    # Results of `onestep eval` on the finished run, newest last so that a re-evaluation wins.
-    for eval_path in RunDir(run_dir).eval_result_paths():
-        eval_metrics, eval_provenance = _read_eval_result(eval_path)
+    # Results of `onestep eval` on the run and its checkpoints, newest last so that a re-evaluation wins.
+    evaluated = [_read_eval_result(path) for path in RunDir(run_dir).eval_result_paths()]
+    for eval_metrics, eval_provenance in evaluated:
         metrics.update(eval_metrics)
         provenance.update(eval_provenance)
+    history = _history(records, evaluated, provenance)
     status = _read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     last_stats = _read_jsonl(run_dir / "stats.jsonl")[-1:] if (run_dir / "stats.jsonl").is_file() else []
     # run.json is authoritative; the last stats and metrics records say how far a run without one got.
     progress = [status, *(obj for _, obj in last_stats), last._asdict() if last else {}]
     return Source(
         label=run_dir.name, kind="run", path=run_dir, config=_read_config(run_dir), metrics=metrics,
-        history=[(r.kimg, r.metrics) for r in records], provenance=provenance,
+        history=history, provenance=provenance,
         kimg=_first_number(progress, "kimg"), step=_first_number(progress, "step"), status=status.get("status"),
     )
+
+
+def _history(records: list[_Record], evaluated: list[tuple[dict, dict]],
+             newest: dict[str, dict]) -> list[tuple[float, dict[str, float]]]:
+    """(kimg, metrics) per evaluation: the in-training records, then, for a metric they lack, the `onestep eval`
+    results of the run's checkpoints measured on as many images and the same seeds as its newest result (an FID-5k
+    among FID-10k points is left out of their curve, not drawn as a step of it)."""
+    history = [(r.kimg, r.metrics) for r in records]
+    in_training = {name for r in records for name in r.metrics}
+    points: dict[float, dict[str, float]] = {}
+    for eval_metrics, eval_provenance in evaluated:
+        for name, value in eval_metrics.items():
+            common = eval_provenance.get(name, {}).get("common", {})
+            if name in in_training or not _is_number(common.get("kimg")):
+                continue
+            if _sample_of(common) == _sample_of(newest[name].get("common", {})):
+                points.setdefault(float(common["kimg"]), {})[name] = value
+    return history + sorted(points.items())
+
+
+def _sample_of(common: dict) -> tuple:
+    return common.get("num_images"), common.get("seeds")
 
 
 def _load_checkpoint(checkpoint_dir: Path) -> Source:
