@@ -311,7 +311,7 @@ def test_curves_are_valid_pngs_one_per_metric_with_history(sources, tmp_path):
             assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
 
 
-def test_checkpoint_evaluations_of_a_run_draw_its_curve_measured_alike(sources, tmp_path):
+def test_checkpoint_evaluations_of_a_run_draw_its_curve_measured_alike_and_the_latest_is_its_metric(sources, tmp_path):
     def evaluate(step, fid, num_images, seeds):
         result = {"source": f"checkpoints/step-{step:08d}", "metrics": {"fid": fid},
                   "provenance": {"common": {"step": step, "kimg": step * BATCH_KIMG, "num_images": num_images,
@@ -319,11 +319,12 @@ def test_checkpoint_evaluations_of_a_run_draw_its_curve_measured_alike(sources, 
         (sources["sid"] / "eval" / f"fid-step{step:08d}.json").write_text(json.dumps(result))
 
     (sources["sid"] / "eval").mkdir()
-    evaluate(200, 6.0, 10000, "0-9999")
-    evaluate(250, 7.5, 5000, "0-4999")  # Measured on fewer images: not a point of the 10k curve.
-    evaluate(100, 9.0, 10000, "0-9999")
     evaluate(300, 4.0, 10000, "0-9999")
+    evaluate(200, 6.0, 10000, "0-9999")
+    evaluate(100, 9.0, 10000, "0-9999")
+    evaluate(250, 7.5, 5000, "0-4999")  # Measured on fewer images, and written last: not a point of the 10k curve.
     run = load_source(sources["sid"])
+    assert run.metrics["fid"] == 4.0  # The furthest-trained checkpoint's, not the newest file's.
     fid = [(kimg, metrics["fid"]) for kimg, metrics in run.history if "fid" in metrics]
     assert fid == [(100 * BATCH_KIMG, 9.0), (200 * BATCH_KIMG, 6.0), (300 * BATCH_KIMG, 4.0)]
     assert [(kimg, metrics) for kimg, metrics in run.history if "fid" not in metrics] == [

@@ -64,8 +64,9 @@ def _load_run(run_dir: Path) -> Source:
     last = records[-1] if records else None
     metrics = dict(last.metrics) if last else {}
     provenance = dict(last.provenance) if last else {}
-    # Results of `onestep eval` on the run and its checkpoints, newest last so that a re-evaluation wins.
-    evaluated = [_read_eval_result(path) for path in RunDir(run_dir).eval_result_paths()]
+    # Results of `onestep eval` on the run and its checkpoints, the latest checkpoint's last (a re-evaluation of one
+    # checkpoint after the earlier one): the run's metrics are its furthest-trained ones, wherever files were copied.
+    evaluated = sorted((_read_eval_result(path) for path in RunDir(run_dir).eval_result_paths()), key=_trained_kimg)
     for eval_metrics, eval_provenance in evaluated:
         metrics.update(eval_metrics)
         provenance.update(eval_provenance)
@@ -84,7 +85,7 @@ def _load_run(run_dir: Path) -> Source:
 def _history(records: list[_Record], evaluated: list[tuple[dict, dict]],
              newest: dict[str, dict]) -> list[tuple[float, dict[str, float]]]:
     """(kimg, metrics) per evaluation: the in-training records, then, for a metric they lack, the `onestep eval`
-    results of the run's checkpoints measured on as many images and the same seeds as its newest result (an FID-5k
+    results of the run's checkpoints measured on as many images and the same seeds as its latest result (an FID-5k
     among FID-10k points is left out of their curve, not drawn as a step of it)."""
     history = [(r.kimg, r.metrics) for r in records]
     in_training = {name for r in records for name in r.metrics}
@@ -97,6 +98,12 @@ def _history(records: list[_Record], evaluated: list[tuple[dict, dict]],
             if _sample_of(common) == _sample_of(newest[name].get("common", {})):
                 points.setdefault(float(common["kimg"]), {})[name] = value
     return history + sorted(points.items())
+
+
+def _trained_kimg(evaluation: tuple[dict, dict]) -> float:
+    """How far the evaluated generator was trained; -inf for a result that does not say (sorted first)."""
+    kimg = next(iter(evaluation[1].values()), {}).get("common", {}).get("kimg")
+    return float(kimg) if _is_number(kimg) else float("-inf")
 
 
 def _sample_of(common: dict) -> tuple:
