@@ -624,4 +624,3 @@ class Trainer:
         self.scaler_fake.load_state_dict(state["scalers"]["fake"])
         self.step_count = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
-

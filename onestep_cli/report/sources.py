@@ -83,7 +83,7 @@ def _load_run(run_dir: Path) -> Source:
 
 
 def _history(records: list[_Record], evaluated: list[tuple[dict, dict]],
-             newest: dict[str, dict]) -> list[tuple[float, dict[str, float]]]:
+             latest: dict[str, dict]) -> list[tuple[float, dict[str, float]]]:
     """(kimg, metrics) per evaluation: the in-training records, then, for a metric they lack, the `onestep eval`
     results of the run's checkpoints measured on as many images and the same seeds as its latest result (an FID-5k
     among FID-10k points is left out of their curve, not drawn as a step of it)."""
@@ -95,7 +95,7 @@ def _history(records: list[_Record], evaluated: list[tuple[dict, dict]],
             common = eval_provenance.get(name, {}).get("common", {})
             if name in in_training or not _is_number(common.get("kimg")):
                 continue
-            if _sample_of(common) == _sample_of(newest[name].get("common", {})):
+            if _sample_of(common) == _sample_of(latest[name].get("common", {})):
                 points.setdefault(float(common["kimg"]), {})[name] = value
     return history + sorted(points.items())
 
