@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from onestep_cli import distill
 from onestep_cli.config import resolve_config
@@ -30,8 +30,8 @@ from onestep_cli.errors import DiskFullError
 from onestep_cli.eval.base import MetricError
 from onestep_cli.runs import checkpoint as checkpoint_module
 from onestep_cli.runs import run_dir as run_dir_module
-from onestep_cli.runs.checkpoint import (CheckpointError, find_latest_checkpoint, list_checkpoints, read_state,
-                                         verify_checkpoint)
+from onestep_cli.runs.checkpoint import (CheckpointError, find_latest_checkpoint, flatten_optimizer, list_checkpoints,
+                                         load_optimizer_state, read_state, unflatten_optimizer, verify_checkpoint)
 from onestep_cli.runs.lock import RunInUseError, RunLock, lock_held_for_me
 
 SMALL = ["generator.mlp.hidden_dim=32", "fake.mlp.hidden_dim=32", "train.batch_size=64", "eval.metrics=[]",
@@ -463,10 +463,6 @@ def test_a_run_copied_to_another_machine_resumes_bitwise_and_a_file_cut_short_in
 
 
 def test_resumed_adam_moments_take_the_channels_last_strides_of_their_parameters(tmp_path):
-    from safetensors.torch import save_file
-
-    from onestep_cli.runs.checkpoint import flatten_optimizer, load_optimizer_state, unflatten_optimizer
-
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)  # As train.channels_last stores it on CUDA.
     running = torch.optim.Adam(conv.parameters(), lr=1e-2)
