@@ -100,6 +100,15 @@ def read_meta(folder: Path) -> dict:
     return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
 
 
+def meta_summary(meta: dict, source: Path) -> dict:
+    """A samples.json without its per-image lists (each image's file, prompt and seed; each seed's class), which run
+    to megabytes for 50k images: a result that describes its source names the file that keeps them instead."""
+    summary = {key: value for key, value in meta.items() if key not in ("images", "prompts", CLASS_LABELS)}
+    if len(summary) < len(meta):
+        summary["per_image_records"] = str((source if source.is_dir() else source.parent) / SAMPLES_META)
+    return summary
+
+
 def format_seeds(seeds) -> str | None:
     """Compact seed list: '0-49999' or '0-9,20,30-31'; None when there are none."""
     seeds = [int(s) for s in seeds] if seeds is not None else []

@@ -1,5 +1,6 @@
 """prompt_accuracy: real 32x32 digits judged against their own captions, wrong captions and opposite attributes, and
-through `onestep eval` on an .npz with --prompts and on a folder whose samples.json records the prompts."""
+through `onestep eval` on an .npz with --prompts and on a folder whose samples.json records the prompts (which the
+result names rather than repeats)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,10 @@ def test_eval_cli_on_an_npz_with_prompts_and_on_a_folder_recording_them(cli, dig
     assert provenance["slant_agreement"] == 1.0 and provenance["slant_counted"] > 40
     assert provenance["weight_counted"] == 0 and len(provenance["classifier_sha256"]) == 64
     assert folder_result["provenance"]["prompt_accuracy"]["prompt_pairing"]["prompts"].endswith("samples.json")
+    # The result describes the folder without repeating its per-image records, and names the file that keeps them.
+    described = folder_result["provenance"]["common"]["samples_meta"]
+    assert "images" not in described and "prompts" not in described
+    assert described["per_image_records"] == str(folder / "samples.json")
 
 
 def test_eval_cli_names_an_unreadable_prompt_without_a_traceback(cli, digits32, tmp_path):

@@ -20,7 +20,7 @@ from . import (DEFAULT_FID_MODE, DEFAULT_SCORER_PRECISION, FEATURE_SPACES, Metri
                check_metric_names, check_scorer_precision, compute_metrics, get_metric, needs_explicit_reference)
 from ..denoisers.diffusers.prompts import read_prompts
 from ..sample_io import (SAMPLES_META, SAMPLES_NPZ, SourceError, folder_source, format_seeds, is_image_shape,
-                         list_image_files, npz_image_source, read_samples, recorded_prompts)
+                         list_image_files, meta_summary, npz_image_source, read_samples, recorded_prompts)
 from ..sampling import generate, generator_source, generator_steps
 
 DEFAULT_NUM = 2000  # Samples generated for low-dimensional metrics when neither --num nor --seeds is given.
@@ -177,7 +177,7 @@ def _evaluate_lowdim(source: Path, metrics, num, seeds, ref) -> dict:
         else:
             raise ConfigError(f"{source} does not say which teacher it belongs to; pass --ref RUN_DIR, a preset or a "
                               "config.")
-        common.update(source_kind="samples", samples_meta=meta)
+        common.update(source_kind="samples", samples_meta=meta_summary(meta, Path(source)))
     results = compute_metrics(metrics, samples, teacher)
     return _result(source, results, {**common, "num_samples": int(samples.shape[0])})
 
@@ -241,7 +241,7 @@ def _evaluate_images(source: Path, metrics, num, seeds, ref, prompts, fid_mode, 
         if prompt_list is None:  # A folder of `onestep sample --prompts` says which prompt made each image.
             prompt_list = recorded_prompts(images)
             prompts = Path(source) / SAMPLES_META if prompt_list is not None else None
-        common.update(source_kind="images", samples_meta=images.meta)
+        common.update(source_kind="images", samples_meta=meta_summary(images.meta, Path(source)))
     # Ranks use cuda:0, cuda:1, ...: record the kind of device, as one process given --device auto or cuda does.
     common.update(images.provenance(), device=device.type if env.is_distributed else str(device),
                   processes=env.world_size, batch_size=batch_size)
