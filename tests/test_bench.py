@@ -186,6 +186,35 @@ def test_bf16_run_tracks_fp32_eager_on_the_digits_teacher(one_thread):
 
 
 @pytest.mark.slow
+def test_a_text_to_image_digits_preset_is_checked_on_both_networks_first_losses(one_thread, monkeypatch):
+    """digits-t2i-sim (an SD-style diffusers teacher) has no final metric here: the first steps' losses of the
+    generator and of the fake score are the check, and a fake score that goes wrong fails it alone."""
+    from onestep_cli.bench import tracking
+
+    assert tracking.family("digits-flow-sim") == tracking.family("digits-t2i-sim") == "text-to-image"
+    assert tracking.family("digits-sim") == "digits"
+    base = ["train.device=cpu", "train.batch_size=4"]
+    result = tracking_check("digits-t2i-sim", {"cuda_graph": VARIANTS["cuda_graph"]}, steps=3, seeds=(0,), base=base)
+    variant = result["variants"]["cuda_graph"]
+    assert set(variant["checks"]) == {"early_losses"} and variant["metrics"] == {}
+    assert len(variant["early_loss_fake"]) == len(variant["early_loss_generator"]) == 3
+    assert variant["passed"], variant["checks"]
+
+    train_once = tracking.train_once
+
+    def fake_score_off(preset, overrides, steps, seed, precision=None):  # The variant's fake score, 1% off.
+        run = train_once(preset, overrides, steps, seed, precision)
+        if "train.cuda_graph=true" in overrides:
+            run["early_loss_fake"] = [1.01 * loss for loss in run["early_loss_fake"]]
+        return run
+
+    monkeypatch.setattr(tracking, "train_once", fake_score_off)
+    result = tracking_check("digits-t2i-sim", {"cuda_graph": VARIANTS["cuda_graph"]}, steps=3, seeds=(0,), base=base)
+    assert result["variants"]["cuda_graph"]["checks"] == {"early_losses": False} and not result["passed"]
+    assert "FAILED (early_losses)" in tracking.summary(result)[0]
+
+
+@pytest.mark.slow
 def test_every_configuration_auto_picks_tracks_fp32_eager_on_gmm_sid(one_thread, capsys):
     """`--variants auto-configs`: one variant per configuration that train.compile, cuda_graph and channels_last at
     auto can pick, each in its precision, and auto itself, on gmm-sid for 20 steps (criteria:

@@ -1,6 +1,6 @@
 """Speed must not cost correctness: a faster variant (bf16 or fp16 autocast, torch.compile, a CUDA graph,
 channels_last, and every combination of them that `auto` picks) of a gmm or digits preset, trained for a few hundred
-steps, must end where fp32 eager ends.
+steps, must end where fp32 eager ends; a text-to-image digits preset must start where fp32 eager starts.
 
 The variants: bf16, compiled and cuda_graph, one change each; and `auto-configs`, one per configuration that
 train.compile, train.cuda_graph and train.channels_last at `auto` can pick (bench/auto_choices.py asks
@@ -12,12 +12,12 @@ switches (the digits presets leave them at auto); a variant's unnamed switches a
 Over hundreds of steps two runs that differ only in rounding drift apart (training is chaotic), so parameters are
 not compared. What is compared is what a user sees:
 
-- the first steps' generator losses. At step 1 both runs hold the same parameters and draw the same latents, noise
-  levels and noise, so the difference is rounding alone. After it, Adam (which normalises away the gradients'
-  scale) turns any difference into parameter steps of the order of the learning rate, and runs separate within a
-  few steps; so a variant in bf16 or fp16 (rounding of 2^-8 or 2^-11 per operand) is compared at step 1, whatever
-  its switches, and one in fp32 (compiled, graphed or channels_last: reassociated sums, about 1e-7) over the first
-  ten;
+- the first steps' losses of the generator and of the fake score. At step 1 both runs hold the same parameters and
+  draw the same latents, noise levels and noise, so the difference is rounding alone. After it, Adam (which
+  normalises away the gradients' scale) turns any difference into parameter steps of the order of the learning rate,
+  and runs separate within a few steps; so a variant in bf16 or fp16 (rounding of 2^-8 or 2^-11 per operand) is
+  compared at step 1, whatever its switches, and one in fp32 (compiled, graphed or channels_last: reassociated sums,
+  about 1e-7) over the first ten;
 - the final metrics (the gmm presets: sliced Wasserstein distance to the teacher and mode coverage; the digits
   presets: fd_digits and class accuracy on 1000 samples): after hundreds of steps the variant's run is as
   independent of fp32's same-seed run as another seed's, so its value must lie in the band the fp32 seeds span,
@@ -25,7 +25,8 @@ not compared. What is compared is what a user sees:
   evaluation's size; fd_digits two standard deviations of its value over bootstrap resamples of the evaluation's
   size from the real digits; class accuracy two standard errors of the difference of two accuracies on n samples
   each, 2 sqrt(2 p (1 - p) / n). Mode coverage may not fall below the worst fp32 seed's by more than one mode of the
-  eight.
+  eight. The text-to-image digits presets (a diffusers teacher: digits-t2i-*, digits-pixart-sim, digits-flow-sim)
+  have no final metric here (no evaluation during training takes prompts): their first steps' losses are the check.
 
 A variant that would not test what it names on this device is not run, and its record says why: train.compile where
 torch.compile does not work (the run would fall back to eager), train.channels_last on the CPU (the Trainer keeps the
@@ -45,7 +46,9 @@ from ..config import resolve_config
 from ..engine.switches import SWITCHES
 from .auto_choices import auto_choices
 
-EARLY_STEPS = 10  # Steps whose generator losses are recorded.
+EARLY_STEPS = 10  # Steps whose losses are recorded.
+EARLY_LOSSES = ("loss_generator", "loss_fake")  # Both networks': a wrong fake score shows first in its own loss.
+TEXT_TO_IMAGE = "text-to-image"  # The family of the digits presets with a diffusers teacher.
 MODES = 8  # Components of the gmm presets' ring.
 # Each preset family's final metrics and the overrides that evaluate them: the digits presets scaled to a few CPU
 # minutes as `onestep demo` runs them (their metrics are off during training by default).
@@ -54,6 +57,7 @@ FAMILIES = {
     "digits": (["fd_digits", "class_accuracy"],
                ["eval.metrics=[fd_digits,class_accuracy]", "eval.num_samples=1000", "train.batch_size=64",
                 "train.ema_halflife_kimg=2"]),
+    TEXT_TO_IMAGE: ([], ["train.batch_size=16"]),  # The batch of the CPU rows of docs/results.md.
 }
 # Precision -> (early tolerance, early steps compared): the largest relative difference allowed between a variant's
 # generator losses and fp32's over its first steps. bf16 rounds every matrix operand to 8 significant bits (unit
@@ -109,11 +113,14 @@ def select_variants(spec: str) -> dict[str, Variant]:
 
 
 def family(preset: str) -> str:
-    """The family of `preset` (its name's first part), whose final metrics are compared."""
+    """The family of `preset` (its name's first part; TEXT_TO_IMAGE for a digits preset with a diffusers teacher),
+    whose final metrics are compared."""
     name = preset.split("-")[0]
-    if name not in FAMILIES:
+    if name not in ("gmm", "digits"):
         raise ValueError(f"Tracking checks the gmm and digits presets; {preset!r} is neither (its final metrics "
                          f"would have no resolution to compare within).")
+    if name == "digits" and resolve_config(preset).teacher.kind == "diffusers":
+        return TEXT_TO_IMAGE
     return name
 
 
@@ -141,8 +148,8 @@ def device_name(device) -> str:
 
 def train_once(preset: str, overrides: list[str], steps: int, seed: int, precision: str | None = None) -> dict:
     """Distil `preset` for `steps` steps with the engine's Trainer (no run directory); returns its final metrics,
-    their resolutions, the first steps' generator losses, the precision and switches it ran with and what they did
-    not exercise here; or, for switches that would not test what they name here, only `not_run`, the reason.
+    their resolutions, the first steps' losses of both networks, the precision and switches it ran with and what
+    they did not exercise here; or, for switches that would not test what they name here, only `not_run`, the reason.
     `precision` is passed to the Trainer as is, so bf16 and fp16 can be checked on a CPU too, where the command line
     refuses them for speed, not correctness."""
     from ..engine.loop import GeneratorEvaluator
@@ -162,15 +169,17 @@ def train_once(preset: str, overrides: list[str], steps: int, seed: int, precisi
         set_tf32(config.train.tf32)
     precision = precision or resolve_precision(config.train.precision, device)
     trainer = Trainer(config, networks, device, precision)
-    early = []
+    early = {key: [] for key in EARLY_LOSSES}
     for step in range(steps):
         stats = trainer.step()
         if step < EARLY_STEPS:
-            early.append(float(stats["loss_generator"]))
-    final = GeneratorEvaluator(config, trainer)(trainer)
+            for key in EARLY_LOSSES:
+                early[key].append(float(stats[key]))
+    final = GeneratorEvaluator(config, trainer)(trainer) if config.eval.metrics else {"metrics": {}, "provenance": {}}
     metrics = final["metrics"]
     return {"metrics": metrics, "resolution": resolutions(metrics, final["provenance"], config.eval.num_samples),
-            "early_loss_generator": early, "precision": precision, "engine": trainer.switches.record(),
+            **{f"early_{key}": early[key] for key in EARLY_LOSSES}, "precision": precision,
+            "engine": trainer.switches.record(),
             "notes": engine_notes(config.train, trainer, device)}
 
 
@@ -240,7 +249,8 @@ def tracking_check(preset: str, variants: dict[str, Variant], steps: int = 300, 
             results[name] = {**asked, "precision": variants[name].precision, "run": False, **fast, "passed": None}
             continue
         early_tolerance, early_steps = EARLY[fast["precision"]]
-        compared = zip(fast["early_loss_generator"][:early_steps], first["early_loss_generator"])
+        compared = [pair for key in EARLY_LOSSES
+                    for pair in zip(fast[f"early_{key}"][:early_steps], first[f"early_{key}"])]
         early = max(abs(a - b) / max(abs(b), 1e-12) for a, b in compared)
         checks = {"early_losses": early <= early_tolerance}
         for metric in names:
@@ -270,10 +280,10 @@ def summary(result: dict) -> list[str]:
             continue
         failed = [check for check, ok in variant["checks"].items() if not ok]
         verdict = "passed" if variant["passed"] else f"FAILED ({', '.join(failed)})"
-        metrics = ", ".join(f"{metric} {value:.4g}" for metric, value in variant["metrics"].items())
         early = (f"early losses within {variant['early_max_rel_diff']:.1e} over {variant['early_steps_compared']} "
                  f"step(s)")
-        lines.append(f"{head} {verdict}; {variant['precision']}, {early}, {metrics}.")
+        metrics = [f"{metric} {value:.4g}" for metric, value in variant["metrics"].items()]
+        lines.append(f"{head} {verdict}; {', '.join([variant['precision'], early, *metrics])}.")
         lines += [f"    {note}." for note in variant["notes"]]
     return lines
 
