@@ -30,13 +30,14 @@ def resolved(device="cuda", world_size=1, parallelism="ddp", precision="bf16", f
     # One CUDA device: EDM U-Nets get all three, in bf16 and in fp32 (the CIFAR-10 presets).
     ("cuda", 1, "ddp", "bf16", "edm_unet", (True, True, True), {}),
     ("cuda", 1, "ddp", "fp32", "edm_unet", (True, True, True), {}),
-    # Transformers stay eager until compile and the graph are verified on them (an SD3 student trained wrongly);
+    # Transformers stay eager until the tracking check has passed compile and the graph on every one of them;
     # U-Nets of diffusers and MLPs: graph only.
     ("cuda", 1, "ddp", "bf16", "diffusers_transformer", (False, False, False),
-     {"compile": "not verified on diffusers transformers", "cuda_graph": "not verified on diffusers transformers",
+     {"compile": "not yet verified by the tracking check on every diffusers transformer",
+      "cuda_graph": "not yet verified by the tracking check on every diffusers transformer",
       "channels_last": "not 4-D"}),
     ("cuda", 2, "ddp", "bf16", "diffusers_transformer", (False, False, False),
-     {"compile": "not verified", "cuda_graph": "one process, not 2"}),
+     {"compile": "not yet verified", "cuda_graph": "one process, not 2"}),
     ("cuda", 1, "ddp", "bf16", "diffusers_unet", (False, True, False), {"compile": "not measured on diffusers U-Nets"}),
     ("cuda", 1, "ddp", "fp32", "mlp", (False, True, False), {"channels_last": "not measured on MLP denoisers"}),
     # Where the graph cannot apply, EDM U-Nets stay eager: compile gains nothing without it, NHWC is slower eagerly.
@@ -44,7 +45,7 @@ def resolved(device="cuda", world_size=1, parallelism="ddp", precision="bf16", f
      {"cuda_graph": "one process, not 2", "compile": "compile gains nothing", "channels_last": "eagerly 33% slower"}),
     ("cuda", 1, "ddp", "fp16", "edm_unet", (False, False, False), {"cuda_graph": "GradScaler decides on the host"}),
     ("cuda", 4, "fsdp", "bf16", "diffusers_transformer", (False, False, False),
-     {"cuda_graph": "FSDP gathers and frees shards", "compile": "not verified on diffusers transformers"}),
+     {"cuda_graph": "FSDP gathers and frees shards", "compile": "not yet verified by the tracking check"}),
     ("cuda", 4, "fsdp", "bf16", "edm_unet", (False, False, False), {"cuda_graph": "FSDP"}),
     # Anything but CUDA: eager, whatever the network (CI's runs stay as they were).
     ("cpu", 1, "ddp", "fp32", "edm_unet", (False, False, False), {name: CPU_REASON for name in AUTO}),
@@ -84,16 +85,16 @@ def test_the_engine_line_names_each_switch_and_why_one_is_off():
     fsdp = resolve_switches("auto", "auto", "auto", device_type="cuda", precision="bf16", world_size=2,
                             parallelism="fsdp", family="diffusers_transformer")
     assert fsdp.describe() == (
-        "engine: compile off, CUDA graph off, channels_last off. compile off: not verified on diffusers transformers "
-        "(an SD3 one trained wrongly with compile and the CUDA graph on: docs/benchmarks.md); true turns it on. "
+        "engine: compile off, CUDA graph off, channels_last off. compile off: not yet verified by the tracking check "
+        "on every diffusers transformer (docs/benchmarks.md); true turns it on. "
         "CUDA graph off: FSDP gathers and frees shards from the host around every block (use "
         "train.parallelism=ddp); it runs one process, not 2 (drop --gpus or the launcher). channels_last off: a "
         "transformer's activations are not 4-D images.")
     one_gpu = resolve_switches("auto", "auto", "auto", device_type="cuda", precision="bf16",
                                family="diffusers_transformer")
     assert one_gpu.describe().startswith(
-        "engine: compile off, CUDA graph off, channels_last off. compile and CUDA graph off: not verified on "
-        "diffusers transformers")
+        "engine: compile off, CUDA graph off, channels_last off. compile and CUDA graph off: not yet verified by "
+        "the tracking check on every diffusers transformer")
     fast = resolve_switches("auto", "auto", "auto", device_type="cuda", precision="bf16", family="edm_unet")
     assert fast.describe() == "engine: compile on, CUDA graph on, channels_last on."
     cpu = resolve_switches("auto", "auto", "auto", device_type="cpu", precision="fp32", family="edm_unet")

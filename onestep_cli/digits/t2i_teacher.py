@@ -280,6 +280,7 @@ def save_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet, traini
                                        scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     pipeline.save_pretrained(folder, safe_serialization=True)
+    save_hub_layout(folder / "text_encoder" / "model.safetensors")
     # vocab.json + merges.txt (1.5 MB) rather than transformers 5's tokenizer.json (3.6 MB): smaller, and readable by
     # every CLIPTokenizer (slow, fast, transformers 4 and 5), as SD 1.5's folder is.
     (folder / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
@@ -287,6 +288,20 @@ def save_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet, traini
     if training is not None:
         (folder / "training.json").write_text(json.dumps(training, indent=2) + "\n")
     return folder
+
+
+def save_hub_layout(path: Path, prefix: str = "text_model.") -> None:
+    """Rename a CLIP text encoder's tensors to `text_model.*`, SD 1.5's own layout. transformers 5 saves CLIPTextModel
+    without the prefix, which some of its versions do not map into CLIPTextModelWithProjection (the flow-matching
+    teacher's encoder shares this file) and leave random; every version reads the prefixed names into both."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+    weights = load_file(str(path))
+    save_file({name if name.startswith(prefix) else prefix + name: value for name, value in weights.items()},
+              str(path), metadata=metadata)
 
 
 def folder_size_bytes(folder: str | Path) -> int:

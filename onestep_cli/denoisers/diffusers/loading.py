@@ -27,6 +27,7 @@ from .pixart import PixArtDenoiser
 from .prompts import PromptCache, PromptEncoder, encode_prompts_cached, pipeline_network
 from .schedule import DDPMSigmaSchedule, FlowSigmaSchedule
 from .unet import UNetDenoiser
+from .weights_check import unloaded_weights
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -114,8 +115,28 @@ def load_pipeline(source: str | Path, torch_dtype: torch.dtype = torch.float32, 
         raise DiffusersLoadError(f"the diffusers pipeline in {folder} (teacher {source}) cannot be loaded: {error}. "
                                  "Check that every component's weights are there (re-download or re-save the "
                                  "pipeline), and that variant= matches the weight files.") from error
+    check_text_encoder_weights(pipeline, folder, variant)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
+
+
+def check_text_encoder_weights(pipeline, folder: Path, variant: str | None = None) -> None:
+    """A DiffusersLoadError if transformers left any of the pipeline's text encoders without its saved weights
+    (weights_check.py says when that happens)."""
+    import transformers
+
+    for name, component in pipeline.components.items():
+        if not isinstance(component, transformers.PreTrainedModel):
+            continue
+        differing = unloaded_weights(component, Path(folder) / name, variant)
+        if differing:
+            raise DiffusersLoadError(
+                f"transformers {transformers.__version__} loaded {Path(folder) / name} ({type(component).__name__}) "
+                f"without its saved weights: {len(differing)} tensors differ from the files, e.g. {differing[0]}, "
+                "so it would encode prompts with random weights. Its files name the tensors in a layout this "
+                "transformers version does not map; save them under the model's own names (as the Hugging Face "
+                "hub's checkpoints are) or use the transformers version that wrote them (transformers_version in "
+                "its config.json).")
 
 
 def absent_components(folder: Path) -> dict:
