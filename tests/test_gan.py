@@ -19,7 +19,7 @@ from onestep_cli.engine.real_images import load_gan_data, load_real_images
 from onestep_cli.engine.trainer import Trainer
 from onestep_cli.errors import InputError, MissingFileError
 from onestep_cli.objectives.gan import (GANTerm, attach_discriminator_head, discriminator_head, discriminator_loss,
-                                        generator_gan_loss)
+                                        generator_gan_loss, head_groups)
 from onestep_cli.runs.checkpoint import find_resume_checkpoint
 from onestep_cli.runs.networks import build_networks
 from onestep_cli.runs.run_dir import RunDir
@@ -92,6 +92,15 @@ def test_head_is_dmd2s_cls_pred_branch_for_imagenet_and_sdxl():
     assert convs(imagenet) == [(*halve, 768), (*last, 768), logit]
     assert convs(sdxl) == [(*halve, 1280)] * 3 + [(*last, 1280), logit]
     assert all(m.num_groups == 32 for m in imagenet if isinstance(m, torch.nn.GroupNorm))
+
+
+def test_a_narrow_heads_groups_keep_sixteen_channels_each():
+    """DMD2's GroupNorm(32) on the 64-channel bottleneck of the digits teachers normalises pairs of channels at the
+    1x1 map, which leaves the logit little but their signs; narrow heads keep 16 channels a group instead."""
+    assert [head_groups(c) for c in (768, 1280, 512, 256, 128, 64, 48, 24, 8)] == [32, 32, 32, 16, 8, 4, 3, 1, 1]
+    with torch.device("meta"):
+        digits32 = discriminator_head(64, (4, 4))
+    assert [m.num_groups for m in digits32 if isinstance(m, torch.nn.GroupNorm)] == [4]
 
 
 @pytest.mark.parametrize("model_type", ["SongUNet", "DhariwalUNet"])

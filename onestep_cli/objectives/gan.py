@@ -24,13 +24,24 @@ from ..denoisers.bottleneck import Bottleneck, bottleneck_features, find_bottlen
 
 HEAD_ATTRIBUTE = "gan_head"  # The fake score's submodule holding the head: saved, resumed and optimised with it.
 HALVE_TO = 4  # DMD2's head halves the features down to 4x4 before its last spatial convolution.
+DMD2_GROUPS = 32  # DMD2's GroupNorm(32, channels) between the head's convolutions.
+MIN_GROUP_CHANNELS = 16  # Fewer channels per group at the 1x1 features leave the logit little but their signs.
+
+
+def head_groups(channels: int) -> int:
+    """GroupNorm groups for a head `channels` wide: DMD2's 32 wherever each group keeps 16 channels or more (its
+    networks have 768 and 1280), else the most that keep 16 and divide `channels`. On a 1x1 feature map a group of 2
+    channels normalises to about +-1 whatever the input, so DMD2's 32 groups on a 64-channel bottleneck leave a
+    classifier that cannot learn (the 32x32 digits teacher's head stayed at chance for 5000 updates)."""
+    most = max(1, min(DMD2_GROUPS, channels // MIN_GROUP_CHANNELS))
+    return max(groups for groups in range(1, most + 1) if channels % groups == 0)
 
 
 def discriminator_head(channels: int, size: tuple[int, int]) -> nn.Sequential:
     """DMD2's cls_pred_branch (edm_guidance.py L47-56; main/sd_guidance.py L107-133 for SDXL's 32x32): 4x4 stride-2
     convolutions halve the features down to 4x4, one convolution the size of what is left reduces them to 1x1, a 1x1
-    convolution gives one logit; GroupNorm (32 groups, or fewer that divide `channels`) and SiLU between them."""
-    groups = math.gcd(32, channels)
+    convolution gives one logit; GroupNorm (`head_groups`) and SiLU between them."""
+    groups = head_groups(channels)
     height, width = size
     layers: list[nn.Module] = []
     while min(height, width) > HALVE_TO:
