@@ -8,8 +8,8 @@ picks"), on one CUDA device:
   host's kernel launches set the pace and compile gains nothing), channels_last only under both (eagerly it is 33%
   slower: ATen's GroupNorm runs NCHW).
 - diffusers transformers (PixArt, SD3, SANA): eager. Compile (+33% on PixArt) and the graph are faster, and PixArt
-  passes the tracking check with both, but the SD3 check has not yet run on a correctly loaded teacher
-  (`UNVERIFIED_ON_TRANSFORMERS`); no channels_last (no 4-D activations).
+  and SD3 pass the tracking check with both in bf16, but SANA's check has not run (`UNVERIFIED_ON_TRANSFORMERS`);
+  no channels_last (no 4-D activations).
 - diffusers U-Nets (SD, SDXL) and MLP denoisers: the CUDA graph only; compile and channels_last are not measured there.
 
 The CUDA graph needs one process, bf16 or fp32, no FSDP, no learning-rate warm-up and prompts' conditions on the GPU
@@ -29,8 +29,7 @@ SWITCHES = ("compile", "cuda_graph", "channels_last")
 LABELS = {"compile": "compile", "cuda_graph": "CUDA graph", "channels_last": "channels_last"}
 FAMILY_NAMES = {EDM_UNET: "EDM U-Nets", DIFFUSERS_UNET: "diffusers U-Nets",
                 DIFFUSERS_TRANSFORMER: "diffusers transformers", MLP: "MLP denoisers"}
-# The tracking check passes PixArt's bf16 configurations; SD3's ran on a text encoder its transformers version had
-# left random (docs/benchmarks.md), so it is still owed.
+# The tracking check passes PixArt's and SD3's bf16 configurations; SANA's is still owed (docs/benchmarks.md).
 UNVERIFIED_ON_TRANSFORMERS = ("not yet verified by the tracking check on every diffusers transformer "
                               "(docs/benchmarks.md); true turns it on")
 
